@@ -1,0 +1,92 @@
+//! `distill`: the worker binary. Thin glue over distill-host (and, later, the engine): it loads
+//! the plugins built next to it and runs one command.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use distill_host::{PluginHost, discover};
+use distill_rt::tracing_subscriber;
+
+/// The distillery worker.
+#[derive(Parser)]
+#[command(name = "distill", version, about)]
+struct Cli {
+    /// Folder of plugin libraries (default: next to this binary, or its `deps/` folder).
+    #[arg(long, global = true)]
+    plugins: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Lists every registered dataset, model and strategy.
+    Plugins,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DISTILL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let dir = match cli.plugins {
+        Some(dir) => dir,
+        None => default_plugin_dir()?,
+    };
+    let mut host = PluginHost::new();
+    host.load_dir(&dir)
+        .with_context(|| format!("loading plugins from {}", dir.display()))?;
+    if host.loaded().is_empty() {
+        bail!(
+            "no plugin libraries (libdistill_plugin_*.so) in {}; build them with `cargo build --workspace`",
+            dir.display()
+        );
+    }
+    match cli.command {
+        Command::Plugins => list(&host),
+    }
+    Ok(())
+}
+
+/// The folder next to the executable if it holds plugins, else its `deps/` folder (where
+/// `cargo test` leaves them).
+fn default_plugin_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the distill executable")?;
+    let dir = exe
+        .parent()
+        .map(Path::to_path_buf)
+        .context("the executable has no parent folder")?;
+    let has_plugins = |d: &Path| discover(d).map(|p| !p.is_empty()).unwrap_or(false);
+    Ok(if has_plugins(&dir) {
+        dir.clone()
+    } else {
+        dir.join("deps")
+    })
+}
+
+fn list(host: &PluginHost) {
+    let entries = host.registrar().list();
+    let width = entries.iter().map(|e| e.name.len()).max().unwrap_or(0);
+    let mut kind = "";
+    for e in &entries {
+        if e.kind != kind {
+            kind = e.kind;
+            let heading = match kind {
+                "dataset" => "datasets",
+                "model" => "models",
+                _ => "strategies",
+            };
+            println!("{heading}:");
+        }
+        let origin = Path::new(&e.origin)
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        println!("  {:width$}  {}  [{origin}]", e.name, e.summary);
+    }
+}

@@ -1,0 +1,96 @@
+//! Datasets: what a task plugin's data looks like to the engine.
+
+use std::collections::BTreeMap;
+
+use candle_core::{Device, Tensor};
+
+use crate::metrics::MetricAccumulator;
+use crate::{Config, Result};
+
+/// Named tensors: a model's inputs (`image`, `tokens`, `user`, `item`, ...) or its features.
+pub type TensorMap = BTreeMap<String, Tensor>;
+
+/// The three splits every dataset provides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Split {
+    /// Data the student and the teacher train on.
+    Train,
+    /// Data for early stopping and model selection.
+    Validation,
+    /// Held-out data, reported only.
+    Test,
+}
+
+impl Split {
+    /// All splits in order.
+    pub const ALL: [Split; 3] = [Split::Train, Split::Validation, Split::Test];
+
+    /// The lower-case name used in configs and result tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Validation => "validation",
+            Split::Test => "test",
+        }
+    }
+}
+
+/// What kind of prediction a task asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskKind {
+    /// One label out of `num_classes` per sample; logits are `[batch, num_classes]`.
+    Classification,
+    /// A relevance score per (query, candidate); logits are `[batch]` or `[batch, candidates]`.
+    Ranking,
+}
+
+/// A dataset's description of itself.
+#[derive(Clone, Debug)]
+pub struct DatasetInfo {
+    /// The task kind.
+    pub task: TaskKind,
+    /// Number of classes (classification) or items (ranking).
+    pub num_classes: usize,
+    /// Shape of each named input, without the batch dimension.
+    pub inputs: BTreeMap<String, Vec<usize>>,
+    /// Number of samples in the train, validation and test split.
+    pub split_sizes: [usize; 3],
+    /// Name of the metric that ranks runs (`accuracy`, `ndcg@10`).
+    pub primary_metric: String,
+}
+
+impl DatasetInfo {
+    /// Number of samples in `split`.
+    pub fn len(&self, split: Split) -> usize {
+        self.split_sizes[split as usize]
+    }
+}
+
+/// One mini-batch: inputs, targets and the dataset indices of its samples.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    /// Named model inputs, each with the batch as its first dimension.
+    pub inputs: TensorMap,
+    /// Targets: class ids (`u32`) for classification, relevance for ranking.
+    pub targets: Tensor,
+    /// Index of each sample within its split (`u32`), for teacher caches and memory banks.
+    pub indices: Tensor,
+}
+
+/// A dataset built by a task plugin.
+pub trait Dataset: Send + Sync {
+    /// The dataset's description.
+    fn info(&self) -> &DatasetInfo;
+    /// The samples at `indices` of `split` as one batch on `device`.
+    fn batch(&self, split: Split, indices: &[usize], device: &Device) -> Result<Batch>;
+    /// A fresh accumulator for this task's metrics.
+    fn metrics(&self) -> Result<Box<dyn MetricAccumulator>>;
+}
+
+/// Builds a [`Dataset`] from its configuration table.
+pub trait DatasetFactory: Send + Sync {
+    /// One line saying what the dataset is.
+    fn summary(&self) -> &str;
+    /// Builds the dataset; unknown configuration keys are an error.
+    fn build(&self, config: &Config) -> Result<Box<dyn Dataset>>;
+}

@@ -1,0 +1,49 @@
+//! `baseline`: the student trained alone with cross-entropy; the reference every strategy is
+//! compared against.
+
+use distill_rt::ops::cross_entropy;
+use distill_rt::strategy::StepInfo;
+use distill_rt::{
+    Batch, Config, LossTerms, ModelOutput, Result, Strategy, StrategyContext, StrategyFactory,
+    TeacherNeeds, config,
+};
+
+/// `baseline` takes no configuration keys.
+#[derive(distill_rt::serde::Deserialize)]
+#[serde(crate = "distill_rt::serde", deny_unknown_fields)]
+struct BaselineConfig {}
+
+/// Builds [`Baseline`].
+pub struct BaselineFactory;
+
+impl StrategyFactory for BaselineFactory {
+    fn summary(&self) -> &str {
+        "student alone: mean cross-entropy on the labels, no teacher"
+    }
+    fn build(&self, cfg: &Config, _ctx: StrategyContext<'_>) -> Result<Box<dyn Strategy>> {
+        let BaselineConfig {} = config::parse("strategy baseline", cfg)?;
+        Ok(Box::new(Baseline))
+    }
+}
+
+/// `loss = CE(student_logits, y)`, averaged over the batch.
+pub struct Baseline;
+
+impl Strategy for Baseline {
+    fn teacher_needs(&self) -> TeacherNeeds {
+        TeacherNeeds::default()
+    }
+    fn loss(
+        &self,
+        s: &ModelOutput,
+        _t: Option<&ModelOutput>,
+        batch: &Batch,
+        _step: &StepInfo,
+    ) -> Result<LossTerms> {
+        let ce = cross_entropy(&s.logits, &batch.targets)?;
+        Ok(LossTerms {
+            total: ce.clone(),
+            terms: vec![("ce".into(), ce)],
+        })
+    }
+}

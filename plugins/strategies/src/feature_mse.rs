@@ -1,0 +1,207 @@
+//! `feature-mse`: basic feature matching (the brief's formula; FitNets' hint loss, Romero et al.).
+//!
+//! `loss = ce_weight * CE(s, y) + feature_weight * 0.5 * ||adapter(h_s) - h_t||^2 / batch`
+//!
+//! - the squared norm is summed over every non-batch dimension and averaged over the batch;
+//! - `h_s`, `h_t` are the student's `student_feature` and the teacher's `teacher_feature`
+//!   (default `penultimate` for both); the teacher's is treated as a constant;
+//! - when the widths differ, a learned adapter maps the student's feature to the teacher's width:
+//!   a linear layer for `[batch, d]` features, a 1x1 convolution for `[batch, c, h, w]` ones
+//!   (spatial sizes must agree). It is initialised as PyTorch initialises `nn.Linear`/`nn.Conv2d`
+//!   (weight and bias uniform in `±1/sqrt(fan_in)`) and trains with the student;
+//! - defaults `ce_weight = 1`, `feature_weight = 1`;
+//! - terms: `ce`, `feature` (both weighted).
+
+use distill_rt::candle::Tensor;
+use distill_rt::candle_nn::Init;
+use distill_rt::model::PENULTIMATE;
+use distill_rt::ops::cross_entropy;
+use distill_rt::strategy::{StepInfo, feature, require_teacher};
+use distill_rt::{
+    Batch, Config, Error, LossTerms, ModelOutput, Result, Strategy, StrategyContext,
+    StrategyFactory, TeacherNeeds, config,
+};
+
+const OWNER: &str = "strategy feature-mse";
+
+#[derive(distill_rt::serde::Deserialize, Clone, Debug)]
+#[serde(crate = "distill_rt::serde", deny_unknown_fields, default)]
+struct FeatureMseConfig {
+    student_feature: String,
+    teacher_feature: String,
+    ce_weight: f64,
+    feature_weight: f64,
+}
+
+impl Default for FeatureMseConfig {
+    fn default() -> Self {
+        Self {
+            student_feature: PENULTIMATE.into(),
+            teacher_feature: PENULTIMATE.into(),
+            ce_weight: 1.0,
+            feature_weight: 1.0,
+        }
+    }
+}
+
+/// Builds [`FeatureMse`], creating the adapter when the feature widths differ.
+pub struct FeatureMseFactory;
+
+impl StrategyFactory for FeatureMseFactory {
+    fn summary(&self) -> &str {
+        "feature matching: CE + 0.5*||adapter(h_s) - h_t||^2 averaged over the batch, learned adapter when widths differ"
+    }
+
+    fn build(&self, cfg: &Config, ctx: StrategyContext<'_>) -> Result<Box<dyn Strategy>> {
+        let c: FeatureMseConfig = config::parse(OWNER, cfg)?;
+        for (key, v) in [
+            ("ce_weight", c.ce_weight),
+            ("feature_weight", c.feature_weight),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(Error::config(OWNER, key, format!("must be >= 0, got {v}")));
+            }
+        }
+        let shape = |side: &'static str,
+                     shapes: &std::collections::BTreeMap<String, Vec<usize>>,
+                     name: &str| {
+            shapes
+                .get(name)
+                .cloned()
+                .ok_or_else(|| Error::MissingFeature {
+                    owner: OWNER.into(),
+                    side,
+                    name: name.into(),
+                    available: shapes.keys().cloned().collect::<Vec<_>>().join(", "),
+                })
+        };
+        let s = shape("student", ctx.student_features, &c.student_feature)?;
+        let t = shape("teacher", ctx.teacher_features, &c.teacher_feature)?;
+        let adapter = match (s.as_slice(), t.as_slice()) {
+            (a, b) if a == b => None,
+            ([ds], [dt]) => Some(Adapter::new(*ds, *dt, false, &ctx)?),
+            ([cs, hs, ws], [ct, ht, wt]) if (hs, ws) == (ht, wt) => {
+                Some(Adapter::new(*cs, *ct, true, &ctx)?)
+            }
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "{OWNER}: student feature `{}` {s:?} cannot be mapped to teacher feature `{}` {t:?}: \
+                     only the width (last dim of [d], channels of [c, h, w]) may differ",
+                    c.student_feature, c.teacher_feature
+                )));
+            }
+        };
+        Ok(Box::new(FeatureMse { config: c, adapter }))
+    }
+}
+
+/// A linear map of the feature width (a 1x1 convolution for `[c, h, w]` features).
+struct Adapter {
+    /// `[out, in]`, or `[out, in, 1, 1]` for the convolution.
+    weight: Tensor,
+    bias: Tensor,
+    conv: bool,
+}
+
+impl Adapter {
+    fn new(input: usize, output: usize, conv: bool, ctx: &StrategyContext<'_>) -> Result<Self> {
+        let bound = 1.0 / (input as f64).sqrt();
+        let init = Init::Uniform {
+            lo: -bound,
+            up: bound,
+        };
+        let vb = ctx.vb.pp("adapter");
+        let weight = if conv {
+            vb.get_with_hints((output, input, 1, 1), "weight", init)?
+        } else {
+            vb.get_with_hints((output, input), "weight", init)?
+        };
+        let bias = vb.get_with_hints(output, "bias", init)?;
+        Ok(Self { weight, bias, conv })
+    }
+
+    fn forward(&self, h: &Tensor) -> Result<Tensor> {
+        if !self.conv {
+            return Ok(h.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?);
+        }
+        let (b, c, height, width) = h.dims4()?;
+        let out = self.weight.dim(0)?;
+        let w = self.weight.reshape((out, c))?;
+        let flat = h.permute((0, 2, 3, 1))?.reshape((b * height * width, c))?;
+        let y = flat.matmul(&w.t()?)?.broadcast_add(&self.bias)?;
+        Ok(y.reshape((b, height, width, out))?.permute((0, 3, 1, 2))?)
+    }
+}
+
+/// Feature matching with pinned conventions (module docs).
+pub struct FeatureMse {
+    config: FeatureMseConfig,
+    adapter: Option<Adapter>,
+}
+
+/// `0.5 * ||h_s - h_t||^2` summed over non-batch dimensions, averaged over the batch.
+pub fn half_squared_error(h_s: &Tensor, h_t: &Tensor) -> Result<Tensor> {
+    let batch = h_s.dim(0)? as f64;
+    let sq = (h_s - h_t.detach())?.sqr()?.sum_all()?;
+    Ok((sq * (0.5 / batch))?)
+}
+
+impl Strategy for FeatureMse {
+    fn teacher_needs(&self) -> TeacherNeeds {
+        TeacherNeeds {
+            teacher: true,
+            features: vec![self.config.teacher_feature.clone()],
+            live: false,
+        }
+    }
+
+    fn loss(
+        &self,
+        s: &ModelOutput,
+        t: Option<&ModelOutput>,
+        batch: &Batch,
+        _step: &StepInfo,
+    ) -> Result<LossTerms> {
+        let t = require_teacher(OWNER, t)?;
+        let h_s = feature(OWNER, "student", s, &self.config.student_feature)?;
+        let h_t = feature(OWNER, "teacher", t, &self.config.teacher_feature)?;
+        let h_s = match &self.adapter {
+            Some(a) => a.forward(h_s)?,
+            None => h_s.clone(),
+        };
+        if h_s.dims() != h_t.dims() {
+            return Err(Error::Invalid(format!(
+                "{OWNER}: student feature {:?} and teacher feature {:?} differ in shape",
+                h_s.dims(),
+                h_t.dims()
+            )));
+        }
+        let ce = (cross_entropy(&s.logits, &batch.targets)? * self.config.ce_weight)?;
+        let feat = (half_squared_error(&h_s, h_t)? * self.config.feature_weight)?;
+        Ok(LossTerms {
+            total: (&ce + &feat)?,
+            terms: vec![("ce".into(), ce), ("feature".into(), feat)],
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::test_support::{golden_cases, run_case};
+
+    #[test]
+    fn feature_mse_matches_golden_values() -> distill_rt::Result<()> {
+        let cases = golden_cases("feature-mse");
+        assert!(cases.len() >= 3);
+        assert!(
+            cases
+                .iter()
+                .any(|c| c.inputs.contains_key("adapter.weight")),
+            "an unequal-width case"
+        );
+        for case in &cases {
+            run_case(case)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,128 @@
+//! `kd`: Hinton et al. 2015, "Distilling the Knowledge in a Neural Network".
+//!
+//! `loss = alpha * CE(s, y) + (1 - alpha) * T^2 * KL(softmax(t / T) || softmax(s / T))`
+//!
+//! - KL is summed over classes and averaged over the batch ("batchmean");
+//! - `T^2` is applied whatever `alpha` is (it keeps the soft-target gradients' scale independent
+//!   of `T`);
+//! - defaults `alpha = 0.1`, `temperature = 4` (the CE weight 0.1 / KD weight 0.9 / T = 4 of
+//!   RepDistiller and mdistiller);
+//! - terms: `ce` = `alpha * CE`, `kd` = `(1 - alpha) * T^2 * KL`; the teacher's logits are
+//!   treated as constants.
+
+use distill_rt::candle::{D, Tensor};
+use distill_rt::ops::{cross_entropy, log_softmax};
+use distill_rt::strategy::{StepInfo, require_teacher};
+use distill_rt::{
+    Batch, Config, Error, LossTerms, ModelOutput, Result, Strategy, StrategyContext,
+    StrategyFactory, TeacherNeeds, config,
+};
+
+#[derive(distill_rt::serde::Deserialize, Clone, Copy, Debug)]
+#[serde(crate = "distill_rt::serde", deny_unknown_fields, default)]
+struct KdConfig {
+    /// Weight of the cross-entropy on labels; the KD term gets `1 - alpha`.
+    alpha: f64,
+    /// Softmax temperature `T`.
+    temperature: f64,
+}
+
+impl Default for KdConfig {
+    fn default() -> Self {
+        Self {
+            alpha: 0.1,
+            temperature: 4.0,
+        }
+    }
+}
+
+/// Builds [`Kd`].
+pub struct KdFactory;
+
+impl StrategyFactory for KdFactory {
+    fn summary(&self) -> &str {
+        "Hinton KD: alpha*CE + (1-alpha)*T^2*KL(batchmean) on temperature-softened logits"
+    }
+    fn build(&self, cfg: &Config, _ctx: StrategyContext<'_>) -> Result<Box<dyn Strategy>> {
+        let c: KdConfig = config::parse("strategy kd", cfg)?;
+        if !(0.0..=1.0).contains(&c.alpha) {
+            return Err(Error::config(
+                "strategy kd",
+                "alpha",
+                format!("must be in [0, 1], got {}", c.alpha),
+            ));
+        }
+        if !(c.temperature > 0.0 && c.temperature.is_finite()) {
+            return Err(Error::config(
+                "strategy kd",
+                "temperature",
+                format!("must be > 0, got {}", c.temperature),
+            ));
+        }
+        Ok(Box::new(Kd {
+            alpha: c.alpha,
+            temperature: c.temperature,
+        }))
+    }
+}
+
+/// The Hinton KD loss with pinned conventions (module docs).
+pub struct Kd {
+    alpha: f64,
+    temperature: f64,
+}
+
+/// `KL(softmax(t / T) || softmax(s / T))`, summed over classes, averaged over the batch.
+pub fn kl_batchmean(
+    student_logits: &Tensor,
+    teacher_logits: &Tensor,
+    temperature: f64,
+) -> Result<Tensor> {
+    let log_ps = log_softmax(&(student_logits / temperature)?, D::Minus1)?;
+    let log_pt = log_softmax(&(teacher_logits.detach() / temperature)?, D::Minus1)?;
+    let batch = student_logits.dim(0)? as f64;
+    let kl = (log_pt.exp()? * (log_pt - log_ps)?)?.sum_all()?;
+    Ok((kl / batch)?)
+}
+
+impl Strategy for Kd {
+    fn teacher_needs(&self) -> TeacherNeeds {
+        TeacherNeeds {
+            teacher: true,
+            features: Vec::new(),
+            live: false,
+        }
+    }
+    fn loss(
+        &self,
+        s: &ModelOutput,
+        t: Option<&ModelOutput>,
+        batch: &Batch,
+        _step: &StepInfo,
+    ) -> Result<LossTerms> {
+        let t = require_teacher("strategy kd", t)?;
+        let t2 = self.temperature * self.temperature;
+        let ce = (cross_entropy(&s.logits, &batch.targets)? * self.alpha)?;
+        let kd =
+            (kl_batchmean(&s.logits, &t.logits, self.temperature)? * ((1.0 - self.alpha) * t2))?;
+        Ok(LossTerms {
+            total: (&ce + &kd)?,
+            terms: vec![("ce".into(), ce), ("kd".into(), kd)],
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::test_support::{Case, golden_cases, run_case};
+
+    #[test]
+    fn kd_matches_golden_values() -> distill_rt::Result<()> {
+        let cases: Vec<Case> = golden_cases("kd");
+        assert!(cases.len() >= 3);
+        for case in &cases {
+            run_case(case)?;
+        }
+        Ok(())
+    }
+}

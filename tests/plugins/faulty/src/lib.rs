@@ -1,0 +1,94 @@
+//! Test plugin for fault containment and observability: `test.panic` panics in `loss`,
+//! `test.panic-build` panics while being built, and `test.traced` emits a tracing event from
+//! inside the plugin and computes a plain cross-entropy.
+
+use distill_rt::strategy::StepInfo;
+use distill_rt::{
+    Batch, Config, LossTerms, ModelOutput, Registrar, Result, Strategy, StrategyContext,
+    StrategyFactory, TeacherNeeds, ops, tracing,
+};
+
+distill_rt::export_plugin!(register);
+
+fn register(r: &mut Registrar) -> Result<()> {
+    r.strategy(
+        "test.panic",
+        Faulty {
+            panic_in_build: false,
+        },
+    )?;
+    r.strategy(
+        "test.panic-build",
+        Faulty {
+            panic_in_build: true,
+        },
+    )?;
+    r.strategy("test.traced", Traced)?;
+    Ok(())
+}
+
+struct Faulty {
+    panic_in_build: bool,
+}
+
+impl StrategyFactory for Faulty {
+    fn summary(&self) -> &str {
+        "test strategy that panics"
+    }
+    fn build(&self, _c: &Config, _ctx: StrategyContext<'_>) -> Result<Box<dyn Strategy>> {
+        if self.panic_in_build {
+            panic!("test.panic-build: deliberate panic in build");
+        }
+        Ok(Box::new(Panicking))
+    }
+}
+
+struct Panicking;
+
+impl Strategy for Panicking {
+    fn teacher_needs(&self) -> TeacherNeeds {
+        TeacherNeeds::default()
+    }
+    fn loss(
+        &self,
+        _s: &ModelOutput,
+        _t: Option<&ModelOutput>,
+        _b: &Batch,
+        step: &StepInfo,
+    ) -> Result<LossTerms> {
+        panic!("test.panic: deliberate panic in loss at step {}", step.step);
+    }
+}
+
+struct Traced;
+
+impl StrategyFactory for Traced {
+    fn summary(&self) -> &str {
+        "test strategy that logs a tracing event from inside the plugin"
+    }
+    fn build(&self, _c: &Config, _ctx: StrategyContext<'_>) -> Result<Box<dyn Strategy>> {
+        Ok(Box::new(TracedStrategy))
+    }
+}
+
+struct TracedStrategy;
+
+impl Strategy for TracedStrategy {
+    fn teacher_needs(&self) -> TeacherNeeds {
+        TeacherNeeds::default()
+    }
+    fn loss(
+        &self,
+        s: &ModelOutput,
+        _t: Option<&ModelOutput>,
+        b: &Batch,
+        step: &StepInfo,
+    ) -> Result<LossTerms> {
+        tracing::info!(target: "distill_test_faulty", step = step.step, "loss computed inside the plugin");
+        let ce = ops::cross_entropy(&s.logits, &b.targets)?;
+        Ok(LossTerms {
+            total: ce.clone(),
+            terms: vec![("ce".into(), ce)],
+        })
+    }
+}

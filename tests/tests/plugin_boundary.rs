@@ -16,7 +16,8 @@ use distill_rt::testing::{
     named_vars,
 };
 use distill_rt::{
-    Batch, Error, ModelOutput, Registrar, Strategy, StrategyContext, tracing, tracing_subscriber,
+    Batch, DatasetInfo, Error, ModelContext, ModelOutput, Registrar, Strategy, StrategyContext,
+    TaskKind, tracing, tracing_subscriber,
 };
 use distill_tests::{fixed_tensor, host_with, plugin_path};
 
@@ -305,7 +306,7 @@ fn missing_file_and_non_plugins_give_named_errors() -> Result<()> {
 }
 
 #[test]
-fn a_panicking_strategy_is_an_error_and_the_process_goes_on() -> Result<()> {
+fn plugin_panics_are_errors_and_the_process_goes_on() -> Result<()> {
     let mut host = PluginHost::new();
     host.load(&plugin_path("distill_test_faulty"))?;
     host.load(&plugin_path("distill_plugin_strategies"))?;
@@ -354,6 +355,29 @@ fn a_panicking_strategy_is_an_error_and_the_process_goes_on() -> Result<()> {
     assert!(
         err.to_string()
             .contains("strategy `test.panic-build`: build"),
+        "{err}"
+    );
+
+    let info = DatasetInfo {
+        task: TaskKind::Classification,
+        num_classes: CLASSES,
+        inputs: BTreeMap::new(),
+        split_sizes: [0; 3],
+        primary_metric: "accuracy".into(),
+    };
+    let ctx = ModelContext {
+        dataset: &info,
+        vb: VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+    };
+    let model = host
+        .registrar()
+        .get_model("test.panic-model")?
+        .build(&distill_rt::serde_json::Value::Null, ctx)?;
+    let err = model
+        .forward(&BTreeMap::new(), true)
+        .expect_err("forward panics");
+    assert!(
+        matches!(&err, Error::Panic { entry, .. } if entry == "model `test.panic-model`: forward"),
         "{err}"
     );
 

@@ -8,23 +8,24 @@ use crate::{Error, Result};
 pub type Config = serde_json::Value;
 
 /// Deserialises `config` into `T`. `T` should carry `#[serde(deny_unknown_fields)]` so that a
-/// misspelt key is an error; `owner` names what the table configures in the message.
+/// misspelt key is an error; `owner` names what the table configures in the message, and the
+/// error names the key path that is wrong (`temperature`, `layers[2].width`).
 pub fn parse<T: DeserializeOwned>(owner: &str, config: &Config) -> Result<T> {
-    let config = if config.is_null() {
-        &Config::Object(Default::default())
-    } else {
-        config
-    };
-    T::deserialize(config).map_err(|e| {
-        let message = e.to_string();
-        let key = message
-            .split('`')
-            .nth(1)
-            .filter(|_| {
-                message.starts_with("unknown field") || message.starts_with("missing field")
-            })
-            .unwrap_or("")
-            .to_string();
+    let empty = Config::Object(Default::default());
+    let config = if config.is_null() { &empty } else { config };
+    serde_path_to_error::deserialize(config).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let message = inner.to_string();
+        // A missing field is reported at its parent; name the field itself.
+        let missing = message
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.split('`').next());
+        let key = match (path.as_str(), missing) {
+            (".", Some(field)) => field.to_string(),
+            (parent, Some(field)) => format!("{parent}.{field}"),
+            (path, None) => path.to_string(),
+        };
         Error::Config {
             owner: owner.to_string(),
             key,
@@ -74,6 +75,36 @@ mod tests {
             Err(Error::Config { owner, key, .. }) => {
                 assert_eq!(owner, "strategy kd");
                 assert_eq!(key, "temprature");
+            }
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    struct Required {
+        #[allow(dead_code)]
+        feature: String,
+    }
+
+    #[test]
+    fn missing_key_is_named() {
+        match parse::<Required>("strategy x", &serde_json::json!({})) {
+            Err(Error::Config { key, .. }) => assert_eq!(key, "feature"),
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let e = parse::<Kd>(
+            "strategy kd",
+            &serde_json::json!({"alpha": 0.5, "temperature": "hot"}),
+        );
+        match e {
+            Err(Error::Config { key, message, .. }) => {
+                assert_eq!(key, "temperature");
+                assert!(message.contains("expected f64"), "{message}");
             }
             other => panic!("expected a config error, got {other:?}"),
         }

@@ -1,11 +1,12 @@
-//! Test plugin for fault containment and observability: `test.panic` panics in `loss`,
-//! `test.panic-build` panics while being built, and `test.traced` emits a tracing event from
-//! inside the plugin and computes a plain cross-entropy.
+//! Test plugin for fault containment and observability: the strategy `test.panic` panics in
+//! `loss`, `test.panic-build` panics while being built, `test.traced` emits a tracing event from
+//! inside the plugin and computes a plain cross-entropy; the model `test.panic-model` panics in
+//! `forward`.
 
 use distill_rt::strategy::StepInfo;
 use distill_rt::{
-    Batch, Config, LossTerms, ModelOutput, Registrar, Result, Strategy, StrategyContext,
-    StrategyFactory, TeacherNeeds, ops, tracing,
+    Batch, Config, LossTerms, Model, ModelContext, ModelFactory, ModelOutput, Registrar, Result,
+    Strategy, StrategyContext, StrategyFactory, TeacherNeeds, TensorMap, ops, tracing,
 };
 
 distill_rt::export_plugin!(register);
@@ -24,7 +25,30 @@ fn register(r: &mut Registrar) -> Result<()> {
         },
     )?;
     r.strategy("test.traced", Traced)?;
+    r.model("test.panic-model", PanickingModelFactory)?;
     Ok(())
+}
+
+struct PanickingModelFactory;
+
+impl ModelFactory for PanickingModelFactory {
+    fn summary(&self) -> &str {
+        "test model whose forward panics"
+    }
+    fn build(&self, _c: &Config, _ctx: ModelContext<'_>) -> Result<Box<dyn Model>> {
+        Ok(Box::new(PanickingModel))
+    }
+}
+
+struct PanickingModel;
+
+impl Model for PanickingModel {
+    fn forward(&self, _inputs: &TensorMap, _train: bool) -> Result<ModelOutput> {
+        panic!("test.panic-model: deliberate panic in forward");
+    }
+    fn flops_per_sample(&self) -> u64 {
+        0
+    }
 }
 
 struct Faulty {

@@ -21,8 +21,9 @@ use std::sync::atomic::AtomicU8;
 /// Version of the plugin API; bumped on every change to a type or trait that crosses the boundary.
 pub const ABI_VERSION: u32 = 1;
 
-/// The fields of the fingerprint known when the core is compiled (versions, rustc, target,
-/// profile, opt-level, core features, rustflags, Cargo.lock hash), `field=value;` each.
+/// The fields of the fingerprint known when the core is compiled (versions, a hash of the core's
+/// sources, rustc, target, profile, opt-level, core features, rustflags, Cargo.lock hash),
+/// `field=value;` each.
 pub const CORE_FINGERPRINT: &str = include_str!(concat!(env!("OUT_DIR"), "/fingerprint.txt"));
 
 /// Symbol: `extern "C" fn() -> u32`, the plugin's [`ABI_VERSION`].

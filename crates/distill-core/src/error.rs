@@ -57,12 +57,28 @@ pub enum Error {
         /// The panic message.
         message: String,
     },
+    /// A data file is missing, malformed or truncated.
+    #[error("data file {path}: {message}")]
+    Data {
+        /// The file (or folder).
+        path: String,
+        /// What is wrong with it, with the fix where one is known.
+        message: String,
+    },
     /// An invariant of the inputs does not hold (shapes, ranges).
     #[error("{0}")]
     Invalid(String),
 }
 
 impl Error {
+    /// A data-file error for `path`.
+    pub fn data(path: impl AsRef<std::path::Path>, message: impl Into<String>) -> Self {
+        Error::Data {
+            path: path.as_ref().display().to_string(),
+            message: message.into(),
+        }
+    }
+
     /// A configuration error for `owner` at `key`.
     pub fn config(
         owner: impl Into<String>,

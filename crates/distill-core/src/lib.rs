@@ -12,11 +12,13 @@ pub mod config;
 pub mod data;
 mod error;
 mod guard;
+pub mod init;
 pub use guard::contain;
 pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod registry;
+pub mod rng;
 pub mod strategy;
 pub mod testing;
 

@@ -1,0 +1,724 @@
+//! One planned job — train (or load) a teacher and cache its outputs, or train a student with a
+//! strategy — and the record it leaves. Jobs are plain data (JSON), so that the orchestrator can
+//! plan and content-address them and a fresh worker process can run each one.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use distill_rt::candle::{DType, Device, Tensor, Var};
+use distill_rt::candle_nn::VarMap;
+use distill_rt::init::seeded_var_builder;
+use distill_rt::serde::{Deserialize, Serialize};
+use distill_rt::testing::{named_vars, split_frozen};
+use distill_rt::{
+    Config, Dataset, Error, Model, ModelContext, Registrar, Result, Split, StrategyContext,
+    serde_json, tracing,
+};
+
+use crate::cache::TeacherCache;
+use crate::train::{
+    EpochRecord, FitInputs, StopReason, Supervised, TeacherSignal, TrainConfig, evaluate, fit,
+};
+
+/// A registered name with its configuration table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(crate = "distill_rt::serde", deny_unknown_fields)]
+pub struct Component {
+    /// The registered name (`vision.resnet`, `kd`).
+    pub name: String,
+    /// Its configuration table.
+    #[serde(default)]
+    pub config: Config,
+}
+
+/// The teacher a student job learns from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(crate = "distill_rt::serde", deny_unknown_fields)]
+pub struct TeacherInput {
+    /// The teacher's model.
+    pub model: Component,
+    /// The folder of the teacher job (weights, cache, record).
+    pub dir: PathBuf,
+}
+
+/// What a job does.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(
+    crate = "distill_rt::serde",
+    tag = "kind",
+    rename_all = "snake_case",
+    deny_unknown_fields
+)]
+pub enum Job {
+    /// Train (or load) a teacher, save its weights and cache its outputs on the training split.
+    Teacher {
+        /// The data.
+        dataset: Component,
+        /// The teacher model.
+        model: Component,
+        /// How to train it.
+        train: TrainConfig,
+        /// Seed of initialisation and shuffling.
+        seed: u64,
+        /// Teacher features to cache besides logits.
+        cache_features: Vec<String>,
+        /// Pretrained weights (safetensors) to load instead of training.
+        #[serde(default)]
+        weights: Option<PathBuf>,
+    },
+    /// Train a student with a strategy.
+    Student {
+        /// The data.
+        dataset: Component,
+        /// The student model.
+        model: Component,
+        /// The strategy.
+        strategy: Component,
+        /// The teacher, when the strategy uses one.
+        teacher: Option<TeacherInput>,
+        /// How to train.
+        train: TrainConfig,
+        /// Seed of initialisation and shuffling.
+        seed: u64,
+    },
+}
+
+/// A job with its identity and output folder.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(crate = "distill_rt::serde", deny_unknown_fields)]
+pub struct JobSpec {
+    /// Content address of the job (hash of its resolved configuration).
+    pub id: String,
+    /// The experiment it belongs to.
+    pub experiment: String,
+    /// Where it writes weights, cache and record.
+    pub out_dir: PathBuf,
+    /// What it does.
+    pub job: Job,
+}
+
+/// How a job ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(crate = "distill_rt::serde", rename_all = "snake_case")]
+pub enum Status {
+    /// Trained and evaluated.
+    Ok,
+    /// The loss became NaN or infinite.
+    Diverged,
+    /// An error, a contained panic, a crash or a time-out.
+    Failed,
+}
+
+/// What a job leaves behind: one record (`record.json` in its folder).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(crate = "distill_rt::serde")]
+pub struct JobRecord {
+    /// The job's content address.
+    pub id: String,
+    /// The experiment.
+    pub experiment: String,
+    /// `teacher` or `student`.
+    pub kind: String,
+    /// Dataset name.
+    pub dataset: String,
+    /// Model name (the teacher's for a teacher job, the student's otherwise).
+    pub model: String,
+    /// Strategy name (student jobs).
+    pub strategy: Option<String>,
+    /// Teacher model name (student jobs with a teacher).
+    pub teacher: Option<String>,
+    /// The resolved configuration: dataset, model, strategy and train tables.
+    pub params: serde_json::Value,
+    /// Seed.
+    pub seed: u64,
+    /// How it ended.
+    pub status: Status,
+    /// The error, for failed jobs.
+    pub error: Option<String>,
+    /// Why training stopped.
+    pub stop: Option<StopReason>,
+    /// Name of the primary metric.
+    pub primary_metric: String,
+    /// Test primary metric at the epoch with the best validation metric.
+    pub best_metric: Option<f64>,
+    /// Test primary metric after the last epoch.
+    pub final_metric: Option<f64>,
+    /// Best validation primary metric.
+    pub best_validation: Option<f64>,
+    /// The epoch of `best_validation`.
+    pub best_epoch: Option<usize>,
+    /// The teacher's test primary metric (`best_metric` of its job).
+    pub teacher_metric: Option<f64>,
+    /// Where the student's teacher outputs came from: `cache`, `live` or `none`.
+    pub teacher_outputs: Option<String>,
+    /// Trainable and frozen parameters of the model.
+    pub parameters: u64,
+    /// Parameters of the teacher.
+    pub teacher_parameters: Option<u64>,
+    /// Multiply-accumulates of one forward pass per sample.
+    pub flops_per_sample: u64,
+    /// Inference milliseconds per sample at batch 64 (median of 5).
+    pub latency_ms_per_sample: Option<f64>,
+    /// Size of the model's safetensors file.
+    pub model_bytes: u64,
+    /// Epochs that ran.
+    pub epochs_run: usize,
+    /// Wall time of the job.
+    pub wall_seconds: f64,
+    /// Start, seconds since the Unix epoch (UTC).
+    pub started_at: f64,
+    /// End, seconds since the Unix epoch (UTC).
+    pub finished_at: f64,
+    /// Per-epoch loss terms and metrics.
+    pub epochs: Vec<EpochRecord>,
+}
+
+/// File names inside a job folder.
+pub const RECORD_FILE: &str = "record.json";
+/// The model's weights.
+pub const WEIGHTS_FILE: &str = "weights.safetensors";
+/// The teacher-output cache (teacher jobs).
+pub const CACHE_FILE: &str = "cache.safetensors";
+
+/// Seconds since the Unix epoch.
+pub fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Writes `value` as JSON to `path` atomically (temporary file, then rename).
+pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let text = serde_json::to_vec_pretty(value).map_err(|e| Error::data(path, e.to_string()))?;
+    std::fs::write(&tmp, text).map_err(|e| Error::data(&tmp, e.to_string()))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::data(path, e.to_string()))
+}
+
+/// Reads the record of a finished job.
+pub fn read_record(dir: &Path) -> Result<JobRecord> {
+    let path = dir.join(RECORD_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::data(&path, e.to_string()))?;
+    serde_json::from_str(&text).map_err(|e| Error::data(&path, e.to_string()))
+}
+
+/// A record for `spec` with nothing measured yet.
+pub fn empty_record(spec: &JobSpec) -> JobRecord {
+    let (kind, dataset, model, strategy, teacher, seed, params) = match &spec.job {
+        Job::Teacher {
+            dataset,
+            model,
+            train,
+            seed,
+            ..
+        } => (
+            "teacher",
+            dataset,
+            model,
+            None,
+            None,
+            *seed,
+            serde_json::json!({"dataset": dataset.config, "model": model.config, "train": train}),
+        ),
+        Job::Student {
+            dataset,
+            model,
+            strategy,
+            teacher,
+            train,
+            seed,
+        } => (
+            "student",
+            dataset,
+            model,
+            Some(strategy.name.clone()),
+            teacher.as_ref().map(|t| t.model.name.clone()),
+            *seed,
+            serde_json::json!({"dataset": dataset.config, "model": model.config, "strategy": strategy.config,
+                               "teacher": teacher.as_ref().map(|t| &t.model.config), "train": train}),
+        ),
+    };
+    JobRecord {
+        id: spec.id.clone(),
+        experiment: spec.experiment.clone(),
+        kind: kind.into(),
+        dataset: dataset.name.clone(),
+        model: model.name.clone(),
+        strategy,
+        teacher,
+        params,
+        seed,
+        status: Status::Failed,
+        error: None,
+        stop: None,
+        primary_metric: String::new(),
+        best_metric: None,
+        final_metric: None,
+        best_validation: None,
+        best_epoch: None,
+        teacher_metric: None,
+        teacher_outputs: None,
+        parameters: 0,
+        teacher_parameters: None,
+        flops_per_sample: 0,
+        latency_ms_per_sample: None,
+        model_bytes: 0,
+        epochs_run: 0,
+        wall_seconds: 0.0,
+        started_at: now(),
+        finished_at: now(),
+        epochs: Vec::new(),
+    }
+}
+
+/// A model built from its component, with its variables.
+struct Built {
+    model: Box<dyn Model>,
+    varmap: VarMap,
+}
+
+fn build_model(
+    registrar: &Registrar,
+    c: &Component,
+    dataset: &dyn Dataset,
+    seed: u64,
+    device: &Device,
+) -> Result<Built> {
+    let varmap = VarMap::new();
+    let ctx = ModelContext {
+        dataset: dataset.info(),
+        vb: seeded_var_builder(&varmap, seed, DType::F32, device),
+    };
+    let model = registrar.get_model(&c.name)?.build(&c.config, ctx)?;
+    Ok(Built { model, varmap })
+}
+
+fn parameter_count(varmap: &VarMap) -> u64 {
+    named_vars(varmap)
+        .iter()
+        .map(|(_, v)| v.as_tensor().elem_count() as u64)
+        .sum()
+}
+
+/// Median milliseconds per sample of a forward pass at batch 64 on the test split.
+fn latency_ms(model: &dyn Model, dataset: &dyn Dataset, device: &Device) -> Result<f64> {
+    let n = dataset.info().len(Split::Test).min(64);
+    if n == 0 {
+        return Ok(f64::NAN);
+    }
+    let batch = dataset.batch(Split::Test, &(0..n).collect::<Vec<_>>(), device)?;
+    model.forward(&batch.inputs, false)?;
+    let mut times: Vec<f64> = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            model
+                .forward(&batch.inputs, false)
+                .map(|_| t.elapsed().as_secs_f64() * 1000.0 / n as f64)
+        })
+        .collect::<Result<_>>()?;
+    times.sort_by(f64::total_cmp);
+    Ok(times[2])
+}
+
+fn metric(metrics: &[(String, f64)], name: &str) -> Option<f64> {
+    metrics.iter().find(|(k, _)| k == name).map(|(_, v)| *v)
+}
+
+/// Fills the training results of `record` from `outcome`.
+fn record_outcome(record: &mut JobRecord, outcome: crate::train::Outcome) {
+    let primary = record.primary_metric.clone();
+    record.status = match outcome.stop {
+        StopReason::Diverged { .. } => Status::Diverged,
+        _ => Status::Ok,
+    };
+    record.best_epoch = outcome.best_epoch;
+    if let Some(b) = outcome.best_epoch.and_then(|b| outcome.epochs.get(b)) {
+        record.best_metric = metric(&b.test, &primary);
+        record.best_validation = metric(&b.validation, &primary);
+    }
+    record.final_metric = outcome
+        .epochs
+        .last()
+        .and_then(|e| metric(&e.test, &primary));
+    record.epochs_run = outcome.epochs.len();
+    record.epochs = outcome.epochs;
+    record.stop = Some(outcome.stop);
+}
+
+/// Runs `spec` and returns its record (also for a failed job: the error is in the record).
+/// Files go to `spec.out_dir`; the record is written by the caller.
+pub fn run_job(registrar: &Registrar, spec: &JobSpec, device: &Device) -> JobRecord {
+    let started = Instant::now();
+    let mut record = empty_record(spec);
+    if let Err(e) = run_job_inner(registrar, spec, device, &mut record) {
+        tracing::error!(job = %spec.id, error = %e, "job failed");
+        record.status = Status::Failed;
+        record.error = Some(e.to_string());
+    }
+    record.wall_seconds = started.elapsed().as_secs_f64();
+    record.finished_at = now();
+    record
+}
+
+fn run_job_inner(
+    registrar: &Registrar,
+    spec: &JobSpec,
+    device: &Device,
+    record: &mut JobRecord,
+) -> Result<()> {
+    std::fs::create_dir_all(&spec.out_dir)
+        .map_err(|e| Error::data(&spec.out_dir, e.to_string()))?;
+    let weights_path = spec.out_dir.join(WEIGHTS_FILE);
+    match &spec.job {
+        Job::Teacher {
+            dataset,
+            model,
+            train,
+            seed,
+            cache_features,
+            weights,
+        } => {
+            let data = registrar
+                .get_dataset(&dataset.name)?
+                .build(&dataset.config)?;
+            record.primary_metric = data.info().primary_metric.clone();
+            let mut built = build_model(registrar, model, &*data, *seed, device)?;
+            record.parameters = parameter_count(&built.varmap);
+            record.flops_per_sample = built.model.flops_per_sample();
+            match weights {
+                Some(path) => {
+                    built
+                        .varmap
+                        .load(path)
+                        .map_err(|e| Error::data(path, e.to_string()))?;
+                    let test = evaluate(
+                        &*data,
+                        &*built.model,
+                        Split::Test,
+                        train.eval_batch_size,
+                        device,
+                    )?;
+                    let val = evaluate(
+                        &*data,
+                        &*built.model,
+                        Split::Validation,
+                        train.eval_batch_size,
+                        device,
+                    )?;
+                    record.status = Status::Ok;
+                    record.best_metric = metric(&test, &record.primary_metric);
+                    record.final_metric = record.best_metric;
+                    record.best_validation = metric(&val, &record.primary_metric);
+                }
+                None => {
+                    let (trainable, _) =
+                        split_frozen(named_vars(&built.varmap), &built.model.frozen_prefixes());
+                    let inputs = FitInputs {
+                        dataset: &*data,
+                        model: &*built.model,
+                        strategy: &mut Supervised,
+                        teacher: TeacherSignal::None,
+                        vars: trainable.into_iter().map(|(_, v)| v).collect(),
+                        teacher_metric: None,
+                        seed: *seed,
+                        device,
+                    };
+                    let outcome = fit(inputs, train)?;
+                    record_outcome(record, outcome);
+                }
+            }
+            built
+                .varmap
+                .save(&weights_path)
+                .map_err(|e| Error::data(&weights_path, e.to_string()))?;
+            if record.status == Status::Ok {
+                let cache = TeacherCache::compute(
+                    &*built.model,
+                    &*data,
+                    cache_features,
+                    train.eval_batch_size,
+                    device,
+                )?;
+                cache.save(&spec.out_dir.join(CACHE_FILE))?;
+            }
+            record.latency_ms_per_sample = Some(latency_ms(&*built.model, &*data, device)?);
+        }
+        Job::Student {
+            dataset,
+            model,
+            strategy,
+            teacher,
+            train,
+            seed,
+        } => {
+            let data = registrar
+                .get_dataset(&dataset.name)?
+                .build(&dataset.config)?;
+            record.primary_metric = data.info().primary_metric.clone();
+            let built = build_model(registrar, model, &*data, *seed, device)?;
+            record.parameters = parameter_count(&built.varmap);
+            record.flops_per_sample = built.model.flops_per_sample();
+            // Feature shapes, from one forward pass on two training samples.
+            let probe_batch = data.batch(
+                Split::Train,
+                &[0, 1.min(data.info().len(Split::Train) - 1)],
+                device,
+            )?;
+            let shapes = |out: &distill_rt::ModelOutput| -> BTreeMap<String, Vec<usize>> {
+                out.features
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.dims()[1..].to_vec()))
+                    .collect()
+            };
+            let student_features = shapes(&built.model.forward(&probe_batch.inputs, false)?);
+            let teacher_model = match teacher {
+                Some(t) => {
+                    let teacher_record = read_record(&t.dir)?;
+                    if teacher_record.status != Status::Ok {
+                        return Err(Error::Invalid(format!(
+                            "teacher job {} ended as {:?}",
+                            teacher_record.id, teacher_record.status
+                        )));
+                    }
+                    record.teacher_metric = teacher_record.best_metric;
+                    record.teacher_parameters = Some(teacher_record.parameters);
+                    let tb = build_model(registrar, &t.model, &*data, 0, device)?;
+                    let path = t.dir.join(WEIGHTS_FILE);
+                    tb.varmap
+                        .clone()
+                        .load(&path)
+                        .map_err(|e| Error::data(&path, e.to_string()))?;
+                    Some((tb, teacher_record.best_validation))
+                }
+                None => None,
+            };
+            let teacher_features = match &teacher_model {
+                Some((tb, _)) => shapes(&tb.model.forward(&probe_batch.inputs, false)?),
+                None => BTreeMap::new(),
+            };
+            let strategy_vars = VarMap::new();
+            let ctx = StrategyContext {
+                num_classes: data.info().num_classes,
+                student_features: &student_features,
+                teacher_features: &teacher_features,
+                vb: seeded_var_builder(&strategy_vars, seed.wrapping_add(1), DType::F32, device),
+            };
+            let mut strat = registrar
+                .get_strategy(&strategy.name)?
+                .build(&strategy.config, ctx)?;
+            let needs = strat.teacher_needs();
+            if needs.teacher && teacher_model.is_none() {
+                return Err(Error::Invalid(format!(
+                    "strategy `{}` needs a teacher, and the job has none",
+                    strategy.name
+                )));
+            }
+            let cache = match (&teacher, needs.teacher && !needs.live) {
+                (Some(t), true) => {
+                    let cache = TeacherCache::load(&t.dir.join(CACHE_FILE), device)?;
+                    let probe = cache.outputs_for(&Tensor::new(&[0u32], device)?)?;
+                    let has_all = needs
+                        .features
+                        .iter()
+                        .all(|f| probe.features.contains_key(f));
+                    let n_train = data.info().len(Split::Train);
+                    if has_all && cache.samples()? == n_train {
+                        Some(cache)
+                    } else {
+                        None
+                    }
+                }
+                _ => None,
+            };
+            let signal = match (&cache, &teacher_model) {
+                (Some(c), _) => TeacherSignal::Cached(c),
+                (None, Some((tb, _))) if needs.teacher => TeacherSignal::Live(&*tb.model),
+                _ => TeacherSignal::None,
+            };
+            record.teacher_outputs = Some(
+                match signal {
+                    TeacherSignal::Cached(_) => "cache",
+                    TeacherSignal::Live(_) => "live",
+                    TeacherSignal::None => "none",
+                }
+                .into(),
+            );
+            let (trainable, _) =
+                split_frozen(named_vars(&built.varmap), &built.model.frozen_prefixes());
+            let mut vars: Vec<Var> = trainable.into_iter().map(|(_, v)| v).collect();
+            vars.extend(named_vars(&strategy_vars).into_iter().map(|(_, v)| v));
+            let inputs = FitInputs {
+                dataset: &*data,
+                model: &*built.model,
+                strategy: &mut *strat,
+                teacher: signal,
+                vars,
+                teacher_metric: teacher_model.as_ref().and_then(|(_, v)| *v),
+                seed: *seed,
+                device,
+            };
+            let outcome = fit(inputs, train)?;
+            record_outcome(record, outcome);
+            built
+                .varmap
+                .save(&weights_path)
+                .map_err(|e| Error::data(&weights_path, e.to_string()))?;
+            record.latency_ms_per_sample = Some(latency_ms(&*built.model, &*data, device)?);
+        }
+    }
+    record.model_bytes = std::fs::metadata(&weights_path)
+        .map(|m| m.len())
+        .unwrap_or(0);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::optim::OptimizerConfig;
+    use crate::toy;
+
+    fn component(name: &str) -> Component {
+        Component {
+            name: name.into(),
+            config: Config::Null,
+        }
+    }
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("distill-engine-{tag}-{}", std::process::id()))
+    }
+
+    fn train() -> TrainConfig {
+        TrainConfig {
+            epochs: 3,
+            batch_size: 32,
+            optimizer: OptimizerConfig::AdamW {
+                lr: 0.05,
+                weight_decay: 0.0,
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn teacher_then_student_from_the_cache() -> Result<()> {
+        let r = toy::registrar()?;
+        let root = temp_dir("jobs");
+        let teacher_spec = JobSpec {
+            id: "t1".into(),
+            experiment: "toy".into(),
+            out_dir: root.join("t1"),
+            job: Job::Teacher {
+                dataset: component("toy.blobs"),
+                model: component("toy.mlp"),
+                train: train(),
+                seed: 0,
+                cache_features: vec!["penultimate".into()],
+                weights: None,
+            },
+        };
+        let t = run_job(&r, &teacher_spec, &Device::Cpu);
+        assert_eq!((t.status, t.error.as_deref()), (Status::Ok, None));
+        assert_eq!(
+            (t.kind.as_str(), t.epochs_run, t.parameters),
+            ("teacher", 3, 2 * 16 + 16 + 16 * 2 + 2)
+        );
+        assert!(
+            t.best_metric.unwrap_or(0.0) > 0.85 && t.model_bytes > 0 && t.flops_per_sample == 64
+        );
+        write_json_atomic(&root.join("t1").join(RECORD_FILE), &t)?;
+        let cache = TeacherCache::load(&root.join("t1").join(CACHE_FILE), &Device::Cpu)?;
+        assert_eq!(cache.samples()?, 400);
+        assert_eq!(
+            cache
+                .outputs_for(&Tensor::new(&[3u32], &Device::Cpu)?)?
+                .features["penultimate"]
+                .dims(),
+            &[1, 16]
+        );
+
+        let student_spec = JobSpec {
+            id: "s1".into(),
+            experiment: "toy".into(),
+            out_dir: root.join("s1"),
+            job: Job::Student {
+                dataset: component("toy.blobs"),
+                model: component("toy.linear"),
+                strategy: component("toy.match"),
+                teacher: Some(TeacherInput {
+                    model: component("toy.mlp"),
+                    dir: root.join("t1"),
+                }),
+                train: train(),
+                seed: 0,
+            },
+        };
+        let s = run_job(&r, &student_spec, &Device::Cpu);
+        assert_eq!((s.status, s.error.as_deref()), (Status::Ok, None));
+        assert_eq!(s.teacher_metric, t.best_metric);
+        assert_eq!(s.teacher_parameters, Some(t.parameters));
+        assert_eq!(s.strategy.as_deref(), Some("toy.match"));
+        assert_eq!(s.teacher_outputs.as_deref(), Some("cache"));
+        let terms: Vec<&str> = s.epochs[0].train.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(terms, ["total", "match", "ce"]);
+        assert!(s.best_metric.unwrap_or(0.0) > 0.8);
+        // Same spec, same record values (determinism through the whole job).
+        let again = run_job(&r, &student_spec, &Device::Cpu);
+        assert_eq!(again.epochs, s.epochs);
+        let _ = std::fs::remove_dir_all(&root);
+        Ok(())
+    }
+
+    #[test]
+    fn a_failing_job_records_its_error() -> Result<()> {
+        let r = toy::registrar()?;
+        let spec = JobSpec {
+            id: "bad".into(),
+            experiment: "toy".into(),
+            out_dir: temp_dir("bad"),
+            job: Job::Student {
+                dataset: component("toy.blobs"),
+                model: component("toy.linear"),
+                strategy: component("toy.match"),
+                teacher: None,
+                train: train(),
+                seed: 0,
+            },
+        };
+        let rec = run_job(&r, &spec, &Device::Cpu);
+        assert_eq!(rec.status, Status::Failed);
+        assert!(
+            rec.error
+                .as_deref()
+                .unwrap_or("")
+                .contains("needs a teacher"),
+            "{:?}",
+            rec.error
+        );
+        let unknown = JobSpec {
+            job: Job::Teacher {
+                dataset: component("toy.blob"),
+                model: component("toy.mlp"),
+                train: train(),
+                seed: 0,
+                cache_features: vec![],
+                weights: None,
+            },
+            ..spec.clone()
+        };
+        let rec = run_job(&r, &unknown, &Device::Cpu);
+        assert!(
+            rec.error
+                .as_deref()
+                .unwrap_or("")
+                .contains("did you mean `toy.blobs`"),
+            "{:?}",
+            rec.error
+        );
+        let _ = std::fs::remove_dir_all(&spec.out_dir);
+        Ok(())
+    }
+}

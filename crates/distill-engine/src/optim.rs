@@ -1,0 +1,294 @@
+//! Optimizers (AdamW, SGD with momentum) and learning-rate schedules (constant, cosine, step).
+//!
+//! Conventions follow PyTorch: AdamW decouples weight decay (`p -= lr * wd * p`), betas
+//! (0.9, 0.999), eps 1e-8; SGD adds weight decay to the gradient (`g + wd * p`), then momentum
+//! `buf = m * buf + g`, `p -= lr * buf`. Variables without a gradient in a step are left alone.
+
+use distill_rt::candle::backprop::GradStore;
+use distill_rt::candle::{Tensor, Var};
+use distill_rt::serde::{Deserialize, Serialize};
+use distill_rt::{Error, Result};
+
+/// Which optimizer, with its hyper-parameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(
+    crate = "distill_rt::serde",
+    tag = "name",
+    rename_all = "lowercase",
+    deny_unknown_fields
+)]
+pub enum OptimizerConfig {
+    /// AdamW (Loshchilov & Hutter).
+    AdamW {
+        /// Peak learning rate.
+        lr: f64,
+        /// Decoupled weight decay.
+        #[serde(default)]
+        weight_decay: f64,
+    },
+    /// SGD with (heavy-ball) momentum and L2 weight decay.
+    Sgd {
+        /// Peak learning rate.
+        lr: f64,
+        /// Momentum factor.
+        #[serde(default = "default_momentum")]
+        momentum: f64,
+        /// L2 weight decay.
+        #[serde(default)]
+        weight_decay: f64,
+    },
+}
+
+fn default_momentum() -> f64 {
+    0.9
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        OptimizerConfig::AdamW {
+            lr: 1e-3,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+impl OptimizerConfig {
+    /// The peak learning rate.
+    pub fn lr(&self) -> f64 {
+        match self {
+            OptimizerConfig::AdamW { lr, .. } | OptimizerConfig::Sgd { lr, .. } => *lr,
+        }
+    }
+
+    /// Checks the values; errors name the key.
+    pub fn validate(&self) -> Result<()> {
+        let (lr, wd, momentum) = match self {
+            OptimizerConfig::AdamW { lr, weight_decay } => (*lr, *weight_decay, 0.0),
+            OptimizerConfig::Sgd {
+                lr,
+                momentum,
+                weight_decay,
+            } => (*lr, *weight_decay, *momentum),
+        };
+        if !(lr > 0.0 && lr.is_finite()) {
+            return Err(Error::config(
+                "optimizer",
+                "lr",
+                format!("must be > 0, got {lr}"),
+            ));
+        }
+        if !(wd >= 0.0 && wd.is_finite()) {
+            return Err(Error::config(
+                "optimizer",
+                "weight_decay",
+                format!("must be >= 0, got {wd}"),
+            ));
+        }
+        if !(0.0..1.0).contains(&momentum) {
+            return Err(Error::config(
+                "optimizer",
+                "momentum",
+                format!("must be in [0, 1), got {momentum}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Learning-rate schedule over the optimizer steps of a run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(
+    crate = "distill_rt::serde",
+    tag = "name",
+    rename_all = "lowercase",
+    deny_unknown_fields
+)]
+pub enum Schedule {
+    /// The peak rate throughout.
+    #[default]
+    Constant,
+    /// Cosine decay from the peak to zero over all steps (Loshchilov & Hutter, no restarts).
+    Cosine,
+    /// Multiply by `gamma` every `every` epochs.
+    Step {
+        /// Epochs between decays.
+        every: usize,
+        /// Decay factor.
+        gamma: f64,
+    },
+}
+
+impl Schedule {
+    /// The rate at `step` of `total` steps (`steps_per_epoch` steps per epoch).
+    pub fn rate(&self, peak: f64, step: usize, total: usize, steps_per_epoch: usize) -> f64 {
+        match self {
+            Schedule::Constant => peak,
+            Schedule::Cosine => {
+                let t = step as f64 / total.max(1) as f64;
+                0.5 * peak * (1.0 + (std::f64::consts::PI * t).cos())
+            }
+            Schedule::Step { every, gamma } => {
+                let epoch = step / steps_per_epoch.max(1);
+                peak * gamma.powi((epoch / (*every).max(1)) as i32)
+            }
+        }
+    }
+}
+
+/// An optimizer over a fixed list of variables.
+pub struct Optimizer {
+    config: OptimizerConfig,
+    vars: Vec<Var>,
+    /// AdamW: first moments; SGD: momentum buffers.
+    first: Vec<Option<Tensor>>,
+    /// AdamW: second moments.
+    second: Vec<Option<Tensor>>,
+    steps: Vec<i32>,
+}
+
+impl Optimizer {
+    /// An optimizer for `vars`.
+    pub fn new(config: OptimizerConfig, vars: Vec<Var>) -> Result<Self> {
+        config.validate()?;
+        let n = vars.len();
+        Ok(Self {
+            config,
+            vars,
+            first: vec![None; n],
+            second: vec![None; n],
+            steps: vec![0; n],
+        })
+    }
+
+    /// One update with learning rate `lr`.
+    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        for (i, var) in self.vars.iter().enumerate() {
+            let Some(g) = grads.get(var.as_tensor()) else {
+                continue;
+            };
+            let p = var.as_tensor();
+            match self.config {
+                OptimizerConfig::AdamW { weight_decay, .. } => {
+                    let (b1, b2, eps) = (0.9, 0.999, 1e-8);
+                    self.steps[i] += 1;
+                    let t = self.steps[i];
+                    let m = match &self.first[i] {
+                        Some(m) => ((m * b1)? + (g * (1.0 - b1))?)?,
+                        None => (g * (1.0 - b1))?,
+                    };
+                    let v = match &self.second[i] {
+                        Some(v) => ((v * b2)? + (g.sqr()? * (1.0 - b2))?)?,
+                        None => (g.sqr()? * (1.0 - b2))?,
+                    };
+                    let m_hat = (&m / (1.0 - b1.powi(t)))?;
+                    let v_hat = (&v / (1.0 - b2.powi(t)))?;
+                    let update = (m_hat / (v_hat.sqrt()? + eps)?)?;
+                    let decayed = (p * (1.0 - lr * weight_decay))?;
+                    var.set(&(decayed - (update * lr)?)?)?;
+                    self.first[i] = Some(m);
+                    self.second[i] = Some(v);
+                }
+                OptimizerConfig::Sgd {
+                    momentum,
+                    weight_decay,
+                    ..
+                } => {
+                    let g = if weight_decay > 0.0 {
+                        (g + (p * weight_decay)?)?
+                    } else {
+                        g.clone()
+                    };
+                    let buf = match &self.first[i] {
+                        Some(b) if momentum > 0.0 => ((b * momentum)? + &g)?,
+                        _ => g,
+                    };
+                    var.set(&(p - (&buf * lr)?)?)?;
+                    self.first[i] = Some(buf);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use distill_rt::candle::Device;
+
+    /// One variable, loss = 0.5 * sum(p^2): the gradient is p.
+    fn run(config: OptimizerConfig, steps: usize) -> Result<Vec<f64>> {
+        let var = Var::new(&[1.0f64, -2.0], &Device::Cpu)?;
+        let mut opt = Optimizer::new(config, vec![var.clone()])?;
+        for _ in 0..steps {
+            let grads = (var.as_tensor().sqr()?.sum_all()? * 0.5)?.backward()?;
+            opt.step(&grads, 0.1)?;
+        }
+        Ok(var.as_tensor().to_vec1::<f64>()?)
+    }
+
+    #[test]
+    fn sgd_momentum_matches_hand_computation() -> Result<()> {
+        // p1 = p0 - 0.1 * p0 = 0.9 p0; buf1 = p0.
+        // buf2 = 0.9 * p0 + 0.9 p0 = 1.8 p0; p2 = 0.9 p0 - 0.18 p0 = 0.72 p0.
+        let p = run(
+            OptimizerConfig::Sgd {
+                lr: 0.1,
+                momentum: 0.9,
+                weight_decay: 0.0,
+            },
+            2,
+        )?;
+        assert!(
+            (p[0] - 0.72).abs() < 1e-12 && (p[1] + 1.44).abs() < 1e-12,
+            "{p:?}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn adamw_first_step_moves_by_lr_and_decays() -> Result<()> {
+        // Step 1: m_hat = g, v_hat = g^2, update = sign(g) (up to eps); decay 0.1 * 0.5 = 5%.
+        let p = run(
+            OptimizerConfig::AdamW {
+                lr: 0.1,
+                weight_decay: 0.5,
+            },
+            1,
+        )?;
+        assert!((p[0] - (1.0 * 0.95 - 0.1)).abs() < 1e-6, "{p:?}");
+        assert!((p[1] - (-2.0 * 0.95 + 0.1)).abs() < 1e-6, "{p:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn schedules() {
+        assert_eq!(Schedule::Constant.rate(0.1, 5, 10, 2), 0.1);
+        assert!((Schedule::Cosine.rate(0.1, 5, 10, 2) - 0.05).abs() < 1e-12);
+        assert!(Schedule::Cosine.rate(0.1, 10, 10, 2).abs() < 1e-12);
+        let step = Schedule::Step {
+            every: 2,
+            gamma: 0.1,
+        };
+        assert!((step.rate(1.0, 3, 100, 2) - 1.0).abs() < 1e-12); // epoch 1
+        assert!((step.rate(1.0, 4, 100, 2) - 0.1).abs() < 1e-12); // epoch 2
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let e = Optimizer::new(
+            OptimizerConfig::Sgd {
+                lr: 0.1,
+                momentum: 1.5,
+                weight_decay: 0.0,
+            },
+            vec![],
+        );
+        assert!(
+            e.err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+                .contains("momentum")
+        );
+    }
+}

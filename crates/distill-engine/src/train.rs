@@ -1,0 +1,495 @@
+//! The training loop shared by every task and strategy: seeded shuffling, one optimizer step per
+//! batch, NaN/inf detection, evaluation after every epoch, early stopping by patience and by the
+//! student-teacher gap.
+
+use std::time::Instant;
+
+use distill_rt::candle::{DType, Device, Tensor, Var};
+use distill_rt::rng::Rng;
+use distill_rt::serde::{Deserialize, Serialize};
+use distill_rt::strategy::StepInfo;
+use distill_rt::{
+    Batch, Dataset, Error, LossTerms, Model, ModelOutput, Result, Split, Strategy, TeacherNeeds,
+    ops, tracing,
+};
+
+use crate::cache::TeacherCache;
+use crate::optim::{Optimizer, OptimizerConfig, Schedule};
+
+/// How to train.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(crate = "distill_rt::serde", deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Maximum number of epochs.
+    pub epochs: usize,
+    /// Samples per optimizer step.
+    pub batch_size: usize,
+    /// Samples per evaluation batch.
+    pub eval_batch_size: usize,
+    /// Optimizer and its hyper-parameters.
+    pub optimizer: OptimizerConfig,
+    /// Learning-rate schedule.
+    pub schedule: Schedule,
+    /// Stop after this many epochs without a better validation metric.
+    pub patience: Option<usize>,
+    /// Stop once the validation metric is within this distance of the teacher's.
+    pub gap_tolerance: Option<f64>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 10,
+            batch_size: 64,
+            eval_batch_size: 256,
+            optimizer: OptimizerConfig::default(),
+            schedule: Schedule::default(),
+            patience: None,
+            gap_tolerance: None,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Checks the values; errors name the key.
+    pub fn validate(&self) -> Result<()> {
+        for (key, v) in [
+            ("epochs", self.epochs),
+            ("batch_size", self.batch_size),
+            ("eval_batch_size", self.eval_batch_size),
+        ] {
+            if v == 0 {
+                return Err(Error::config("train", key, "must be > 0"));
+            }
+        }
+        if let Schedule::Step { every: 0, .. } = self.schedule {
+            return Err(Error::config("train", "schedule.every", "must be > 0"));
+        }
+        if let Some(t) = self.gap_tolerance
+            && (t.is_nan() || t < 0.0)
+        {
+            return Err(Error::config(
+                "train",
+                "gap_tolerance",
+                format!("must be >= 0, got {t}"),
+            ));
+        }
+        self.optimizer.validate()
+    }
+}
+
+/// Metric values by name.
+pub type Metrics = Vec<(String, f64)>;
+
+/// What happened in one epoch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(crate = "distill_rt::serde")]
+pub struct EpochRecord {
+    /// Zero-based epoch.
+    pub epoch: usize,
+    /// Learning rate at the epoch's last step.
+    pub lr: f64,
+    /// Mean of each loss term (and `total`) over the epoch's batches.
+    pub train: Metrics,
+    /// Task metrics on the validation split.
+    pub validation: Metrics,
+    /// Task metrics on the test split.
+    pub test: Metrics,
+}
+
+/// How a training run ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(crate = "distill_rt::serde", rename_all = "snake_case")]
+pub enum StopReason {
+    /// All epochs ran.
+    Completed,
+    /// No better validation metric for `patience` epochs.
+    Patience,
+    /// The student came within `gap_tolerance` of the teacher.
+    GapReached,
+    /// The loss became NaN or infinite at this optimizer step.
+    Diverged {
+        /// The optimizer step (zero-based) whose loss was not finite.
+        step: u64,
+    },
+}
+
+/// The result of [`fit`].
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// Why training stopped.
+    pub stop: StopReason,
+    /// One record per finished epoch.
+    pub epochs: Vec<EpochRecord>,
+    /// The epoch with the best validation primary metric, if any epoch finished.
+    pub best_epoch: Option<usize>,
+}
+
+/// Where a student's teacher outputs come from.
+pub enum TeacherSignal<'a> {
+    /// No teacher (the strategy needs none).
+    None,
+    /// Outputs computed once on the training split.
+    Cached(&'a TeacherCache),
+    /// The teacher runs on every batch.
+    Live(&'a dyn Model),
+}
+
+/// Cross-entropy on the labels: how a teacher (or any model without a strategy) trains.
+pub struct Supervised;
+
+impl Strategy for Supervised {
+    fn teacher_needs(&self) -> TeacherNeeds {
+        TeacherNeeds::default()
+    }
+    fn loss(
+        &self,
+        s: &ModelOutput,
+        _t: Option<&ModelOutput>,
+        batch: &Batch,
+        _step: &StepInfo,
+    ) -> Result<LossTerms> {
+        let ce = ops::cross_entropy(&s.logits, &batch.targets)?;
+        Ok(LossTerms {
+            total: ce.clone(),
+            terms: vec![("ce".into(), ce)],
+        })
+    }
+}
+
+/// Everything [`fit`] trains and reads.
+pub struct FitInputs<'a> {
+    /// The data.
+    pub dataset: &'a dyn Dataset,
+    /// The model being trained.
+    pub model: &'a dyn Model,
+    /// The loss.
+    pub strategy: &'a mut dyn Strategy,
+    /// Teacher outputs for the strategy.
+    pub teacher: TeacherSignal<'a>,
+    /// The variables the optimizer updates (the model's trainable ones and the strategy's).
+    pub vars: Vec<Var>,
+    /// The teacher's validation primary metric, for the gap rule.
+    pub teacher_metric: Option<f64>,
+    /// Seed of the shuffling.
+    pub seed: u64,
+    /// Device to train on.
+    pub device: &'a Device,
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// The task metrics of `model` on `split`.
+pub fn evaluate(
+    dataset: &dyn Dataset,
+    model: &dyn Model,
+    split: Split,
+    batch_size: usize,
+    device: &Device,
+) -> Result<Metrics> {
+    let mut acc = dataset.metrics()?;
+    let n = dataset.info().len(split);
+    let indices: Vec<usize> = (0..n).collect();
+    for chunk in indices.chunks(batch_size) {
+        let batch = dataset.batch(split, chunk, device)?;
+        let out = model.forward(&batch.inputs, false)?;
+        acc.update(&out.logits.detach(), &batch)?;
+    }
+    acc.finish()
+}
+
+fn metric(metrics: &Metrics, name: &str) -> Option<f64> {
+    metrics.iter().find(|(k, _)| k == name).map(|(_, v)| *v)
+}
+
+/// Trains `inputs.model` with `inputs.strategy` for at most `config.epochs` epochs.
+pub fn fit(inputs: FitInputs<'_>, config: &TrainConfig) -> Result<Outcome> {
+    config.validate()?;
+    let FitInputs {
+        dataset,
+        model,
+        strategy,
+        teacher,
+        vars,
+        teacher_metric,
+        seed,
+        device,
+    } = inputs;
+    let info = dataset.info().clone();
+    let primary = info.primary_metric.clone();
+    let n_train = info.len(Split::Train);
+    let steps_per_epoch = n_train.div_ceil(config.batch_size);
+    let total_steps = steps_per_epoch * config.epochs;
+    let mut optimizer = Optimizer::new(config.optimizer.clone(), vars)?;
+    let mut step: u64 = 0;
+    let mut epochs = Vec::new();
+    let (mut best_epoch, mut best_value) = (None, f64::NEG_INFINITY);
+    for epoch in 0..config.epochs {
+        let started = Instant::now();
+        let mut order: Vec<usize> = (0..n_train).collect();
+        Rng::derive(seed, &format!("shuffle/{epoch}")).shuffle(&mut order);
+        let mut sums: Vec<(String, f64)> = Vec::new();
+        let mut lr = config.optimizer.lr();
+        for chunk in order.chunks(config.batch_size) {
+            let batch = dataset.batch(Split::Train, chunk, device)?;
+            let student = model.forward(&batch.inputs, true)?;
+            let teacher_out = match &teacher {
+                TeacherSignal::None => None,
+                TeacherSignal::Cached(cache) => Some(cache.outputs_for(&batch.indices)?),
+                TeacherSignal::Live(t) => Some(t.forward(&batch.inputs, false)?),
+            };
+            let info = StepInfo {
+                epoch,
+                step,
+                epochs: config.epochs,
+            };
+            let terms = strategy.loss(&student, teacher_out.as_ref(), &batch, &info)?;
+            let total = scalar(&terms.total)?;
+            if !total.is_finite() {
+                tracing::warn!(
+                    epoch,
+                    step,
+                    loss = total,
+                    "loss is not finite: the run diverged"
+                );
+                return Ok(Outcome {
+                    stop: StopReason::Diverged { step },
+                    epochs,
+                    best_epoch,
+                });
+            }
+            let weight = chunk.len() as f64;
+            let mut add = |name: &str, v: f64| match sums.iter_mut().find(|(k, _)| k == name) {
+                Some((_, s)) => *s += v * weight,
+                None => sums.push((name.to_string(), v * weight)),
+            };
+            add("total", total);
+            for (name, t) in &terms.terms {
+                add(name, scalar(t)?);
+            }
+            lr = config.schedule.rate(
+                config.optimizer.lr(),
+                step as usize,
+                total_steps,
+                steps_per_epoch,
+            );
+            let grads = terms.total.backward()?;
+            optimizer.step(&grads, lr)?;
+            step += 1;
+        }
+        strategy.end_epoch(epoch)?;
+        let train = sums
+            .into_iter()
+            .map(|(k, s)| (k, s / n_train as f64))
+            .collect();
+        let validation = evaluate(
+            dataset,
+            model,
+            Split::Validation,
+            config.eval_batch_size,
+            device,
+        )?;
+        let test = evaluate(dataset, model, Split::Test, config.eval_batch_size, device)?;
+        let val = metric(&validation, &primary).ok_or_else(|| {
+            Error::Invalid(format!(
+                "the dataset's metrics lack its primary metric `{primary}`"
+            ))
+        })?;
+        tracing::info!(
+            epoch,
+            lr,
+            validation = val,
+            seconds = started.elapsed().as_secs_f64(),
+            "epoch done"
+        );
+        epochs.push(EpochRecord {
+            epoch,
+            lr,
+            train,
+            validation,
+            test,
+        });
+        if val > best_value {
+            (best_epoch, best_value) = (Some(epoch), val);
+        }
+        if let (Some(tol), Some(t)) = (config.gap_tolerance, teacher_metric)
+            && t - val <= tol
+        {
+            return Ok(Outcome {
+                stop: StopReason::GapReached,
+                epochs,
+                best_epoch,
+            });
+        }
+        if let (Some(p), Some(b)) = (config.patience, best_epoch)
+            && epoch >= b + p
+        {
+            return Ok(Outcome {
+                stop: StopReason::Patience,
+                epochs,
+                best_epoch,
+            });
+        }
+    }
+    Ok(Outcome {
+        stop: StopReason::Completed,
+        epochs,
+        best_epoch,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::toy;
+    use distill_rt::candle_nn::VarMap;
+    use distill_rt::init::seeded_var_builder;
+    use distill_rt::testing::named_vars;
+    use distill_rt::{Config, ModelContext};
+
+    struct Setup {
+        data: Box<dyn Dataset>,
+        model: Box<dyn Model>,
+        varmap: VarMap,
+    }
+
+    fn setup(seed: u64) -> Result<Setup> {
+        let r = toy::registrar()?;
+        let data = r.get_dataset("toy.blobs")?.build(&Config::Null)?;
+        let varmap = VarMap::new();
+        let ctx = ModelContext {
+            dataset: data.info(),
+            vb: seeded_var_builder(&varmap, seed, DType::F32, &Device::Cpu),
+        };
+        let model = r.get_model("toy.mlp")?.build(&Config::Null, ctx)?;
+        Ok(Setup {
+            data,
+            model,
+            varmap,
+        })
+    }
+
+    fn run(
+        seed: u64,
+        strategy: &mut dyn Strategy,
+        config: &TrainConfig,
+        teacher_metric: Option<f64>,
+    ) -> Result<Outcome> {
+        let s = setup(seed)?;
+        let vars = named_vars(&s.varmap).into_iter().map(|(_, v)| v).collect();
+        let inputs = FitInputs {
+            dataset: &*s.data,
+            model: &*s.model,
+            strategy,
+            teacher: TeacherSignal::None,
+            vars,
+            teacher_metric,
+            seed,
+            device: &Device::Cpu,
+        };
+        fit(inputs, config)
+    }
+
+    fn config(epochs: usize) -> TrainConfig {
+        TrainConfig {
+            epochs,
+            batch_size: 32,
+            optimizer: OptimizerConfig::AdamW {
+                lr: 0.05,
+                weight_decay: 0.0,
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn learns_the_toy_task_and_records_every_epoch() -> Result<()> {
+        let out = run(1, &mut Supervised, &config(5), None)?;
+        assert_eq!(out.stop, StopReason::Completed);
+        assert_eq!(out.epochs.len(), 5);
+        let first = metric(&out.epochs[0].train, "total").unwrap_or(f64::NAN);
+        let last = metric(&out.epochs[4].train, "total").unwrap_or(f64::NAN);
+        assert!(last < first, "training loss {first} -> {last}");
+        let acc = metric(&out.epochs[4].test, "accuracy").unwrap_or(0.0);
+        assert!(acc > 0.85, "test accuracy {acc}");
+        Ok(())
+    }
+
+    #[test]
+    fn same_seed_same_metrics_other_seed_other_metrics() -> Result<()> {
+        let a = run(3, &mut Supervised, &config(2), None)?;
+        let b = run(3, &mut Supervised, &config(2), None)?;
+        let c = run(4, &mut Supervised, &config(2), None)?;
+        assert_eq!(a.epochs, b.epochs);
+        assert_ne!(a.epochs, c.epochs);
+        Ok(())
+    }
+
+    /// Returns NaN from step 5 on.
+    struct NanAfter;
+    impl Strategy for NanAfter {
+        fn teacher_needs(&self) -> TeacherNeeds {
+            TeacherNeeds::default()
+        }
+        fn loss(
+            &self,
+            s: &ModelOutput,
+            t: Option<&ModelOutput>,
+            b: &Batch,
+            step: &StepInfo,
+        ) -> Result<LossTerms> {
+            let mut terms = Supervised.loss(s, t, b, step)?;
+            if step.step >= 5 {
+                terms.total = (terms.total * f64::NAN)?;
+            }
+            Ok(terms)
+        }
+    }
+
+    #[test]
+    fn nan_loss_ends_the_run_as_diverged_with_its_step() -> Result<()> {
+        let out = run(1, &mut NanAfter, &config(3), None)?;
+        assert_eq!(out.stop, StopReason::Diverged { step: 5 });
+        Ok(())
+    }
+
+    #[test]
+    fn patience_and_gap_stop_early() -> Result<()> {
+        // A learning rate so small that nothing improves after the first epoch.
+        let mut frozen = config(10);
+        frozen.optimizer = OptimizerConfig::Sgd {
+            lr: 1e-12,
+            momentum: 0.0,
+            weight_decay: 0.0,
+        };
+        frozen.patience = Some(2);
+        let out = run(1, &mut Supervised, &frozen, None)?;
+        assert_eq!(
+            (out.stop, out.epochs.len(), out.best_epoch),
+            (StopReason::Patience, 3, Some(0))
+        );
+
+        let mut gap = config(10);
+        gap.gap_tolerance = Some(0.05);
+        let out = run(1, &mut Supervised, &gap, Some(0.5))?;
+        assert_eq!((out.stop, out.epochs.len()), (StopReason::GapReached, 1));
+        Ok(())
+    }
+
+    #[test]
+    fn bad_train_config_names_the_key() {
+        let c = TrainConfig {
+            batch_size: 0,
+            ..Default::default()
+        };
+        assert!(
+            c.validate()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+                .contains("batch_size")
+        );
+    }
+}

@@ -1,11 +1,14 @@
-//! `distill`: the worker binary. Thin glue over distill-host (and, later, the engine): it loads
-//! the plugins built next to it and runs one command.
+//! `distill`: the worker binary. Thin glue over distill-host and distill-engine: it loads the
+//! plugins built next to it and runs one command — list the plugins, or run exactly one planned
+//! job and write its record atomically.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use distill_engine::job::{JobSpec, RECORD_FILE, run_job, write_json_atomic};
 use distill_host::{PluginHost, discover};
+use distill_rt::candle::Device;
 use distill_rt::tracing_subscriber;
 
 /// The distillery worker.
@@ -22,7 +25,16 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Lists every registered dataset, model and strategy.
-    Plugins,
+    Plugins {
+        /// Print JSON (kind, name, summary, origin) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Runs one planned job (a JSON job file) and writes `record.json` in its output folder.
+    RunJob {
+        /// The job file.
+        job: PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
@@ -48,9 +60,9 @@ fn main() -> Result<()> {
         );
     }
     match cli.command {
-        Command::Plugins => list(&host),
+        Command::Plugins { json } => list(&host, json),
+        Command::RunJob { job } => run(&host, &job),
     }
-    Ok(())
 }
 
 /// The folder next to the executable if it holds plugins, else its `deps/` folder (where
@@ -69,8 +81,16 @@ fn default_plugin_dir() -> Result<PathBuf> {
     })
 }
 
-fn list(host: &PluginHost) {
+fn list(host: &PluginHost, json: bool) -> Result<()> {
     let entries = host.registrar().list();
+    if json {
+        let rows: Vec<_> = entries
+            .iter()
+            .map(|e| serde_json::json!({"kind": e.kind, "name": e.name, "summary": e.summary, "origin": e.origin}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
     let width = entries.iter().map(|e| e.name.len()).max().unwrap_or(0);
     let mut kind = "";
     for e in &entries {
@@ -89,4 +109,16 @@ fn list(host: &PluginHost) {
             .unwrap_or_default();
         println!("  {:width$}  {}  [{origin}]", e.name, e.summary);
     }
+    Ok(())
+}
+
+fn run(host: &PluginHost, job: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(job)
+        .with_context(|| format!("reading job file {}", job.display()))?;
+    let spec: JobSpec = serde_json::from_str(&text)
+        .with_context(|| format!("parsing job file {}", job.display()))?;
+    let record = run_job(host.registrar(), &spec, &Device::Cpu);
+    let path = spec.out_dir.join(RECORD_FILE);
+    write_json_atomic(&path, &record).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
 }

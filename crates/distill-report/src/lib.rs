@@ -1,0 +1,505 @@
+//! Result tables: collects job records into `runs.parquet` (one row per student run) and
+//! `metrics.parquet` (long form: run, epoch, split, metric, value), and summarises runs as mean
+//! ± standard deviation over seeds. Column names are stable; see `docs/results.md`.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use distill_engine::job::{JobRecord, RECORD_FILE, Status};
+use polars::prelude::*;
+
+/// What can go wrong while collecting or writing results.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A record file is not valid.
+    #[error("{path}: not a job record: {message}")]
+    Record {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// Polars failed to build or write a table.
+    #[error("building the result tables: {0}")]
+    Polars(#[from] PolarsError),
+}
+
+/// Result alias of this crate.
+pub type Result<T> = std::result::Result<T, ReportError>;
+
+/// The records of every job folder under `jobs_dir` (`<jobs_dir>/<id>/record.json`), sorted by
+/// id. Folders without a record (jobs that never ran) are skipped.
+pub fn collect(jobs_dir: &Path) -> Result<Vec<JobRecord>> {
+    let io = |source| ReportError::Io {
+        path: jobs_dir.to_path_buf(),
+        source,
+    };
+    let mut records = Vec::new();
+    for entry in std::fs::read_dir(jobs_dir).map_err(io)? {
+        let path = entry.map_err(io)?.path().join(RECORD_FILE);
+        if !path.is_file() {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).map_err(|source| ReportError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let record: JobRecord = serde_json::from_str(&text).map_err(|e| ReportError::Record {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        records.push(record);
+    }
+    records.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(records)
+}
+
+fn status_name(s: Status) -> &'static str {
+    match s {
+        Status::Ok => "ok",
+        Status::Diverged => "diverged",
+        Status::Failed => "failed",
+    }
+}
+
+/// Scalar strategy parameters as extra columns `param.<key>` (numbers and booleans as floats,
+/// strings as strings).
+fn param_columns(students: &[&JobRecord]) -> Vec<Column> {
+    let mut keys: BTreeMap<String, bool> = BTreeMap::new(); // key -> is numeric
+    for r in students {
+        if let Some(obj) = r.params.get("strategy").and_then(|v| v.as_object()) {
+            for (k, v) in obj {
+                let numeric = v.is_number() || v.is_boolean();
+                if v.is_number() || v.is_boolean() || v.is_string() {
+                    let e = keys.entry(k.clone()).or_insert(numeric);
+                    *e &= numeric;
+                }
+            }
+        }
+    }
+    keys.into_iter()
+        .map(|(key, numeric)| {
+            let get = |r: &&JobRecord| r.params.get("strategy").and_then(|s| s.get(&key)).cloned();
+            let name = PlSmallStr::from(format!("param.{key}"));
+            if numeric {
+                let values: Vec<Option<f64>> = students
+                    .iter()
+                    .map(|r| {
+                        get(r).and_then(|v| {
+                            v.as_f64()
+                                .or_else(|| v.as_bool().map(|b| f64::from(u8::from(b))))
+                        })
+                    })
+                    .collect();
+                Column::new(name, values)
+            } else {
+                let values: Vec<Option<String>> = students
+                    .iter()
+                    .map(|r| {
+                        get(r).map(|v| {
+                            v.as_str()
+                                .map(String::from)
+                                .unwrap_or_else(|| v.to_string())
+                        })
+                    })
+                    .collect();
+                Column::new(name, values)
+            }
+        })
+        .collect()
+}
+
+fn datetime(name: &str, seconds: Vec<f64>) -> Column {
+    let micros: Vec<i64> = seconds.iter().map(|s| (s * 1e6).round() as i64).collect();
+    Int64Chunked::new(name.into(), &micros)
+        .into_datetime(TimeUnit::Microseconds, None)
+        .into_series()
+        .into()
+}
+
+/// One row per student run.
+pub fn runs_frame(records: &[JobRecord], git_revision: &str) -> Result<DataFrame> {
+    let s: Vec<&JobRecord> = records.iter().filter(|r| r.kind == "student").collect();
+    let str_col = |name: &str, f: &dyn Fn(&JobRecord) -> String| {
+        Column::new(name.into(), s.iter().map(|r| f(r)).collect::<Vec<_>>())
+    };
+    let opt_str = |name: &str, f: &dyn Fn(&JobRecord) -> Option<String>| {
+        Column::new(name.into(), s.iter().map(|r| f(r)).collect::<Vec<_>>())
+    };
+    let f64_col = |name: &str, f: &dyn Fn(&JobRecord) -> Option<f64>| {
+        Column::new(name.into(), s.iter().map(|r| f(r)).collect::<Vec<_>>())
+    };
+    let u64_col = |name: &str, f: &dyn Fn(&JobRecord) -> Option<u64>| {
+        Column::new(name.into(), s.iter().map(|r| f(r)).collect::<Vec<_>>())
+    };
+    let train = |r: &JobRecord, key: &str| r.params.get("train").and_then(|t| t.get(key)).cloned();
+    let mut columns = vec![
+        str_col("experiment", &|r| r.experiment.clone()),
+        str_col("run_id", &|r| r.id.clone()),
+        str_col("dataset", &|r| r.dataset.clone()),
+        opt_str("teacher", &|r| r.teacher.clone()),
+        str_col("student", &|r| r.model.clone()),
+        opt_str("strategy", &|r| r.strategy.clone()),
+        str_col("params", &|r| r.params.to_string()),
+        u64_col("seed", &|r| Some(r.seed)),
+        str_col("status", &|r| status_name(r.status).into()),
+        opt_str("error", &|r| r.error.clone()),
+        opt_str("stop", &|r| {
+            r.stop
+                .as_ref()
+                .and_then(|s| serde_json::to_value(s).ok())
+                .map(|v| match v {
+                    serde_json::Value::String(s) => s,
+                    other => other
+                        .as_object()
+                        .and_then(|o| o.keys().next().cloned())
+                        .unwrap_or_default(),
+                })
+        }),
+        str_col("primary_metric", &|r| r.primary_metric.clone()),
+        f64_col("best_metric", &|r| r.best_metric),
+        f64_col("final_metric", &|r| r.final_metric),
+        f64_col("best_validation", &|r| r.best_validation),
+        u64_col("best_epoch", &|r| r.best_epoch.map(|e| e as u64)),
+        f64_col("teacher_metric", &|r| r.teacher_metric),
+        u64_col("teacher_parameters", &|r| r.teacher_parameters),
+        u64_col("student_parameters", &|r| Some(r.parameters)),
+        f64_col("compression", &|r| {
+            r.teacher_parameters
+                .map(|t| t as f64 / r.parameters.max(1) as f64)
+        }),
+        u64_col("flops_per_sample", &|r| Some(r.flops_per_sample)),
+        f64_col("latency_ms_per_sample", &|r| r.latency_ms_per_sample),
+        u64_col("model_bytes", &|r| Some(r.model_bytes)),
+        u64_col("epochs_run", &|r| Some(r.epochs_run as u64)),
+        f64_col("lr", &|r| {
+            train(r, "optimizer").and_then(|o| o.get("lr").and_then(|v| v.as_f64()))
+        }),
+        u64_col("batch_size", &|r| {
+            train(r, "batch_size").and_then(|v| v.as_u64())
+        }),
+        opt_str("teacher_outputs", &|r| r.teacher_outputs.clone()),
+        f64_col("wall_seconds", &|r| Some(r.wall_seconds)),
+        str_col("config_hash", &|r| r.id.clone()),
+        str_col("git_revision", &|_| git_revision.to_string()),
+        datetime("started_at", s.iter().map(|r| r.started_at).collect()),
+        datetime("finished_at", s.iter().map(|r| r.finished_at).collect()),
+    ];
+    columns.extend(param_columns(&s));
+    Ok(DataFrame::new(s.len(), columns)?)
+}
+
+/// Long-form per-epoch values of every student run: loss terms (`split` = `train`), the
+/// learning rate (`train`, `lr`) and task metrics (`validation`, `test`).
+pub fn metrics_frame(records: &[JobRecord]) -> Result<DataFrame> {
+    let (mut run, mut epoch, mut split, mut name, mut value) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for r in records.iter().filter(|r| r.kind == "student") {
+        for e in &r.epochs {
+            let lr = [("lr".to_string(), e.lr)];
+            for (sp, values) in [
+                ("train", &e.train[..]),
+                ("train", &lr[..]),
+                ("validation", &e.validation[..]),
+                ("test", &e.test[..]),
+            ] {
+                for (n, v) in values {
+                    run.push(r.id.clone());
+                    epoch.push(e.epoch as u32);
+                    split.push(sp);
+                    name.push(n.clone());
+                    value.push(*v);
+                }
+            }
+        }
+    }
+    let height = run.len();
+    Ok(DataFrame::new(
+        height,
+        vec![
+            Column::new("run_id".into(), run),
+            Column::new("epoch".into(), epoch),
+            Column::new("split".into(), split),
+            Column::new("metric".into(), name),
+            Column::new("value".into(), value),
+        ],
+    )?)
+}
+
+fn write_parquet(path: &Path, df: &mut DataFrame) -> Result<()> {
+    let tmp = path.with_extension("parquet.tmp");
+    let file = File::create(&tmp).map_err(|source| ReportError::Io {
+        path: tmp.clone(),
+        source,
+    })?;
+    ParquetWriter::new(file).finish(df)?;
+    std::fs::rename(&tmp, path).map_err(|source| ReportError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Writes `runs.parquet` and `metrics.parquet` into `dir`; returns their paths.
+pub fn write_tables(
+    dir: &Path,
+    records: &[JobRecord],
+    git_revision: &str,
+) -> Result<(PathBuf, PathBuf)> {
+    let runs = dir.join("runs.parquet");
+    let metrics = dir.join("metrics.parquet");
+    write_parquet(&runs, &mut runs_frame(records, git_revision)?)?;
+    write_parquet(&metrics, &mut metrics_frame(records)?)?;
+    Ok((runs, metrics))
+}
+
+/// Reads a parquet file written by [`write_tables`].
+pub fn read_parquet(path: &Path) -> Result<DataFrame> {
+    let file = File::open(path).map_err(|source| ReportError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(ParquetReader::new(file).finish()?)
+}
+
+/// Mean and sample standard deviation over the seeds of one cell.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SummaryRow {
+    /// Dataset name.
+    pub dataset: String,
+    /// Teacher model (empty without one).
+    pub teacher: String,
+    /// Student model.
+    pub student: String,
+    /// Strategy with its parameters, e.g. `kd {"alpha":0.5}`.
+    pub strategy: String,
+    /// Runs that ended `ok`, and all runs.
+    pub ok: usize,
+    /// All runs of the cell.
+    pub runs: usize,
+    /// Mean of `best_metric` over ok runs.
+    pub mean: f64,
+    /// Sample standard deviation of `best_metric` (0 for one run).
+    pub std: f64,
+    /// Mean teacher metric.
+    pub teacher_metric: Option<f64>,
+}
+
+/// Mean ± std of the best test metric per dataset / teacher / student / strategy cell.
+pub fn summarize(records: &[JobRecord]) -> Vec<SummaryRow> {
+    let mut cells: BTreeMap<(String, String, String, String), Vec<&JobRecord>> = BTreeMap::new();
+    for r in records.iter().filter(|r| r.kind == "student") {
+        let params = r
+            .params
+            .get("strategy")
+            .filter(|v| v.as_object().is_some_and(|o| !o.is_empty()));
+        let strategy = match params {
+            Some(p) => format!("{} {p}", r.strategy.clone().unwrap_or_default()),
+            None => r.strategy.clone().unwrap_or_default(),
+        };
+        let key = (
+            r.dataset.clone(),
+            r.teacher.clone().unwrap_or_default(),
+            r.model.clone(),
+            strategy,
+        );
+        cells.entry(key).or_default().push(r);
+    }
+    cells
+        .into_iter()
+        .map(|((dataset, teacher, student, strategy), runs)| {
+            let values: Vec<f64> = runs
+                .iter()
+                .filter(|r| r.status == Status::Ok)
+                .filter_map(|r| r.best_metric)
+                .collect();
+            let (mean, std) = mean_std(&values);
+            let teachers: Vec<f64> = runs.iter().filter_map(|r| r.teacher_metric).collect();
+            SummaryRow {
+                dataset,
+                teacher,
+                student,
+                strategy,
+                ok: runs.iter().filter(|r| r.status == Status::Ok).count(),
+                runs: runs.len(),
+                mean,
+                std,
+                teacher_metric: (!teachers.is_empty()).then(|| mean_std(&teachers).0),
+            }
+        })
+        .collect()
+}
+
+/// Mean and sample standard deviation (`n - 1`; 0 for fewer than two values).
+pub fn mean_std(values: &[f64]) -> (f64, f64) {
+    if values.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    if values.len() < 2 {
+        return (mean, 0.0);
+    }
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, var.sqrt())
+}
+
+/// The summary as a plain-text table.
+pub fn format_summary(rows: &[SummaryRow], metric: &str) -> String {
+    let header = [
+        "dataset",
+        "teacher",
+        "student",
+        "strategy",
+        "ok/runs",
+        &format!("{metric} (mean ± std)"),
+        "teacher",
+    ];
+    let body: Vec<[String; 7]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.dataset.clone(),
+                r.teacher.clone(),
+                r.student.clone(),
+                r.strategy.clone(),
+                format!("{}/{}", r.ok, r.runs),
+                format!("{:.4} ± {:.4}", r.mean, r.std),
+                r.teacher_metric
+                    .map(|t| format!("{t:.4}"))
+                    .unwrap_or_default(),
+            ]
+        })
+        .collect();
+    let widths: Vec<usize> = (0..7)
+        .map(|i| {
+            body.iter()
+                .map(|r| r[i].chars().count())
+                .chain([header[i].chars().count()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: &[String]| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    let mut out = line(&header.map(String::from));
+    out.push('\n');
+    for r in &body {
+        out.push_str(&line(r));
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use distill_engine::job::{Component, Job, JobSpec, empty_record};
+    use distill_engine::train::{EpochRecord, TrainConfig};
+
+    fn student(id: &str, seed: u64, best: f64, alpha: f64) -> JobRecord {
+        let spec = JobSpec {
+            id: id.into(),
+            experiment: "exp".into(),
+            out_dir: PathBuf::from("/nonexistent"),
+            job: Job::Student {
+                dataset: Component {
+                    name: "d".into(),
+                    config: serde_json::Value::Null,
+                },
+                model: Component {
+                    name: "s".into(),
+                    config: serde_json::Value::Null,
+                },
+                strategy: Component {
+                    name: "kd".into(),
+                    config: serde_json::json!({"alpha": alpha}),
+                },
+                teacher: None,
+                train: TrainConfig::default(),
+                seed,
+            },
+        };
+        let mut r = empty_record(&spec);
+        r.status = Status::Ok;
+        r.best_metric = Some(best);
+        r.parameters = 100;
+        r.teacher_parameters = Some(1000);
+        r.epochs = vec![EpochRecord {
+            epoch: 0,
+            lr: 0.1,
+            train: vec![("total".into(), 1.5), ("ce".into(), 1.0)],
+            validation: vec![("accuracy".into(), 0.5)],
+            test: vec![("accuracy".into(), best)],
+        }];
+        r.epochs_run = 1;
+        r
+    }
+
+    #[test]
+    fn tables_round_trip_through_parquet() -> Result<()> {
+        let records = vec![
+            student("a", 0, 0.8, 0.1),
+            student("b", 1, 0.9, 0.1),
+            student("c", 0, 0.7, 0.5),
+        ];
+        let dir = std::env::temp_dir().join(format!("distill-report-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|source| ReportError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let (runs, metrics) = write_tables(&dir, &records, "abc123")?;
+        let runs = read_parquet(&runs)?;
+        assert_eq!(runs.height(), 3);
+        assert_eq!(runs.column("seed")?.dtype(), &DataType::UInt64);
+        assert_eq!(runs.column("best_metric")?.dtype(), &DataType::Float64);
+        assert_eq!(
+            runs.column("started_at")?.dtype(),
+            &DataType::Datetime(TimeUnit::Microseconds, None)
+        );
+        assert_eq!(runs.column("param.alpha")?.f64()?.get(2), Some(0.5));
+        assert_eq!(runs.column("compression")?.f64()?.get(0), Some(10.0));
+        assert_eq!(runs.column("git_revision")?.str()?.get(1), Some("abc123"));
+        let metrics = read_parquet(&metrics)?;
+        // Per run: total, ce, lr (train), accuracy (validation), accuracy (test).
+        assert_eq!(metrics.height(), 3 * 5);
+        assert_eq!(metrics.column("epoch")?.dtype(), &DataType::UInt32);
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let summary = summarize(&records);
+        assert_eq!(summary.len(), 2);
+        assert_eq!(
+            (summary[0].strategy.as_str(), summary[0].runs),
+            ("kd {\"alpha\":0.1}", 2)
+        );
+        assert!((summary[0].mean - 0.85).abs() < 1e-12);
+        assert!((summary[0].std - (0.005f64).sqrt()).abs() < 1e-12);
+        assert!(format_summary(&summary, "accuracy").contains("0.8500 ± 0.0707"));
+        Ok(())
+    }
+
+    #[test]
+    fn mean_and_sample_std_by_hand() {
+        let (m, s) = mean_std(&[0.8, 0.9, 1.0]);
+        assert!((m - 0.9).abs() < 1e-12);
+        assert!((s - 0.1).abs() < 1e-12); // sqrt((0.01 + 0 + 0.01) / 2)
+        assert_eq!(mean_std(&[0.5]), (0.5, 0.0));
+        assert!(mean_std(&[]).0.is_nan());
+    }
+}

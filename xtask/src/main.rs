@@ -1,11 +1,18 @@
-//! `cargo xtask`: project chores as Rust subcommands (rust-analyzer style). It never links the
-//! runtime: it builds the workspace in one cargo invocation and runs the `distill` binary.
+//! `cargo xtask`: project chores and the experiment orchestrator (rust-analyzer style). It never
+//! links the runtime: it builds the workspace in one cargo invocation and runs the `distill`
+//! binary for everything that needs the plugins.
 
-use std::path::PathBuf;
+mod experiment;
+mod plan;
+mod runner;
+
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use serde_json::json;
 
 /// distillery's chores and experiment orchestrator.
 #[derive(Parser)]
@@ -19,15 +26,140 @@ struct Cli {
 enum Task {
     /// Builds the workspace, then lists every registered dataset, model and strategy.
     Plugins,
+    /// Runs an experiment file: validate, plan, build, run the jobs (resuming finished ones),
+    /// then write reports/<name>/runs.parquet and metrics.parquet and print the summary.
+    Run {
+        /// The experiment file (TOML).
+        experiment: PathBuf,
+        /// Workers at the same time (default: the file's `jobs`, else 1).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// Overrides a key of the file, e.g. `--set train.epochs=2` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Folder for the results (default: `reports/<name>`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Skip `cargo build` (the workspace is already built).
+        #[arg(long)]
+        no_build: bool,
+    },
+    /// Rewrites the tables and prints the summary of an experiment folder.
+    Report {
+        /// The experiment's folder (`reports/<name>`).
+        dir: PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
         Task::Plugins => {
             build_workspace()?;
-            let distill = target_dir()?.join("debug").join("distill");
-            run(Command::new(&distill).arg("plugins"))
+            run(Command::new(distill()?).arg("plugins"))
         }
+        Task::Run {
+            experiment,
+            jobs,
+            sets,
+            out,
+            no_build,
+        } => run_experiment(&experiment, jobs, &sets, out, no_build),
+        Task::Report { dir } => {
+            build_workspace()?;
+            report(&dir)
+        }
+    }
+}
+
+fn run_experiment(
+    file: &Path,
+    jobs: Option<usize>,
+    sets: &[String],
+    out: Option<PathBuf>,
+    no_build: bool,
+) -> Result<()> {
+    let (x, name) = experiment::load(file, sets)?;
+    let out = out.unwrap_or_else(|| PathBuf::from("reports").join(&name));
+    let planned = plan::plan(
+        &x,
+        &name,
+        &std::path::absolute(&out).context("resolving the output folder")?,
+    );
+    let workers = jobs.or(x.jobs).unwrap_or(1).max(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    eprintln!(
+        "{name}: {} jobs ({} teachers), {workers} at a time with {} threads each",
+        planned.len(),
+        planned
+            .iter()
+            .filter(|j| j.depends_on.is_none() && j.spec["job"]["kind"] == "teacher")
+            .count(),
+        (cores / workers).max(1)
+    );
+    if !no_build {
+        build_workspace()?;
+    }
+    let distill = distill()?;
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let plan_file = out.join("plan.json");
+    let plan_json = json!({
+        "experiment_file": file.display().to_string(),
+        "jobs": planned.iter().map(|j| json!({"spec": j.spec, "origin": j.origin})).collect::<Vec<_>>(),
+    });
+    std::fs::write(&plan_file, serde_json::to_vec_pretty(&plan_json)?)
+        .with_context(|| format!("writing {}", plan_file.display()))?;
+    let status = Command::new(&distill)
+        .arg("check")
+        .arg(&plan_file)
+        .status()
+        .context("running distill check")?;
+    if !status.success() {
+        bail!(
+            "{}: the experiment is not valid (see the errors above); nothing was trained",
+            file.display()
+        );
+    }
+    let opts = runner::RunOptions {
+        jobs: workers,
+        timeout: x.timeout_minutes.map(|m| Duration::from_secs_f64(m * 60.0)),
+        distill: distill.clone(),
+        threads_per_worker: (cores / workers).max(1),
+    };
+    let counts = runner::run(&planned, &opts)?;
+    eprintln!(
+        "ran {} jobs, skipped {} finished, {} failed",
+        counts.ran, counts.skipped, counts.failed
+    );
+    report(&out)
+}
+
+fn report(dir: &Path) -> Result<()> {
+    run(Command::new(distill()?)
+        .arg("report")
+        .arg(dir)
+        .arg("--git-revision")
+        .arg(git_revision()))
+}
+
+/// `git rev-parse --short HEAD`, with `-dirty` when the tree has changes; `unknown` outside git.
+fn git_revision() -> String {
+    let out = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+    };
+    match out(&["rev-parse", "--short", "HEAD"]) {
+        Some(o) => {
+            let rev = String::from_utf8_lossy(&o.stdout).trim().to_string();
+            let dirty = out(&["status", "--porcelain", "--untracked-files=no"])
+                .is_some_and(|o| !o.stdout.is_empty());
+            if dirty { format!("{rev}-dirty") } else { rev }
+        }
+        None => "unknown".into(),
     }
 }
 
@@ -40,8 +172,8 @@ fn build_workspace() -> Result<()> {
     run(cargo().args(["build", "--workspace", "--quiet"]))
 }
 
-/// The cargo target folder (honours `CARGO_TARGET_DIR`).
-fn target_dir() -> Result<PathBuf> {
+/// The `distill` worker binary of this workspace's build.
+fn distill() -> Result<PathBuf> {
     let out = cargo()
         .args(["metadata", "--format-version", "1", "--no-deps"])
         .output()
@@ -54,10 +186,10 @@ fn target_dir() -> Result<PathBuf> {
     }
     let meta: serde_json::Value =
         serde_json::from_slice(&out.stdout).context("parsing cargo metadata")?;
-    meta["target_directory"]
+    let target = meta["target_directory"]
         .as_str()
-        .map(PathBuf::from)
-        .context("cargo metadata has no target_directory")
+        .context("cargo metadata has no target_directory")?;
+    Ok(PathBuf::from(target).join("debug").join("distill"))
 }
 
 fn run(cmd: &mut Command) -> Result<()> {

@@ -2,6 +2,8 @@
 //! plugins built next to it and runs one command — list the plugins, or run exactly one planned
 //! job and write its record atomically.
 
+mod check;
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -35,6 +37,20 @@ enum Command {
         /// The job file.
         job: PathBuf,
     },
+    /// Validates every job of a plan (written by `cargo xtask run`) before anything trains.
+    Check {
+        /// The plan file.
+        plan: PathBuf,
+    },
+    /// Collects the job records of an experiment folder into runs.parquet and metrics.parquet
+    /// and prints the summary.
+    Report {
+        /// The experiment's report folder (`reports/<experiment>`).
+        dir: PathBuf,
+        /// Git revision recorded in every row.
+        #[arg(long, default_value = "unknown")]
+        git_revision: String,
+    },
 }
 
 fn main() -> Result<()> {
@@ -62,7 +78,66 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Plugins { json } => list(&host, json),
         Command::RunJob { job } => run(&host, &job),
+        Command::Check { plan } => check_plan(&host, &plan),
+        Command::Report { dir, git_revision } => report(&dir, &git_revision),
     }
+}
+
+fn check_plan(host: &PluginHost, plan: &Path) -> Result<()> {
+    let text =
+        std::fs::read_to_string(plan).with_context(|| format!("reading {}", plan.display()))?;
+    let plan: check::Plan =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", plan.display()))?;
+    let problems = check::check(host.registrar(), &plan);
+    if problems.is_empty() {
+        return Ok(());
+    }
+    for p in &problems {
+        eprintln!("error: {p}");
+    }
+    bail!(
+        "{} problem(s) in {}; nothing was trained",
+        problems.len(),
+        plan.experiment_file
+    )
+}
+
+fn report(dir: &Path, git_revision: &str) -> Result<()> {
+    let records = distill_report::collect(&dir.join("jobs"))
+        .with_context(|| format!("collecting {}", dir.display()))?;
+    let (runs, metrics) = distill_report::write_tables(dir, &records, git_revision)?;
+    let students: Vec<_> = records
+        .iter()
+        .filter(|r| r.kind == "student")
+        .cloned()
+        .collect();
+    let metric = students
+        .first()
+        .map(|r| r.primary_metric.clone())
+        .unwrap_or_else(|| "metric".into());
+    print!(
+        "{}",
+        distill_report::format_summary(&distill_report::summarize(&records), &metric)
+    );
+    for r in records
+        .iter()
+        .filter(|r| r.status != distill_engine::job::Status::Ok)
+    {
+        let what = r
+            .strategy
+            .as_deref()
+            .map_or(format!("teacher {}", r.model), |s| {
+                format!("{} <- {s} seed {}", r.model, r.seed)
+            });
+        let reason = r.error.clone().unwrap_or_else(|| format!("{:?}", r.stop));
+        println!(
+            "{:?}: {what}: {}",
+            r.status,
+            reason.lines().next().unwrap_or("")
+        );
+    }
+    println!("wrote {} and {}", runs.display(), metrics.display());
+    Ok(())
 }
 
 /// The folder next to the executable if it holds plugins, else its `deps/` folder (where

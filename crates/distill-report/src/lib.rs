@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use distill_engine::job::{JobRecord, RECORD_FILE, Status};
+use distill_engine::job::{JobRecord, JobSpec, RECORD_FILE, Status, empty_record};
 use polars::prelude::*;
 
 /// What can go wrong while collecting or writing results.
@@ -36,8 +36,23 @@ pub enum ReportError {
 /// Result alias of this crate.
 pub type Result<T> = std::result::Result<T, ReportError>;
 
-/// The records of every job folder under `jobs_dir` (`<jobs_dir>/<id>/record.json`), sorted by
-/// id. Folders without a record (jobs that never ran) are skipped.
+/// The file the orchestrator leaves in a job folder when the worker ended without a record.
+pub const FAILED_FILE: &str = "failed.json";
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|source| ReportError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| ReportError::Record {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// The records of every job folder under `jobs_dir`, sorted by id: `record.json` where the job
+/// finished; for a worker that crashed or timed out, a `failed` record built from `job.json`
+/// and the reason in `failed.json`. Folders of jobs that never ran are skipped.
 pub fn collect(jobs_dir: &Path) -> Result<Vec<JobRecord>> {
     let io = |source| ReportError::Io {
         path: jobs_dir.to_path_buf(),
@@ -45,19 +60,27 @@ pub fn collect(jobs_dir: &Path) -> Result<Vec<JobRecord>> {
     };
     let mut records = Vec::new();
     for entry in std::fs::read_dir(jobs_dir).map_err(io)? {
-        let path = entry.map_err(io)?.path().join(RECORD_FILE);
-        if !path.is_file() {
-            continue;
+        let dir = entry.map_err(io)?.path();
+        let (record, failed, job) = (
+            dir.join(RECORD_FILE),
+            dir.join(FAILED_FILE),
+            dir.join("job.json"),
+        );
+        if record.is_file() {
+            records.push(read_json::<JobRecord>(&record)?);
+        } else if failed.is_file() && job.is_file() {
+            let spec: JobSpec = read_json(&job)?;
+            let reason: serde_json::Value = read_json(&failed)?;
+            let mut r = empty_record(&spec);
+            r.error = Some(
+                reason
+                    .get("error")
+                    .and_then(|e| e.as_str())
+                    .unwrap_or("failed")
+                    .to_string(),
+            );
+            records.push(r);
         }
-        let text = std::fs::read_to_string(&path).map_err(|source| ReportError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        let record: JobRecord = serde_json::from_str(&text).map_err(|e| ReportError::Record {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        records.push(record);
     }
     records.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(records)
@@ -410,7 +433,7 @@ pub fn format_summary(rows: &[SummaryRow], metric: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use distill_engine::job::{Component, Job, JobSpec, empty_record};
+    use distill_engine::job::{Component, Job};
     use distill_engine::train::{EpochRecord, TrainConfig};
 
     fn student(id: &str, seed: u64, best: f64, alpha: f64) -> JobRecord {

@@ -1,0 +1,176 @@
+//! `distill check`: validates every job of a plan against the loaded plugins before anything
+//! trains — names exist (with suggestions), configuration tables have only known keys and sane
+//! values, models fit their dataset, strategies fit their student and teacher — and reports each
+//! problem with the experiment file and the key it comes from.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use distill_engine::job::{Job, JobSpec};
+use distill_engine::train::TrainConfig;
+use distill_rt::candle::{DType, Device};
+use distill_rt::candle_nn::VarMap;
+use distill_rt::init::seeded_var_builder;
+use distill_rt::{Config, Dataset, Error, ModelContext, Registrar, Split, StrategyContext, config};
+use serde::Deserialize;
+
+/// The plan the orchestrator writes: every job with where its parts come from.
+#[derive(Deserialize)]
+pub struct Plan {
+    /// The experiment file, for messages.
+    pub experiment_file: String,
+    /// The jobs.
+    pub jobs: Vec<PlanEntry>,
+}
+
+/// One job of the plan.
+#[derive(Deserialize)]
+pub struct PlanEntry {
+    /// The job file's content.
+    pub spec: serde_json::Value,
+    /// Part (`dataset`, `model`, `strategy`, `teacher`, `train`) -> key in the experiment file.
+    pub origin: BTreeMap<String, String>,
+}
+
+/// `file: key `k`: message` for an error of the part `part` of a job.
+fn locate(file: &str, origin: &BTreeMap<String, String>, part: &str, e: &Error) -> String {
+    let base = origin
+        .get(part)
+        .cloned()
+        .unwrap_or_else(|| part.to_string());
+    match e {
+        Error::Config { key, .. } if part == "train" => format!("{file}: key `{base}.{key}`: {e}"),
+        Error::Config { key, .. } => format!("{file}: key `{base}.config.{key}`: {e}"),
+        Error::Unknown { .. } => format!("{file}: key `{base}`: {e}"),
+        _ => format!("{file}: `{base}`: {e}"),
+    }
+}
+
+/// Checks the plan; returns one message per problem found (empty when all is well).
+pub fn check(registrar: &Registrar, plan: &Plan) -> Vec<String> {
+    let file = plan.experiment_file.as_str();
+    let mut problems = BTreeSet::new();
+    let mut datasets: HashMap<String, Option<Box<dyn Dataset>>> = HashMap::new();
+    let device = Device::Cpu;
+    for entry in &plan.jobs {
+        let origin = &entry.origin;
+        let train_value = entry
+            .spec
+            .pointer("/job/train")
+            .cloned()
+            .unwrap_or(Config::Null);
+        match config::parse::<TrainConfig>("train", &train_value)
+            .and_then(|t| t.validate().map(|_| t))
+        {
+            Ok(_) => {}
+            Err(e) => {
+                problems.insert(locate(file, origin, "train", &e));
+                continue;
+            }
+        }
+        let spec: JobSpec = match serde_json::from_value(entry.spec.clone()) {
+            Ok(s) => s,
+            Err(e) => {
+                problems.insert(format!("{file}: a planned job is malformed: {e}"));
+                continue;
+            }
+        };
+        let (dataset, model, strategy, teacher) = match &spec.job {
+            Job::Teacher { dataset, model, .. } => (dataset, model, None, None),
+            Job::Student {
+                dataset,
+                model,
+                strategy,
+                teacher,
+                ..
+            } => (
+                dataset,
+                model,
+                Some(strategy),
+                teacher.as_ref().map(|t| &t.model),
+            ),
+        };
+        let key = format!("{}{}", dataset.name, dataset.config);
+        let data = datasets.entry(key).or_insert_with(|| {
+            match registrar
+                .get_dataset(&dataset.name)
+                .and_then(|f| f.build(&dataset.config))
+            {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    problems.insert(locate(file, origin, "dataset", &e));
+                    None
+                }
+            }
+        });
+        let Some(data) = data else { continue };
+        let build = |c: &distill_engine::job::Component| -> distill_rt::Result<(Box<dyn distill_rt::Model>, VarMap)> {
+            let varmap = VarMap::new();
+            let ctx = ModelContext { dataset: data.info(), vb: seeded_var_builder(&varmap, 0, DType::F32, &device) };
+            Ok((registrar.get_model(&c.name)?.build(&c.config, ctx)?, varmap))
+        };
+        let student = match build(model) {
+            Ok(m) => m,
+            Err(e) => {
+                problems.insert(locate(file, origin, "model", &e));
+                continue;
+            }
+        };
+        let Some(strategy) = strategy else { continue };
+        let teacher_model = match teacher.map(&build).transpose() {
+            Ok(t) => t,
+            Err(e) => {
+                problems.insert(locate(file, origin, "teacher", &e));
+                continue;
+            }
+        };
+        let probe = (|| -> distill_rt::Result<_> {
+            let n = data.info().len(Split::Train);
+            let batch = data.batch(Split::Train, &[0, 1.min(n.saturating_sub(1))], &device)?;
+            let shapes =
+                |m: &dyn distill_rt::Model| -> distill_rt::Result<BTreeMap<String, Vec<usize>>> {
+                    Ok(m.forward(&batch.inputs, false)?
+                        .features
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.dims()[1..].to_vec()))
+                        .collect())
+                };
+            let s = shapes(&*student.0)?;
+            let t = match &teacher_model {
+                Some((m, _)) => shapes(&**m)?,
+                None => BTreeMap::new(),
+            };
+            Ok((s, t))
+        })();
+        let (sf, tf) = match probe {
+            Ok(p) => p,
+            Err(e) => {
+                problems.insert(locate(file, origin, "model", &e));
+                continue;
+            }
+        };
+        let varmap = VarMap::new();
+        let ctx = StrategyContext {
+            num_classes: data.info().num_classes,
+            student_features: &sf,
+            teacher_features: &tf,
+            vb: seeded_var_builder(&varmap, 0, DType::F32, &device),
+        };
+        match registrar
+            .get_strategy(&strategy.name)
+            .and_then(|f| f.build(&strategy.config, ctx))
+        {
+            Ok(s) if s.teacher_needs().teacher && teacher.is_none() => {
+                problems.insert(format!(
+                    "{file}: key `{}`: strategy `{}` needs a teacher; add a [[teachers]] entry",
+                    origin.get("strategy").map_or("strategies", String::as_str),
+                    strategy.name
+                ));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                problems.insert(locate(file, origin, "strategy", &e));
+            }
+        }
+    }
+    problems.into_iter().collect()
+}

@@ -1,0 +1,215 @@
+//! Expands an experiment into content-addressed jobs: one teacher job per dataset and teacher,
+//! one student job per dataset x teacher x student x strategy x grid point x seed. A job's id is
+//! a hash of everything that determines its result (a student's includes its teacher's id), so a
+//! finished job is found again on a re-run, and growing the grid reuses what exists.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::experiment::Experiment;
+
+/// One job of the plan.
+#[derive(Clone, Debug)]
+pub struct PlannedJob {
+    /// Content address.
+    pub id: String,
+    /// The job file's content (the engine's `JobSpec`).
+    pub spec: Value,
+    /// The teacher job it waits for.
+    pub depends_on: Option<String>,
+    /// Where in the experiment file each part comes from (`dataset` -> `datasets[0]`), so that
+    /// `distill check` can name the key of a bad value.
+    pub origin: BTreeMap<String, String>,
+    /// A short description for progress and logs.
+    pub label: String,
+    /// The job's folder.
+    pub dir: PathBuf,
+}
+
+/// Overlays `over` onto `base` (tables merge key by key; other values replace).
+pub fn merge(base: &Value, over: &Value) -> Value {
+    match (base, over) {
+        (Value::Object(b), Value::Object(o)) => {
+            let mut out = b.clone();
+            for (k, v) in o {
+                let merged = match out.get(k) {
+                    Some(existing) => merge(existing, v),
+                    None => v.clone(),
+                };
+                out.insert(k.clone(), merged);
+            }
+            Value::Object(out)
+        }
+        (b, Value::Null) => b.clone(),
+        (_, o) => o.clone(),
+    }
+}
+
+fn table(v: &Value) -> Value {
+    if v.is_null() { json!({}) } else { v.clone() }
+}
+
+/// The first 16 hex digits of the SHA-256 of `v`'s canonical JSON (keys sorted).
+pub fn content_id(v: &Value) -> String {
+    let digest = Sha256::digest(v.to_string().as_bytes());
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Every combination of the grid's values: `{a: [1, 2], b: [x]}` -> `[{a:1,b:x}, {a:2,b:x}]`.
+fn grid_points(grid: &BTreeMap<String, Vec<Value>>) -> Vec<Value> {
+    let mut points = vec![serde_json::Map::new()];
+    for (k, values) in grid {
+        points = points
+            .into_iter()
+            .flat_map(|p| {
+                values.iter().map(move |v| {
+                    let mut q = p.clone();
+                    q.insert(k.clone(), v.clone());
+                    q
+                })
+            })
+            .collect();
+    }
+    points.into_iter().map(Value::Object).collect()
+}
+
+/// All jobs of experiment `x` named `name`, teachers first; folders under `out/jobs/`.
+pub fn plan(x: &Experiment, name: &str, out: &Path) -> Vec<PlannedJob> {
+    let jobs_dir = out.join("jobs");
+    let shared_train = table(&x.train);
+    let mut jobs = Vec::new();
+    // (dataset index, teacher index) -> (teacher id, model component, folder)
+    let mut teachers: BTreeMap<(usize, usize), (String, Value, PathBuf)> = BTreeMap::new();
+    for (di, d) in x.datasets.iter().enumerate() {
+        let dataset = json!({"name": d.name, "config": table(&d.config)});
+        for (ti, t) in x.teachers.iter().enumerate() {
+            let model = json!({"name": t.model, "config": table(&t.config)});
+            let job = json!({
+                "kind": "teacher",
+                "dataset": dataset,
+                "model": model,
+                "train": merge(&shared_train, &t.train),
+                "seed": x.teacher_seed,
+                "cache_features": t.cache_features.clone().unwrap_or_else(|| vec!["penultimate".into()]),
+                "weights": t.weights,
+            });
+            let id = content_id(&job);
+            let dir = jobs_dir.join(&id);
+            let origin = BTreeMap::from([
+                ("dataset".to_string(), format!("datasets[{di}]")),
+                ("model".to_string(), format!("teachers[{ti}]")),
+                ("train".to_string(), format!("teachers[{ti}].train")),
+            ]);
+            jobs.push(PlannedJob {
+                id: id.clone(),
+                spec: json!({"id": id, "experiment": name, "out_dir": dir, "job": job}),
+                depends_on: None,
+                origin,
+                label: format!("teacher {} on {}", t.model, d.name),
+                dir: dir.clone(),
+            });
+            teachers.insert((di, ti), (id, model, dir));
+        }
+    }
+    for (di, d) in x.datasets.iter().enumerate() {
+        let dataset = json!({"name": d.name, "config": table(&d.config)});
+        let teacher_choices: Vec<Option<usize>> = if x.teachers.is_empty() {
+            vec![None]
+        } else {
+            (0..x.teachers.len()).map(Some).collect()
+        };
+        for ti in teacher_choices {
+            for (si, s) in x.students.iter().enumerate() {
+                for (ki, k) in x.strategies.iter().enumerate() {
+                    for point in grid_points(&k.grid) {
+                        let strategy =
+                            json!({"name": k.name, "config": merge(&table(&k.config), &point)});
+                        for &seed in &x.seeds {
+                            let teacher = ti.map(|ti| &teachers[&(di, ti)]);
+                            let content = json!({
+                                "kind": "student",
+                                "dataset": dataset,
+                                "model": {"name": s.model, "config": table(&s.config)},
+                                "strategy": strategy,
+                                "teacher": teacher.map(|(id, model, _)| json!({"model": model, "id": id})),
+                                "train": merge(&shared_train, &s.train),
+                                "seed": seed,
+                            });
+                            let id = content_id(&content);
+                            let mut job = content.clone();
+                            job["teacher"] = match teacher {
+                                Some((_, model, dir)) => json!({"model": model, "dir": dir}),
+                                None => Value::Null,
+                            };
+                            let dir = jobs_dir.join(&id);
+                            let mut origin = BTreeMap::from([
+                                ("dataset".to_string(), format!("datasets[{di}]")),
+                                ("model".to_string(), format!("students[{si}]")),
+                                ("strategy".to_string(), format!("strategies[{ki}]")),
+                                ("train".to_string(), format!("students[{si}].train")),
+                            ]);
+                            if let Some(ti) = ti {
+                                origin.insert("teacher".into(), format!("teachers[{ti}]"));
+                            }
+                            let point_text = if point.as_object().is_some_and(|o| o.is_empty()) {
+                                String::new()
+                            } else {
+                                format!(" {point}")
+                            };
+                            jobs.push(PlannedJob {
+                                id: id.clone(),
+                                spec: json!({"id": id, "experiment": name, "out_dir": dir, "job": job}),
+                                depends_on: teacher.map(|(id, _, _)| id.clone()),
+                                origin,
+                                label: format!("{} <- {}{point_text} seed {seed} on {}", s.model, k.name, d.name),
+                                dir,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    jobs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_overlays_tables() {
+        let base = json!({"epochs": 3, "optimizer": {"name": "adamw", "lr": 0.001}});
+        let over = json!({"optimizer": {"lr": 0.01}});
+        assert_eq!(
+            merge(&base, &over),
+            json!({"epochs": 3, "optimizer": {"name": "adamw", "lr": 0.01}})
+        );
+        assert_eq!(merge(&base, &Value::Null), base);
+    }
+
+    #[test]
+    fn grid_is_the_product() {
+        let grid = BTreeMap::from([
+            ("a".to_string(), vec![json!(1), json!(2)]),
+            ("b".to_string(), vec![json!("x"), json!("y")]),
+        ]);
+        let points = grid_points(&grid);
+        assert_eq!(points.len(), 4);
+        assert!(points.contains(&json!({"a": 2, "b": "y"})));
+        assert_eq!(grid_points(&BTreeMap::new()), vec![json!({})]);
+    }
+
+    #[test]
+    fn ids_depend_on_content_only() {
+        assert_eq!(
+            content_id(&json!({"a": 1, "b": 2})),
+            content_id(&json!({"b": 2, "a": 1}))
+        );
+        assert_ne!(content_id(&json!({"a": 1})), content_id(&json!({"a": 2})));
+        assert_eq!(content_id(&json!({})).len(), 16);
+    }
+}

@@ -1,0 +1,219 @@
+//! Runs planned jobs as `distill run-job` worker processes, `jobs` at a time, teachers before
+//! the students that need them. A job whose folder already holds a finished record is skipped
+//! (resume after a crash, Ctrl-C or `kill -9`; a grown grid reuses what exists). A worker that
+//! exits without a record (a crash, an abort, a segfault) or outlives the time-out marks only its
+//! own job failed, in `failed.json`, with the reason.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use crate::plan::PlannedJob;
+
+/// How to run the plan.
+pub struct RunOptions {
+    /// Workers at the same time.
+    pub jobs: usize,
+    /// Per-job time limit.
+    pub timeout: Option<Duration>,
+    /// The `distill` binary.
+    pub distill: PathBuf,
+    /// Threads each worker may use (rayon and candle's element-wise pool).
+    pub threads_per_worker: usize,
+}
+
+/// What the run did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RunCounts {
+    /// Jobs run now.
+    pub ran: usize,
+    /// Jobs skipped because they had finished before.
+    pub skipped: usize,
+    /// Jobs that ended failed (run now, or not run because their teacher failed).
+    pub failed: usize,
+}
+
+/// The status in a job folder's record, if it has one.
+pub fn finished_status(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("record.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("status").and_then(|s| s.as_str()).map(String::from)
+}
+
+fn write_failed(dir: &Path, reason: &str) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("failed.json");
+    let tmp = dir.join("failed.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&json!({"error": reason}))?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+}
+
+fn describe_exit(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(sig)) => {
+            let name = match sig {
+                6 => "SIGABRT (abort)",
+                9 => "SIGKILL",
+                11 => "SIGSEGV (segmentation fault)",
+                15 => "SIGTERM",
+                _ => "a signal",
+            };
+            format!("signal {sig}, {name}")
+        }
+        _ => "an unknown status".into(),
+    }
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(6).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
+struct Running {
+    child: Child,
+    started: Instant,
+}
+
+/// Runs `plan`; returns the counts.
+pub fn run(plan: &[PlannedJob], opts: &RunOptions) -> Result<RunCounts> {
+    let mut counts = RunCounts::default();
+    let mut state: BTreeMap<&str, Option<String>> = BTreeMap::new(); // id -> final status
+    for job in plan {
+        match finished_status(&job.dir) {
+            Some(s) if s != "failed" => {
+                counts.skipped += 1;
+                state.insert(&job.id, Some(s));
+            }
+            _ => {
+                let _ = std::fs::remove_file(job.dir.join("failed.json"));
+                let _ = std::fs::remove_file(job.dir.join("record.json"));
+                state.insert(&job.id, None);
+            }
+        }
+    }
+    let todo = plan.len() - counts.skipped;
+    let bar = ProgressBar::new(todo as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} jobs  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    if counts.skipped > 0 {
+        bar.println(format!("skipping {} finished jobs", counts.skipped));
+    }
+    let mut running: BTreeMap<&str, Running> = BTreeMap::new();
+    loop {
+        // Start what can start.
+        for job in plan {
+            if running.len() >= opts.jobs {
+                break;
+            }
+            if state[job.id.as_str()].is_some() || running.contains_key(job.id.as_str()) {
+                continue;
+            }
+            if let Some(dep) = &job.depends_on {
+                match state.get(dep.as_str()).cloned().flatten() {
+                    None => continue,
+                    Some(s) if s != "ok" => {
+                        write_failed(&job.dir, &format!("its teacher job {dep} ended as {s}"))?;
+                        state.insert(&job.id, Some("failed".into()));
+                        counts.failed += 1;
+                        bar.inc(1);
+                        continue;
+                    }
+                    Some(_) => {}
+                }
+            }
+            std::fs::create_dir_all(&job.dir)
+                .with_context(|| format!("creating {}", job.dir.display()))?;
+            let job_file = job.dir.join("job.json");
+            std::fs::write(&job_file, serde_json::to_vec_pretty(&job.spec)?)
+                .with_context(|| format!("writing {}", job_file.display()))?;
+            let log =
+                File::create(job.dir.join("worker.log")).context("creating the worker log")?;
+            let threads = opts.threads_per_worker.to_string();
+            let child = Command::new(&opts.distill)
+                .arg("run-job")
+                .arg(&job_file)
+                .env("RAYON_NUM_THREADS", &threads)
+                .env("CANDLE_NUM_THREADS", &threads)
+                .env(
+                    "DISTILL_LOG",
+                    std::env::var("DISTILL_LOG").unwrap_or_else(|_| "info".into()),
+                )
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().context("worker log")?)
+                .stderr(log)
+                .spawn()
+                .with_context(|| format!("starting {}", opts.distill.display()))?;
+            running.insert(
+                &job.id,
+                Running {
+                    child,
+                    started: Instant::now(),
+                },
+            );
+            counts.ran += 1;
+            bar.set_message(job.label.clone());
+        }
+        if running.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let ids: Vec<&str> = running.keys().copied().collect();
+        for id in ids {
+            let Some(job) = plan.iter().find(|j| j.id == id) else {
+                continue;
+            };
+            let Some(r) = running.get_mut(id) else {
+                continue;
+            };
+            let exited = r.child.try_wait().context("waiting for a worker")?;
+            let timed_out = opts.timeout.is_some_and(|t| r.started.elapsed() > t);
+            if exited.is_none() && !timed_out {
+                continue;
+            }
+            let reason = match exited {
+                Some(status) => describe_exit(status),
+                None => {
+                    let _ = r.child.kill();
+                    let _ = r.child.wait();
+                    format!(
+                        "timed out after {:.1} minutes",
+                        r.started.elapsed().as_secs_f64() / 60.0
+                    )
+                }
+            };
+            running.remove(id);
+            let status = match finished_status(&job.dir) {
+                Some(s) if exited.is_some() => s,
+                _ => {
+                    let tail = log_tail(&job.dir.join("worker.log"));
+                    write_failed(
+                        &job.dir,
+                        &format!("worker ended without a record: {reason}\n{tail}"),
+                    )?;
+                    "failed".into()
+                }
+            };
+            if status == "failed" {
+                counts.failed += 1;
+                bar.println(format!("failed: {} ({})", job.label, job.dir.display()));
+            }
+            state.insert(&job.id, Some(status));
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    Ok(counts)
+}

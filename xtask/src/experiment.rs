@@ -103,15 +103,18 @@ pub struct StrategyEntry {
     pub grid: BTreeMap<String, Vec<Value>>,
 }
 
-/// Reads `path`, then `DISTILL_*` variables (`DISTILL_TRAIN__EPOCHS=2`), then `--set` pairs
-/// (`train.epochs=2`), and checks the structure. Errors name the file and the key.
+/// Reads `path`, then `DISTILL_*` variables (`DISTILL_TRAIN__EPOCHS=2`; `DISTILL_LOG` and
+/// `DISTILL_EXTRA_PLUGINS` belong to the worker), then `--set` pairs (`train.epochs=2`), and
+/// checks the structure. Errors name the file and the key.
 pub fn load(path: &Path, sets: &[String]) -> Result<(Experiment, String)> {
     if !path.is_file() {
         bail!("{}: no such experiment file", path.display());
     }
-    let mut figment = Figment::new()
-        .merge(Toml::file_exact(path))
-        .merge(Env::prefixed("DISTILL_").split("__").ignore(&["LOG"]));
+    let mut figment = Figment::new().merge(Toml::file_exact(path)).merge(
+        Env::prefixed("DISTILL_")
+            .split("__")
+            .ignore(&["LOG", "EXTRA_PLUGINS"]),
+    );
     for set in sets {
         let (key, value) = set
             .split_once('=')

@@ -76,6 +76,15 @@ fn grid_points(grid: &BTreeMap<String, Vec<Value>>) -> Vec<Value> {
     points.into_iter().map(Value::Object).collect()
 }
 
+/// Where a job's train settings come from: the shared `train` table, unless the entry has its own.
+fn train_origin(own: &Value, key: &str) -> String {
+    if own.as_object().is_some_and(|o| !o.is_empty()) {
+        key.to_string()
+    } else {
+        "train".to_string()
+    }
+}
+
 /// All jobs of experiment `x` named `name`, teachers first; folders under `out/jobs/`.
 pub fn plan(x: &Experiment, name: &str, out: &Path) -> Vec<PlannedJob> {
     let jobs_dir = out.join("jobs");
@@ -101,7 +110,10 @@ pub fn plan(x: &Experiment, name: &str, out: &Path) -> Vec<PlannedJob> {
             let origin = BTreeMap::from([
                 ("dataset".to_string(), format!("datasets[{di}]")),
                 ("model".to_string(), format!("teachers[{ti}]")),
-                ("train".to_string(), format!("teachers[{ti}].train")),
+                (
+                    "train".to_string(),
+                    train_origin(&t.train, &format!("teachers[{ti}].train")),
+                ),
             ]);
             jobs.push(PlannedJob {
                 id: id.clone(),
@@ -149,7 +161,10 @@ pub fn plan(x: &Experiment, name: &str, out: &Path) -> Vec<PlannedJob> {
                                 ("dataset".to_string(), format!("datasets[{di}]")),
                                 ("model".to_string(), format!("students[{si}]")),
                                 ("strategy".to_string(), format!("strategies[{ki}]")),
-                                ("train".to_string(), format!("students[{si}].train")),
+                                (
+                                    "train".to_string(),
+                                    train_origin(&s.train, &format!("students[{si}].train")),
+                                ),
                             ]);
                             if let Some(ti) = ti {
                                 origin.insert("teacher".into(), format!("teachers[{ti}]"));

@@ -109,7 +109,7 @@ pub fn run(plan: &[PlannedJob], opts: &RunOptions) -> Result<RunCounts> {
             .progress_chars("=> "),
     );
     if counts.skipped > 0 {
-        bar.println(format!("skipping {} finished jobs", counts.skipped));
+        eprintln!("skipping {} finished jobs", counts.skipped);
     }
     let mut running: BTreeMap<&str, Running> = BTreeMap::new();
     loop {
@@ -208,7 +208,7 @@ pub fn run(plan: &[PlannedJob], opts: &RunOptions) -> Result<RunCounts> {
             };
             if status == "failed" {
                 counts.failed += 1;
-                bar.println(format!("failed: {} ({})", job.label, job.dir.display()));
+                bar.suspend(|| eprintln!("failed: {} ({})", job.label, job.dir.display()));
             }
             state.insert(&job.id, Some(status));
             bar.inc(1);

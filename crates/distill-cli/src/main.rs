@@ -17,7 +17,9 @@ use distill_rt::tracing_subscriber;
 #[derive(Parser)]
 #[command(name = "distill", version, about)]
 struct Cli {
-    /// Folder of plugin libraries (default: next to this binary, or its `deps/` folder).
+    /// Folder of plugin libraries (default: the `deps/` folder next to this binary when it holds
+    /// plugins, as in a cargo target folder, else the binary's own folder). Extra plugin files
+    /// can be listed, colon-separated, in `DISTILL_EXTRA_PLUGINS`.
     #[arg(long, global = true)]
     plugins: Option<PathBuf>,
     #[command(subcommand)]
@@ -69,6 +71,11 @@ fn main() -> Result<()> {
     let mut host = PluginHost::new();
     host.load_dir(&dir)
         .with_context(|| format!("loading plugins from {}", dir.display()))?;
+    let extra = std::env::var("DISTILL_EXTRA_PLUGINS").unwrap_or_default();
+    for path in extra.split(':').filter(|p| !p.is_empty()) {
+        host.load(Path::new(path))
+            .with_context(|| format!("loading {path} (listed in DISTILL_EXTRA_PLUGINS)"))?;
+    }
     if host.loaded().is_empty() {
         bail!(
             "no plugin libraries (libdistill_plugin_*.so) in {}; build them with `cargo build --workspace`",
@@ -140,20 +147,18 @@ fn report(dir: &Path, git_revision: &str) -> Result<()> {
     Ok(())
 }
 
-/// The folder next to the executable if it holds plugins, else its `deps/` folder (where
-/// `cargo test` leaves them).
+/// The `deps/` folder next to the executable if it holds plugins, else the executable's folder.
+/// In a cargo target folder every build writes plugins to `deps/` first (`cargo test` writes
+/// them nowhere else), so `deps/` is never older than the copies cargo places next to binaries.
 fn default_plugin_dir() -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the distill executable")?;
     let dir = exe
         .parent()
         .map(Path::to_path_buf)
         .context("the executable has no parent folder")?;
+    let deps = dir.join("deps");
     let has_plugins = |d: &Path| discover(d).map(|p| !p.is_empty()).unwrap_or(false);
-    Ok(if has_plugins(&dir) {
-        dir.clone()
-    } else {
-        dir.join("deps")
-    })
+    Ok(if has_plugins(&deps) { deps } else { dir })
 }
 
 fn list(host: &PluginHost, json: bool) -> Result<()> {

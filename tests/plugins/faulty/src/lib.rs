@@ -1,7 +1,7 @@
 //! Test plugin for fault containment and observability: the strategy `test.panic` panics in
-//! `loss`, `test.panic-build` panics while being built, `test.traced` emits a tracing event from
-//! inside the plugin and computes a plain cross-entropy; the model `test.panic-model` panics in
-//! `forward`.
+//! `loss`, `test.panic-build` panics while being built, `test.abort` aborts the process,
+//! `test.traced` emits a tracing event from inside the plugin and computes a plain
+//! cross-entropy; the model `test.panic-model` panics in `forward`.
 
 use distill_rt::strategy::StepInfo;
 use distill_rt::{
@@ -24,6 +24,7 @@ fn register(r: &mut Registrar) -> Result<()> {
             panic_in_build: true,
         },
     )?;
+    r.strategy("test.abort", Aborting)?;
     r.strategy("test.traced", Traced)?;
     r.model("test.panic-model", PanickingModelFactory)?;
     Ok(())
@@ -81,6 +82,34 @@ impl Strategy for Panicking {
         step: &StepInfo,
     ) -> Result<LossTerms> {
         panic!("test.panic: deliberate panic in loss at step {}", step.step);
+    }
+}
+
+struct Aborting;
+
+impl StrategyFactory for Aborting {
+    fn summary(&self) -> &str {
+        "test strategy that aborts the process in loss (a crash no catch_unwind can contain)"
+    }
+    fn build(&self, _c: &Config, _ctx: StrategyContext<'_>) -> Result<Box<dyn Strategy>> {
+        Ok(Box::new(AbortingStrategy))
+    }
+}
+
+struct AbortingStrategy;
+
+impl Strategy for AbortingStrategy {
+    fn teacher_needs(&self) -> TeacherNeeds {
+        TeacherNeeds::default()
+    }
+    fn loss(
+        &self,
+        _s: &ModelOutput,
+        _t: Option<&ModelOutput>,
+        _b: &Batch,
+        _step: &StepInfo,
+    ) -> Result<LossTerms> {
+        std::process::abort();
     }
 }
 

@@ -1,0 +1,383 @@
+//! End-to-end runs of `cargo xtask run`: the quick experiment from file to parquet and back,
+//! resume after `kill -9`, crashing plugins, and malformed experiment files.
+//!
+//! They drive the built `xtask` and `distill` binaries with `--no-build`: run them with
+//! `cargo test --workspace`, which builds `distill` (it has integration tests) and every plugin
+//! (dev-dependencies of the tests crate) in the same invocation.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant, SystemTime};
+
+use polars::prelude::*;
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn temp(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("distill-e2e-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn xtask() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_xtask"));
+    c.current_dir(root()).env_remove("DISTILL_EXTRA_PLUGINS");
+    c
+}
+
+fn run_experiment(file: &Path, out: &Path, extra: &[&str]) -> Result<Output> {
+    let out = xtask()
+        .args(["run", "--no-build", "--out"])
+        .arg(out)
+        .arg(file)
+        .args(extra)
+        .output()?;
+    Ok(out)
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn strings(df: &DataFrame, col: &str) -> Result<Vec<Option<String>>> {
+    let ca = df.column(col)?.str()?;
+    Ok((0..df.height())
+        .map(|i| ca.get(i).map(String::from))
+        .collect())
+}
+
+fn floats(df: &DataFrame, col: &str) -> Result<Vec<Option<f64>>> {
+    let ca = df.column(col)?.f64()?;
+    Ok((0..df.height()).map(|i| ca.get(i)).collect())
+}
+
+fn read(path: &Path) -> Result<DataFrame> {
+    Ok(ParquetReader::new(File::open(path)?).finish()?)
+}
+
+/// One metrics row: epoch, split, metric and the value's bits (compared exactly).
+type MetricRow = (u32, String, String, u64);
+
+/// run_id -> sorted metric rows.
+fn metrics_by_run(df: &DataFrame) -> Result<BTreeMap<String, Vec<MetricRow>>> {
+    let mut out: BTreeMap<String, Vec<_>> = BTreeMap::new();
+    let (run, epoch, split, metric, value) = (
+        df.column("run_id")?.str()?,
+        df.column("epoch")?.u32()?,
+        df.column("split")?.str()?,
+        df.column("metric")?.str()?,
+        df.column("value")?.f64()?,
+    );
+    for i in 0..df.height() {
+        let key = run.get(i).unwrap_or_default().to_string();
+        let row = (
+            epoch.get(i).unwrap_or(u32::MAX),
+            split.get(i).unwrap_or_default().to_string(),
+            metric.get(i).unwrap_or_default().to_string(),
+            value.get(i).unwrap_or(f64::NAN).to_bits(),
+        );
+        out.entry(key).or_default().push(row);
+    }
+    for rows in out.values_mut() {
+        rows.sort();
+    }
+    Ok(out)
+}
+
+#[test]
+fn quick_experiment_writes_tables_that_read_back_and_repeat() -> Result<()> {
+    let quick = root().join("experiments/quick.toml");
+    let (a, b) = (temp("quick-a"), temp("quick-b"));
+    let first = run_experiment(&quick, &a, &[])?;
+    assert!(first.status.success(), "{}", text(&first));
+    assert!(
+        text(&first).contains("baseline") && text(&first).contains("kd"),
+        "{}",
+        text(&first)
+    );
+
+    let runs = read(&a.join("runs.parquet"))?;
+    assert_eq!(runs.height(), 4, "2 strategies x 2 seeds");
+    for (col, dtype) in [
+        ("run_id", DataType::String),
+        ("seed", DataType::UInt64),
+        ("best_metric", DataType::Float64),
+        ("student_parameters", DataType::UInt64),
+        ("teacher_parameters", DataType::UInt64),
+        ("flops_per_sample", DataType::UInt64),
+        (
+            "started_at",
+            DataType::Datetime(TimeUnit::Microseconds, None),
+        ),
+    ] {
+        assert_eq!(runs.column(col)?.dtype(), &dtype, "{col}");
+    }
+    assert!(
+        strings(&runs, "status")?
+            .iter()
+            .all(|s| s.as_deref() == Some("ok")),
+        "{runs}"
+    );
+    let strategies = strings(&runs, "strategy")?;
+    assert_eq!(
+        strategies
+            .iter()
+            .filter(|s| s.as_deref() == Some("kd"))
+            .count(),
+        2
+    );
+    for col in ["best_metric", "final_metric", "teacher_metric"] {
+        for v in floats(&runs, col)? {
+            let v = v.ok_or(format!("{col} is null"))?;
+            assert!((0.0..=1.0).contains(&v), "{col} = {v}");
+        }
+    }
+    let teacher = floats(&runs, "teacher_metric")?[0].unwrap_or(0.0);
+    assert!(
+        teacher > 0.8,
+        "the teacher learns the synthetic task: {teacher}"
+    );
+    let kd_cached = strings(&runs, "teacher_outputs")?
+        .iter()
+        .filter(|s| s.as_deref() == Some("cache"))
+        .count();
+    assert_eq!(kd_cached, 2, "kd students read the teacher cache");
+
+    let metrics = read(&a.join("metrics.parquet"))?;
+    assert!(metrics.height() > 4 * 4 * 3, "per-epoch rows for every run");
+    assert!(
+        floats(&metrics, "value")?
+            .iter()
+            .all(|v| v.is_some_and(f64::is_finite))
+    );
+
+    // The same experiment again: the same jobs, identical metrics.
+    let second = run_experiment(&quick, &b, &[])?;
+    assert!(second.status.success(), "{}", text(&second));
+    let (ma, mb) = (
+        metrics_by_run(&metrics)?,
+        metrics_by_run(&read(&b.join("metrics.parquet"))?)?,
+    );
+    assert_eq!(ma.len(), 4);
+    assert_eq!(ma, mb, "same seeds, same metrics");
+    let _ = (std::fs::remove_dir_all(&a), std::fs::remove_dir_all(&b));
+    Ok(())
+}
+
+fn records(out: &Path) -> BTreeMap<String, SystemTime> {
+    let mut found = BTreeMap::new();
+    for entry in std::fs::read_dir(out.join("jobs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let record = entry.path().join("record.json");
+        if let Ok(meta) = std::fs::metadata(&record) {
+            found.insert(
+                entry.file_name().to_string_lossy().into_owned(),
+                meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            );
+        }
+    }
+    found
+}
+
+/// Pids of `distill run-job` workers writing under `out`.
+fn workers(out: &Path) -> Vec<String> {
+    let needle = out.display().to_string();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            (cmd.contains("run-job") && cmd.contains(&needle))
+                .then(|| e.file_name().to_string_lossy().into_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn a_killed_run_resumes_without_rerunning_finished_jobs() -> Result<()> {
+    let quick = root().join("experiments/quick.toml");
+    let (whole, resumed) = (temp("resume-whole"), temp("resume-killed"));
+    let args = ["--jobs", "1", "--set", "seeds=[0, 1, 2]"];
+    let uninterrupted = run_experiment(&quick, &whole, &args)?;
+    assert!(uninterrupted.status.success(), "{}", text(&uninterrupted));
+
+    let mut orchestrator = xtask()
+        .args(["run", "--no-build", "--out"])
+        .arg(&resumed)
+        .arg(&quick)
+        .args(args)
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while records(&resumed).len() < 3 {
+        assert!(Instant::now() < deadline, "no progress");
+        assert!(
+            orchestrator.try_wait()?.is_none(),
+            "the run finished before it could be interrupted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    orchestrator.kill()?; // SIGKILL
+    orchestrator.wait()?;
+    for pid in workers(&resumed) {
+        Command::new("kill").args(["-9", &pid]).status()?;
+    }
+    let before = records(&resumed);
+    assert!(
+        before.len() < 7,
+        "killed mid-grid ({} of 7 jobs done)",
+        before.len()
+    );
+
+    let again = run_experiment(&quick, &resumed, &args)?;
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(
+        text(&again).contains(&format!("skipping {} finished jobs", before.len())),
+        "{}",
+        text(&again)
+    );
+    let after = records(&resumed);
+    assert_eq!(after.len(), 7);
+    for (id, modified) in &before {
+        assert_eq!(
+            after.get(id),
+            Some(modified),
+            "finished job {id} was run again"
+        );
+    }
+    let (a, b) = (
+        read(&whole.join("metrics.parquet"))?,
+        read(&resumed.join("metrics.parquet"))?,
+    );
+    assert_eq!(
+        metrics_by_run(&a)?,
+        metrics_by_run(&b)?,
+        "the resumed grid gives the same tables"
+    );
+    let _ = (
+        std::fs::remove_dir_all(&whole),
+        std::fs::remove_dir_all(&resumed),
+    );
+    Ok(())
+}
+
+const SMALL: &str = r#"
+seeds = [0]
+[train]
+epochs = 1
+batch_size = 32
+[[datasets]]
+name = "vision.synthetic"
+config = { train = 64, validation = 32, test = 32, size = 8 }
+[[students]]
+model = "vision.mlp"
+config = { hidden = [8] }
+"#;
+
+#[test]
+fn crashing_and_panicking_strategies_fail_only_their_jobs() -> Result<()> {
+    let dir = temp("faults");
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("faults.toml");
+    let strategies = "[[strategies]]\nname = \"baseline\"\n[[strategies]]\nname = \"test.panic\"\n[[strategies]]\nname = \"test.abort\"\n";
+    std::fs::write(&file, format!("{SMALL}{strategies}"))?;
+    let faulty = PathBuf::from(env!("CARGO_BIN_EXE_xtask"))
+        .with_file_name("deps")
+        .join("libdistill_test_faulty.so");
+    let out = xtask()
+        .env("DISTILL_EXTRA_PLUGINS", &faulty)
+        .args(["run", "--no-build", "--jobs", "2", "--out"])
+        .arg(dir.join("out"))
+        .arg(&file)
+        .output()?;
+    assert!(out.status.success(), "{}", text(&out));
+    let runs = read(&dir.join("out/runs.parquet"))?;
+    assert_eq!(runs.height(), 3);
+    let (strategy, status, error) = (
+        strings(&runs, "strategy")?,
+        strings(&runs, "status")?,
+        strings(&runs, "error")?,
+    );
+    for i in 0..3 {
+        let (s, st, e) = (
+            strategy[i].as_deref().unwrap_or(""),
+            status[i].as_deref().unwrap_or(""),
+            error[i].as_deref().unwrap_or(""),
+        );
+        match s {
+            "baseline" => assert_eq!((st, e), ("ok", "")),
+            "test.panic" => assert!(
+                st == "failed" && e.contains("deliberate panic in loss"),
+                "{st}: {e}"
+            ),
+            "test.abort" => assert!(st == "failed" && e.contains("SIGABRT"), "{st}: {e}"),
+            other => panic!("unexpected strategy {other}"),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+#[test]
+fn malformed_experiments_fail_before_training_naming_file_and_key() -> Result<()> {
+    let dir = temp("malformed");
+    std::fs::create_dir_all(&dir)?;
+    let baseline = "[[strategies]]\nname = \"baseline\"\n";
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("unknown-key", format!("{SMALL}{baseline}colour = \"red\"\n"), "colour"),
+        ("wrong-type", format!("{}{baseline}", SMALL.replace("seeds = [0]", "seeds = \"zero\"")), "seeds"),
+        ("unknown-strategy", format!("{SMALL}[[strategies]]\nname = \"kdd\"\n"), "did you mean `kd`"),
+        ("unknown-model", format!("{}{baseline}", SMALL.replace("vision.mlp", "vision.mpl")), "students[0]"),
+        ("unknown-dataset", format!("{}{baseline}", SMALL.replace("vision.synthetic", "vision.synthetik")), "datasets[0]"),
+        (
+            "missing-dataset-path",
+            format!("{}{baseline}", SMALL.replace("name = \"vision.synthetic\"\nconfig = { train = 64, validation = 32, test = 32, size = 8 }", "name = \"vision.idx\"\nconfig = { path = \"/nonexistent/fashion-mnist\" }")),
+            "datasets[0].config.path",
+        ),
+        ("empty-grid", format!("{SMALL}strategies = []\n"), "strategies"),
+        ("negative-epochs", format!("{}{baseline}", SMALL.replace("epochs = 1", "epochs = -1")), "train.epochs"),
+        ("zero-batch", format!("{}{baseline}", SMALL.replace("batch_size = 32", "batch_size = 0")), "batch_size"),
+        ("unknown-train-key", format!("{}{baseline}", SMALL.replace("epochs = 1", "epochs = 1\nepoch = 2")), "epoch"),
+        ("strategy-config-typo", format!("{SMALL}[[strategies]]\nname = \"kd\"\nconfig = {{ temprature = 2.0 }}\n[[teachers]]\nmodel = \"vision.mlp\"\n"), "strategies[0].config.temprature"),
+        ("bad-optimizer", format!("{}{baseline}", SMALL.replace("epochs = 1", "epochs = 1\noptimizer = { name = \"adam\", lr = 0.1 }")), "optimizer"),
+        ("empty-sweep", format!("{SMALL}[[strategies]]\nname = \"kd\"\ngrid = {{ alpha = [] }}\n"), "grid.alpha"),
+        ("kd-without-teacher", format!("{SMALL}[[strategies]]\nname = \"kd\"\n"), "needs a teacher"),
+        ("not-toml", "seeds = [0\n".to_string(), "seeds"),
+    ];
+    for (name, content, key) in &cases {
+        let file = dir.join(format!("{name}.toml"));
+        std::fs::write(&file, content)?;
+        let out_dir = dir.join(format!("{name}-out"));
+        let out = run_experiment(&file, &out_dir, &[])?;
+        let said = text(&out);
+        assert!(!out.status.success(), "{name}: accepted\n{said}");
+        assert!(
+            said.contains(&format!("{name}.toml")),
+            "{name}: the message does not name the file\n{said}"
+        );
+        assert!(
+            said.contains(key),
+            "{name}: the message does not name `{key}`\n{said}"
+        );
+        assert!(
+            records(&out_dir).is_empty(),
+            "{name}: something was trained"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

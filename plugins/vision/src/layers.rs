@@ -91,7 +91,11 @@ impl Conv {
 
     /// Applies the convolution to `[batch, input, h, w]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, self.groups)?;
+        let y = if self.groups > 1 && self.groups == self.input && self.input == self.output {
+            depthwise(x, &self.weight, self.padding, self.stride)?
+        } else {
+            x.conv2d(&self.weight, self.padding, self.stride, 1, self.groups)?
+        };
         Ok(y.broadcast_add(&self.bias.reshape((1, self.output, 1, 1))?)?)
     }
 
@@ -105,6 +109,47 @@ impl Conv {
         let out = self.out_size(size) as u64;
         out * out * (self.output * (self.input / self.groups) * self.kernel * self.kernel) as u64
     }
+}
+
+/// A depthwise convolution (one `k x k` filter per channel, weight `[c, 1, k, k]`) as a sum of
+/// `k * k` shifted, per-channel-scaled copies of the input. Same result and gradients as
+/// candle's grouped `conv2d`, which runs one convolution per channel and is many times slower.
+pub fn depthwise(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    let (_, c, h, w) = x.dims4()?;
+    let k = weight.dim(2)?;
+    let padded = x
+        .pad_with_zeros(2, padding, padding)?
+        .pad_with_zeros(3, padding, padding)?;
+    let (full_h, full_w) = (h + 2 * padding + 1 - k, w + 2 * padding + 1 - k);
+    let mut acc: Option<Tensor> = None;
+    for i in 0..k {
+        for j in 0..k {
+            let tap = weight
+                .narrow(2, i, 1)?
+                .narrow(3, j, 1)?
+                .reshape((1, c, 1, 1))?;
+            let shifted = padded
+                .narrow(2, i, full_h)?
+                .narrow(3, j, full_w)?
+                .broadcast_mul(&tap)?;
+            acc = Some(match acc {
+                Some(a) => (a + shifted)?,
+                None => shifted,
+            });
+        }
+    }
+    let mut y =
+        acc.ok_or_else(|| Error::Invalid("depthwise convolution with an empty kernel".into()))?;
+    if stride > 1 {
+        let rows: Vec<u32> = (0..full_h).step_by(stride).map(|r| r as u32).collect();
+        let cols: Vec<u32> = (0..full_w).step_by(stride).map(|r| r as u32).collect();
+        let (rows, cols) = (
+            Tensor::new(rows, x.device())?,
+            Tensor::new(cols, x.device())?,
+        );
+        y = y.index_select(&rows, 2)?.index_select(&cols, 3)?;
+    }
+    Ok(y)
 }
 
 /// Group normalisation (Wu & He 2018) over `[batch, channels, h, w]`: statistics per sample and
@@ -151,4 +196,40 @@ impl GroupNorm {
 /// Mean over the spatial dimensions: `[batch, c, h, w] -> [batch, c]`.
 pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     Ok(x.mean(D::Minus1)?.mean(D::Minus1)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use distill_rt::candle::{DType, Device, Var};
+    use distill_rt::testing::max_abs_difference;
+
+    #[test]
+    fn depthwise_equals_grouped_conv2d_forward_and_backward() -> Result<()> {
+        for (size, stride) in [(6, 1), (7, 2), (8, 2), (5, 1)] {
+            let dev = Device::Cpu;
+            let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 3, size, size), &dev)?)?;
+            let w = Var::from_tensor(&Tensor::randn(0f64, 1.0, (3, 1, 3, 3), &dev)?)?;
+            let ours = depthwise(x.as_tensor(), w.as_tensor(), 1, stride)?;
+            let candle = x.as_tensor().conv2d(w.as_tensor(), 1, stride, 1, 3)?;
+            assert_eq!(ours.dims(), candle.dims());
+            assert!(max_abs_difference(&ours, &candle)? < 1e-12);
+            // Gradients of a weighted sum, so that every output position matters differently.
+            let probe = Tensor::randn(0f64, 1.0, ours.dims(), &dev)?.to_dtype(DType::F64)?;
+            let g1 = (ours * &probe)?.sum_all()?.backward()?;
+            let g2 = (candle * &probe)?.sum_all()?.backward()?;
+            for v in [&x, &w] {
+                let (a, b) = (g1.get(v.as_tensor()), g2.get(v.as_tensor()));
+                let (a, b) = (
+                    a.ok_or(Error::Invalid("no gradient".into()))?,
+                    b.ok_or(Error::Invalid("no gradient".into()))?,
+                );
+                assert!(
+                    max_abs_difference(a, b)? < 1e-10,
+                    "size {size} stride {stride}"
+                );
+            }
+        }
+        Ok(())
+    }
 }

@@ -5,7 +5,8 @@
 //!   stages of widths `width, 2 width, 4 width`, `blocks` blocks each (features `stage1..3`);
 //! - `vision.lenet5`: LeNet-5-style CNN, conv 5x5 -> pool -> conv 5x5 -> pool -> 2 hidden layers
 //!   (features `conv1`, `conv2`);
-//! - `vision.mobilenet`: MobileNet-style depthwise-separable CNN (features `block1..n`);
+//! - `vision.mobilenet`: MobileNet-style depthwise-separable CNN, group norm where MobileNet has
+//!   batch norm (features `block1..n`);
 //! - `vision.mlp`: multi-layer perceptron on the flattened image (features `hidden1..n`).
 
 use std::collections::BTreeMap;
@@ -215,6 +216,8 @@ struct MobileNetConfig {
     /// Output channels of each depthwise-separable block; the first keeps the resolution, every
     /// later one halves it.
     channels: Vec<usize>,
+    /// Groups of the group normalisation after every convolution.
+    groups: usize,
 }
 
 impl Default for MobileNetConfig {
@@ -222,17 +225,21 @@ impl Default for MobileNetConfig {
         Self {
             stem: 16,
             channels: vec![32, 64, 128],
+            groups: 8,
         }
     }
 }
 
 struct SeparableBlock {
     depthwise: Conv,
+    depthwise_norm: GroupNorm,
     pointwise: Conv,
+    pointwise_norm: GroupNorm,
 }
 
 struct MobileNet {
     stem: Conv,
+    stem_norm: GroupNorm,
     blocks: Vec<SeparableBlock>,
     head: Linear,
     macs: u64,
@@ -243,12 +250,12 @@ pub struct MobileNetFactory;
 
 impl ModelFactory for MobileNetFactory {
     fn summary(&self) -> &str {
-        "MobileNet-style CNN: conv3x3 stem, depthwise-separable blocks (dw3x3 + pw1x1, ReLU), global pool; `stem` 16, `channels` [32, 64, 128]"
+        "MobileNet-style CNN: conv3x3 stem, depthwise-separable blocks (dw3x3 + pw1x1, each with group norm and ReLU), global pool; `stem` 16, `channels` [32, 64, 128]"
     }
     fn build(&self, cfg: &Config, ctx: ModelContext<'_>) -> Result<Box<dyn Model>> {
         const OWNER: &str = "model vision.mobilenet";
         let c: MobileNetConfig = config::parse(OWNER, cfg)?;
-        if c.stem == 0 || c.channels.is_empty() || c.channels.contains(&0) {
+        if c.stem == 0 || c.groups == 0 || c.channels.is_empty() || c.channels.contains(&0) {
             return Err(Error::config(
                 OWNER,
                 "channels",
@@ -257,6 +264,7 @@ impl ModelFactory for MobileNetFactory {
         }
         let (ch, mut s) = image_shape(OWNER, &ctx)?;
         let stem = Conv::new(ch, c.stem, 3, 1, 1, 1, ctx.vb.pp("stem"))?;
+        let stem_norm = GroupNorm::new(c.stem, c.groups, ctx.vb.pp("stem_norm"))?;
         let mut macs = stem.macs(s);
         let mut width = c.stem;
         let mut blocks = Vec::new();
@@ -270,7 +278,9 @@ impl ModelFactory for MobileNetFactory {
             macs += pointwise.macs(s);
             blocks.push(SeparableBlock {
                 depthwise,
+                depthwise_norm: GroupNorm::new(width, c.groups, vb.pp("depthwise_norm"))?,
                 pointwise,
+                pointwise_norm: GroupNorm::new(out, c.groups, vb.pp("pointwise_norm"))?,
             });
             width = out;
         }
@@ -278,6 +288,7 @@ impl ModelFactory for MobileNetFactory {
         macs += head.macs();
         Ok(Box::new(MobileNet {
             stem,
+            stem_norm,
             blocks,
             head,
             macs,
@@ -287,15 +298,17 @@ impl ModelFactory for MobileNetFactory {
 
 impl Model for MobileNet {
     fn forward(&self, inputs: &TensorMap, _train: bool) -> Result<ModelOutput> {
-        let mut x = self
-            .stem
-            .forward(image("vision.mobilenet", inputs)?)?
-            .relu()?;
+        let x = self.stem.forward(image("vision.mobilenet", inputs)?)?;
+        let mut x = self.stem_norm.forward(&x)?.relu()?;
         let mut features = Vec::new();
         for (i, b) in self.blocks.iter().enumerate() {
+            let h = b
+                .depthwise_norm
+                .forward(&b.depthwise.forward(&x)?)?
+                .relu()?;
             x = b
-                .pointwise
-                .forward(&b.depthwise.forward(&x)?.relu()?)?
+                .pointwise_norm
+                .forward(&b.pointwise.forward(&h)?)?
                 .relu()?;
             features.push((format!("block{}", i + 1), x.clone()));
         }

@@ -89,14 +89,13 @@ fn run_experiment(
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
+    let teachers = planned
+        .iter()
+        .filter(|j| j.spec["job"]["kind"] == "teacher")
+        .count();
     eprintln!(
-        "{name}: {} jobs ({} teachers), {workers} at a time with {} threads each",
-        planned.len(),
-        planned
-            .iter()
-            .filter(|j| j.depends_on.is_none() && j.spec["job"]["kind"] == "teacher")
-            .count(),
-        (cores / workers).max(1)
+        "{name}: {} jobs ({teachers} teachers), {workers} at a time sharing {cores} cores",
+        planned.len()
     );
     if !no_build {
         build_workspace()?;
@@ -125,7 +124,7 @@ fn run_experiment(
         jobs: workers,
         timeout: x.timeout_minutes.map(|m| Duration::from_secs_f64(m * 60.0)),
         distill: distill.clone(),
-        threads_per_worker: (cores / workers).max(1),
+        cores,
     };
     let counts = runner::run(&planned, &opts)?;
     eprintln!(

@@ -25,8 +25,9 @@ pub struct RunOptions {
     pub timeout: Option<Duration>,
     /// The `distill` binary.
     pub distill: PathBuf,
-    /// Threads each worker may use (rayon and candle's element-wise pool).
-    pub threads_per_worker: usize,
+    /// Cores to divide between the running workers (each gets rayon and candle's element-wise
+    /// pool sized to its share).
+    pub cores: usize,
 }
 
 /// What the run did.
@@ -113,6 +114,18 @@ pub fn run(plan: &[PlannedJob], opts: &RunOptions) -> Result<RunCounts> {
     }
     let mut running: BTreeMap<&str, Running> = BTreeMap::new();
     loop {
+        // Jobs that could start now: the cores are divided among them and the running ones.
+        let ready = plan
+            .iter()
+            .filter(|j| state[j.id.as_str()].is_none() && !running.contains_key(j.id.as_str()))
+            .filter(|j| {
+                j.depends_on
+                    .as_ref()
+                    .is_none_or(|d| state.get(d.as_str()).is_some_and(Option::is_some))
+            })
+            .count();
+        let sharing = opts.jobs.min(running.len() + ready).max(1);
+        let threads = (opts.cores / sharing).max(1).to_string();
         // Start what can start.
         for job in plan {
             if running.len() >= opts.jobs {
@@ -141,7 +154,6 @@ pub fn run(plan: &[PlannedJob], opts: &RunOptions) -> Result<RunCounts> {
                 .with_context(|| format!("writing {}", job_file.display()))?;
             let log =
                 File::create(job.dir.join("worker.log")).context("creating the worker log")?;
-            let threads = opts.threads_per_worker.to_string();
             let child = Command::new(&opts.distill)
                 .arg("run-job")
                 .arg(&job_file)

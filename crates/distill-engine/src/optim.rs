@@ -160,7 +160,9 @@ impl Optimizer {
         })
     }
 
-    /// One update with learning rate `lr`.
+    /// One update with learning rate `lr`. The moment buffers are kept detached: gradients
+    /// carry their backprop graph, and a buffer built from them would chain every step's graph
+    /// to the next (unbounded memory).
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         for (i, var) in self.vars.iter().enumerate() {
             let Some(g) = grads.get(var.as_tensor()) else {
@@ -185,8 +187,8 @@ impl Optimizer {
                     let update = (m_hat / (v_hat.sqrt()? + eps)?)?;
                     let decayed = (p * (1.0 - lr * weight_decay))?;
                     var.set(&(decayed - (update * lr)?)?)?;
-                    self.first[i] = Some(m);
-                    self.second[i] = Some(v);
+                    self.first[i] = Some(m.detach());
+                    self.second[i] = Some(v.detach());
                 }
                 OptimizerConfig::Sgd {
                     momentum,
@@ -203,7 +205,7 @@ impl Optimizer {
                         _ => g,
                     };
                     var.set(&(p - (&buf * lr)?)?)?;
-                    self.first[i] = Some(buf);
+                    self.first[i] = Some(buf.detach());
                 }
             }
         }
@@ -258,6 +260,32 @@ mod tests {
         )?;
         assert!((p[0] - (1.0 * 0.95 - 0.1)).abs() < 1e-6, "{p:?}");
         assert!((p[1] - (-2.0 * 0.95 + 0.1)).abs() < 1e-6, "{p:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn moment_buffers_hold_no_graph() -> Result<()> {
+        for config in [
+            OptimizerConfig::AdamW {
+                lr: 0.1,
+                weight_decay: 0.0,
+            },
+            OptimizerConfig::Sgd {
+                lr: 0.1,
+                momentum: 0.9,
+                weight_decay: 0.0,
+            },
+        ] {
+            let var = Var::new(&[1.0f64, -2.0], &Device::Cpu)?;
+            let mut opt = Optimizer::new(config, vec![var.clone()])?;
+            for _ in 0..3 {
+                let grads = var.as_tensor().sqr()?.sum_all()?.backward()?;
+                opt.step(&grads, 0.1)?;
+            }
+            for buf in opt.first.iter().chain(&opt.second).flatten() {
+                assert!(!buf.track_op(), "an optimizer buffer keeps its graph");
+            }
+        }
         Ok(())
     }
 

@@ -1,6 +1,7 @@
 //! One knowledge-distillation training step (student forward, `kd` loss, backward, AdamW
-//! update) of every vision student on a batch of 128 synthetic 28x28 images, with the ResNet
-//! teacher run live and with its logits cached.
+//! update) of every vision model as the student (the ResNet too: its step is what a teacher
+//! epoch is made of) on a batch of 128 synthetic 28x28 images, with the ResNet teacher run live
+//! and with its logits cached.
 //!
 //! `cargo bench -p distill-tests --profile dev --bench kd_step` (the workspace's one profile:
 //! candle at opt-level 3). Measurements only; nothing here is a pass/fail test.
@@ -52,7 +53,12 @@ fn bench(c: &mut Criterion) {
         };
         let mut group = c.benchmark_group("kd_step");
         group.sample_size(10);
-        for student in ["vision.lenet5", "vision.mobilenet", "vision.mlp"] {
+        for student in [
+            "vision.lenet5",
+            "vision.mobilenet",
+            "vision.mlp",
+            "vision.resnet",
+        ] {
             let (model, varmap) = build(student, distill_rt::Config::Null, 1)?;
             let empty = BTreeMap::new();
             let ctx = StrategyContext {

@@ -93,6 +93,8 @@ impl Conv {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = if self.groups > 1 && self.groups == self.input && self.input == self.output {
             depthwise(x, &self.weight, self.padding, self.stride)?
+        } else if self.groups == 1 {
+            im2col_conv(x, &self.weight, self.padding, self.stride)?
         } else {
             x.conv2d(&self.weight, self.padding, self.stride, 1, self.groups)?
         };
@@ -109,6 +111,50 @@ impl Conv {
         let out = self.out_size(size) as u64;
         out * out * (self.output * (self.input / self.groups) * self.kernel * self.kernel) as u64
     }
+}
+
+/// The `k * k` shifted views of `x` (zero-padded by `padding`, sampled every `stride` pixels)
+/// that a `k x k` convolution reads, each `[batch, c, out_h, out_w]`, in kernel order.
+fn shifted_views(x: &Tensor, k: usize, padding: usize, stride: usize) -> Result<Vec<Tensor>> {
+    let (_, _, h, w) = x.dims4()?;
+    let padded = x
+        .pad_with_zeros(2, padding, padding)?
+        .pad_with_zeros(3, padding, padding)?;
+    let (full_h, full_w) = (h + 2 * padding + 1 - k, w + 2 * padding + 1 - k);
+    let strided = |n: usize| -> Result<Tensor> {
+        let idx: Vec<u32> = (0..n).step_by(stride).map(|r| r as u32).collect();
+        Ok(Tensor::new(idx, x.device())?)
+    };
+    let (rows, cols) = (strided(full_h)?, strided(full_w)?);
+    let mut views = Vec::with_capacity(k * k);
+    for i in 0..k {
+        for j in 0..k {
+            let mut v = padded.narrow(2, i, full_h)?.narrow(3, j, full_w)?;
+            if stride > 1 {
+                v = v
+                    .contiguous()?
+                    .index_select(&rows, 2)?
+                    .index_select(&cols, 3)?;
+            }
+            views.push(v);
+        }
+    }
+    Ok(views)
+}
+
+/// A dense convolution as one matrix product over the im2col matrix built from shifted views:
+/// `[out, c * k * k] x [batch, c * k * k, out_h * out_w]`. Same result and gradients as candle's
+/// `conv2d`, whose backward pass computes the input gradient with a slow direct transposed
+/// convolution; here every backward step is a matrix product or a copy.
+pub fn im2col_conv(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    let (b, c, _, _) = x.dims4()?;
+    let (out, _, k, _) = weight.dims4()?;
+    let views = shifted_views(x, k, padding, stride)?;
+    let (oh, ow) = (views[0].dim(2)?, views[0].dim(3)?);
+    // [batch, c, k*k, oh, ow] -> [batch, c*k*k, oh*ow], matching weight's [out, c, k, k] order.
+    let cols = Tensor::stack(&views, 2)?.reshape((b, c * k * k, oh * ow))?;
+    let w = weight.reshape((out, c * k * k))?;
+    Ok(w.broadcast_matmul(&cols)?.reshape((b, out, oh, ow))?)
 }
 
 /// A depthwise convolution (one `k x k` filter per channel, weight `[c, 1, k, k]`) as a sum of
@@ -203,6 +249,40 @@ mod tests {
     use super::*;
     use distill_rt::candle::{DType, Device, Var};
     use distill_rt::testing::max_abs_difference;
+
+    #[test]
+    fn im2col_conv_equals_conv2d_forward_and_backward() -> Result<()> {
+        for (size, k, padding, stride) in [
+            (6, 3, 1, 1),
+            (7, 3, 1, 2),
+            (8, 5, 2, 1),
+            (10, 5, 0, 1),
+            (8, 1, 0, 2),
+        ] {
+            let dev = Device::Cpu;
+            let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 3, size, size), &dev)?)?;
+            let w = Var::from_tensor(&Tensor::randn(0f64, 1.0, (4, 3, k, k), &dev)?)?;
+            let ours = im2col_conv(x.as_tensor(), w.as_tensor(), padding, stride)?;
+            let candle = x.as_tensor().conv2d(w.as_tensor(), padding, stride, 1, 1)?;
+            assert_eq!(ours.dims(), candle.dims());
+            assert!(max_abs_difference(&ours, &candle)? < 1e-10);
+            let probe = Tensor::randn(0f64, 1.0, ours.dims(), &dev)?;
+            let g1 = (ours * &probe)?.sum_all()?.backward()?;
+            let g2 = (candle * &probe)?.sum_all()?.backward()?;
+            for v in [&x, &w] {
+                let (a, b) = (g1.get(v.as_tensor()), g2.get(v.as_tensor()));
+                let (a, b) = (
+                    a.ok_or(Error::Invalid("no gradient".into()))?,
+                    b.ok_or(Error::Invalid("no gradient".into()))?,
+                );
+                assert!(
+                    max_abs_difference(a, b)? < 1e-9,
+                    "size {size} k {k} stride {stride}"
+                );
+            }
+        }
+        Ok(())
+    }
 
     #[test]
     fn depthwise_equals_grouped_conv2d_forward_and_backward() -> Result<()> {

@@ -161,41 +161,24 @@ pub fn im2col_conv(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -
 /// `k * k` shifted, per-channel-scaled copies of the input. Same result and gradients as
 /// candle's grouped `conv2d`, which runs one convolution per channel and is many times slower.
 pub fn depthwise(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    let (_, c, h, w) = x.dims4()?;
+    let c = x.dim(1)?;
     let k = weight.dim(2)?;
-    let padded = x
-        .pad_with_zeros(2, padding, padding)?
-        .pad_with_zeros(3, padding, padding)?;
-    let (full_h, full_w) = (h + 2 * padding + 1 - k, w + 2 * padding + 1 - k);
     let mut acc: Option<Tensor> = None;
-    for i in 0..k {
-        for j in 0..k {
-            let tap = weight
-                .narrow(2, i, 1)?
-                .narrow(3, j, 1)?
-                .reshape((1, c, 1, 1))?;
-            let shifted = padded
-                .narrow(2, i, full_h)?
-                .narrow(3, j, full_w)?
-                .broadcast_mul(&tap)?;
-            acc = Some(match acc {
-                Some(a) => (a + shifted)?,
-                None => shifted,
-            });
-        }
+    for (n, view) in shifted_views(x, k, padding, stride)?
+        .into_iter()
+        .enumerate()
+    {
+        let tap = weight
+            .narrow(2, n / k, 1)?
+            .narrow(3, n % k, 1)?
+            .reshape((1, c, 1, 1))?;
+        let term = view.broadcast_mul(&tap)?;
+        acc = Some(match acc {
+            Some(a) => (a + term)?,
+            None => term,
+        });
     }
-    let mut y =
-        acc.ok_or_else(|| Error::Invalid("depthwise convolution with an empty kernel".into()))?;
-    if stride > 1 {
-        let rows: Vec<u32> = (0..full_h).step_by(stride).map(|r| r as u32).collect();
-        let cols: Vec<u32> = (0..full_w).step_by(stride).map(|r| r as u32).collect();
-        let (rows, cols) = (
-            Tensor::new(rows, x.device())?,
-            Tensor::new(cols, x.device())?,
-        );
-        y = y.index_select(&rows, 2)?.index_select(&cols, 3)?;
-    }
-    Ok(y)
+    acc.ok_or_else(|| Error::Invalid("depthwise convolution with an empty kernel".into()))
 }
 
 /// Group normalisation (Wu & He 2018) over `[batch, channels, h, w]`: statistics per sample and
@@ -247,8 +230,42 @@ pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use distill_rt::candle::{DType, Device, Var};
+    use distill_rt::candle::{Device, Var};
     use distill_rt::testing::max_abs_difference;
+
+    /// Checks that `ours` equals `reference` (to `value_tol`) and that the gradients of a random
+    /// weighting of each (every output position matters differently) with respect to `inputs`
+    /// agree to `grad_tol`.
+    fn assert_same(
+        ours: Tensor,
+        reference: Tensor,
+        inputs: [&Var; 2],
+        value_tol: f64,
+        grad_tol: f64,
+        case: &str,
+    ) -> Result<()> {
+        assert_eq!(ours.dims(), reference.dims(), "{case}");
+        assert!(max_abs_difference(&ours, &reference)? < value_tol, "{case}");
+        let probe = Tensor::randn(0f64, 1.0, ours.dims(), &Device::Cpu)?;
+        let g1 = (ours * &probe)?.sum_all()?.backward()?;
+        let g2 = (reference * &probe)?.sum_all()?.backward()?;
+        for v in inputs {
+            let no_grad = || Error::Invalid(format!("{case}: no gradient"));
+            let a = g1.get(v.as_tensor()).ok_or_else(no_grad)?;
+            let b = g2.get(v.as_tensor()).ok_or_else(no_grad)?;
+            assert!(max_abs_difference(a, b)? < grad_tol, "{case}");
+        }
+        Ok(())
+    }
+
+    fn random_var(shape: (usize, usize, usize, usize)) -> Result<Var> {
+        Ok(Var::from_tensor(&Tensor::randn(
+            0f64,
+            1.0,
+            shape,
+            &Device::Cpu,
+        )?)?)
+    }
 
     #[test]
     fn im2col_conv_equals_conv2d_forward_and_backward() -> Result<()> {
@@ -259,27 +276,17 @@ mod tests {
             (10, 5, 0, 1),
             (8, 1, 0, 2),
         ] {
-            let dev = Device::Cpu;
-            let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 3, size, size), &dev)?)?;
-            let w = Var::from_tensor(&Tensor::randn(0f64, 1.0, (4, 3, k, k), &dev)?)?;
+            let (x, w) = (random_var((2, 3, size, size))?, random_var((4, 3, k, k))?);
             let ours = im2col_conv(x.as_tensor(), w.as_tensor(), padding, stride)?;
             let candle = x.as_tensor().conv2d(w.as_tensor(), padding, stride, 1, 1)?;
-            assert_eq!(ours.dims(), candle.dims());
-            assert!(max_abs_difference(&ours, &candle)? < 1e-10);
-            let probe = Tensor::randn(0f64, 1.0, ours.dims(), &dev)?;
-            let g1 = (ours * &probe)?.sum_all()?.backward()?;
-            let g2 = (candle * &probe)?.sum_all()?.backward()?;
-            for v in [&x, &w] {
-                let (a, b) = (g1.get(v.as_tensor()), g2.get(v.as_tensor()));
-                let (a, b) = (
-                    a.ok_or(Error::Invalid("no gradient".into()))?,
-                    b.ok_or(Error::Invalid("no gradient".into()))?,
-                );
-                assert!(
-                    max_abs_difference(a, b)? < 1e-9,
-                    "size {size} k {k} stride {stride}"
-                );
-            }
+            assert_same(
+                ours,
+                candle,
+                [&x, &w],
+                1e-10,
+                1e-9,
+                &format!("size {size} k {k} stride {stride}"),
+            )?;
         }
         Ok(())
     }
@@ -287,28 +294,17 @@ mod tests {
     #[test]
     fn depthwise_equals_grouped_conv2d_forward_and_backward() -> Result<()> {
         for (size, stride) in [(6, 1), (7, 2), (8, 2), (5, 1)] {
-            let dev = Device::Cpu;
-            let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 3, size, size), &dev)?)?;
-            let w = Var::from_tensor(&Tensor::randn(0f64, 1.0, (3, 1, 3, 3), &dev)?)?;
+            let (x, w) = (random_var((2, 3, size, size))?, random_var((3, 1, 3, 3))?);
             let ours = depthwise(x.as_tensor(), w.as_tensor(), 1, stride)?;
             let candle = x.as_tensor().conv2d(w.as_tensor(), 1, stride, 1, 3)?;
-            assert_eq!(ours.dims(), candle.dims());
-            assert!(max_abs_difference(&ours, &candle)? < 1e-12);
-            // Gradients of a weighted sum, so that every output position matters differently.
-            let probe = Tensor::randn(0f64, 1.0, ours.dims(), &dev)?.to_dtype(DType::F64)?;
-            let g1 = (ours * &probe)?.sum_all()?.backward()?;
-            let g2 = (candle * &probe)?.sum_all()?.backward()?;
-            for v in [&x, &w] {
-                let (a, b) = (g1.get(v.as_tensor()), g2.get(v.as_tensor()));
-                let (a, b) = (
-                    a.ok_or(Error::Invalid("no gradient".into()))?,
-                    b.ok_or(Error::Invalid("no gradient".into()))?,
-                );
-                assert!(
-                    max_abs_difference(a, b)? < 1e-10,
-                    "size {size} stride {stride}"
-                );
-            }
+            assert_same(
+                ours,
+                candle,
+                [&x, &w],
+                1e-12,
+                1e-10,
+                &format!("size {size} stride {stride}"),
+            )?;
         }
         Ok(())
     }

@@ -295,6 +295,25 @@ fn build_model(
     Ok(Built { model, varmap })
 }
 
+/// Builds the job's dataset and model, and records what is known before training.
+fn prepare(
+    registrar: &Registrar,
+    dataset: &Component,
+    model: &Component,
+    seed: u64,
+    device: &Device,
+    record: &mut JobRecord,
+) -> Result<(Box<dyn Dataset>, Built)> {
+    let data = registrar
+        .get_dataset(&dataset.name)?
+        .build(&dataset.config)?;
+    record.primary_metric = data.info().primary_metric.clone();
+    let built = build_model(registrar, model, &*data, seed, device)?;
+    record.parameters = parameter_count(&built.varmap);
+    record.flops_per_sample = built.model.flops_per_sample();
+    Ok((data, built))
+}
+
 fn parameter_count(varmap: &VarMap) -> u64 {
     named_vars(varmap)
         .iter()
@@ -380,13 +399,7 @@ fn run_job_inner(
             cache_features,
             weights,
         } => {
-            let data = registrar
-                .get_dataset(&dataset.name)?
-                .build(&dataset.config)?;
-            record.primary_metric = data.info().primary_metric.clone();
-            let mut built = build_model(registrar, model, &*data, *seed, device)?;
-            record.parameters = parameter_count(&built.varmap);
-            record.flops_per_sample = built.model.flops_per_sample();
+            let (data, mut built) = prepare(registrar, dataset, model, *seed, device, record)?;
             match weights {
                 Some(path) => {
                     built
@@ -453,13 +466,7 @@ fn run_job_inner(
             train,
             seed,
         } => {
-            let data = registrar
-                .get_dataset(&dataset.name)?
-                .build(&dataset.config)?;
-            record.primary_metric = data.info().primary_metric.clone();
-            let built = build_model(registrar, model, &*data, *seed, device)?;
-            record.parameters = parameter_count(&built.varmap);
-            record.flops_per_sample = built.model.flops_per_sample();
+            let (data, built) = prepare(registrar, dataset, model, *seed, device, record)?;
             // Feature shapes, from one forward pass on two training samples.
             let probe_batch = data.batch(
                 Split::Train,

@@ -362,6 +362,7 @@ fn plugin_panics_are_errors_and_the_process_goes_on() -> Result<()> {
         task: TaskKind::Classification,
         num_classes: CLASSES,
         inputs: BTreeMap::new(),
+        cardinality: BTreeMap::new(),
         split_sizes: [0; 3],
         primary_metric: "accuracy".into(),
     };

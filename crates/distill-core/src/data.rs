@@ -53,6 +53,9 @@ pub struct DatasetInfo {
     pub num_classes: usize,
     /// Shape of each named input, without the batch dimension.
     pub inputs: BTreeMap<String, Vec<usize>>,
+    /// Number of distinct ids of each integer input (a vocabulary's size, the item count); ids
+    /// run from 0 to this number - 1. Empty for inputs that are not ids.
+    pub cardinality: BTreeMap<String, usize>,
     /// Number of samples in the train, validation and test split.
     pub split_sizes: [usize; 3],
     /// Name of the metric that ranks runs (`accuracy`, `ndcg@10`).
@@ -85,6 +88,12 @@ pub trait Dataset: Send + Sync {
     fn batch(&self, split: Split, indices: &[usize], device: &Device) -> Result<Batch>;
     /// A fresh accumulator for this task's metrics.
     fn metrics(&self) -> Result<Box<dyn MetricAccumulator>>;
+    /// Each sample's length in `split` (tokens, say) when batches pad to their longest sample:
+    /// the engine then batches samples of similar length together. `None`: all cost the same.
+    fn lengths(&self, split: Split) -> Option<Vec<usize>> {
+        let _ = split;
+        None
+    }
 }
 
 /// Builds a [`Dataset`] from its configuration table.

@@ -98,9 +98,24 @@ impl DatasetFactory for Guarded<dyn DatasetFactory> {
         contain(&self.entry("dataset", "build"), || {
             let inner = self.inner.build(config)?;
             let info = inner.info().clone();
+            let lengths = Split::ALL.map(|split| inner.lengths(split));
+            for (split, l) in Split::ALL.iter().zip(&lengths) {
+                if let Some(l) = l
+                    && l.len() != info.len(*split)
+                {
+                    return Err(Error::Invalid(format!(
+                        "dataset `{}` reports {} lengths for the {} samples of its {} split",
+                        self.name,
+                        l.len(),
+                        info.len(*split),
+                        split.name()
+                    )));
+                }
+            }
             Ok(Box::new(GuardedDataset {
                 name: self.name.clone(),
                 info,
+                lengths,
                 inner,
             }) as Box<dyn Dataset>)
         })
@@ -110,6 +125,8 @@ impl DatasetFactory for Guarded<dyn DatasetFactory> {
 struct GuardedDataset {
     name: String,
     info: DatasetInfo,
+    /// Asked once, when the dataset is built.
+    lengths: [Option<Vec<usize>>; 3],
     inner: Box<dyn Dataset>,
 }
 
@@ -121,6 +138,9 @@ impl Dataset for GuardedDataset {
         contain(&format!("dataset `{}`: batch", self.name), || {
             self.inner.batch(split, indices, device)
         })
+    }
+    fn lengths(&self, split: Split) -> Option<Vec<usize>> {
+        self.lengths[split as usize].clone()
     }
     fn metrics(&self) -> Result<Box<dyn MetricAccumulator>> {
         contain(&format!("dataset `{}`: metrics", self.name), || {

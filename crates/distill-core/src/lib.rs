@@ -16,6 +16,7 @@ pub mod init;
 pub use guard::contain;
 pub mod metrics;
 pub mod model;
+pub mod nn;
 pub mod ops;
 pub mod registry;
 pub mod rng;

@@ -76,6 +76,7 @@ impl DatasetFactory for BlobsFactory {
             task: TaskKind::Classification,
             num_classes: 2,
             inputs: BTreeMap::from([("x".to_string(), vec![2])]),
+            cardinality: BTreeMap::new(),
             split_sizes: [400, 100, 100],
             primary_metric: "accuracy".into(),
         };

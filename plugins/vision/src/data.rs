@@ -55,6 +55,7 @@ impl VisionData {
                 IMAGE.to_string(),
                 vec![train.channels, train.height, train.width],
             )]),
+            cardinality: BTreeMap::new(),
             split_sizes: [splits[0].len(), splits[1].len(), splits[2].len()],
             primary_metric: "accuracy".into(),
         };

@@ -5,48 +5,9 @@
 
 use distill_rt::candle::{D, Tensor};
 use distill_rt::candle_nn::{Init, VarBuilder};
+pub use distill_rt::nn::Linear;
+use distill_rt::nn::fan_in_init;
 use distill_rt::{Error, Result};
-
-fn fan_in_init(fan_in: usize) -> Init {
-    let bound = 1.0 / (fan_in as f64).sqrt();
-    Init::Uniform {
-        lo: -bound,
-        up: bound,
-    }
-}
-
-/// A fully connected layer, `y = x W^T + b`.
-pub struct Linear {
-    weight: Tensor,
-    bias: Tensor,
-    /// Input width.
-    pub input: usize,
-    /// Output width.
-    pub output: usize,
-}
-
-impl Linear {
-    /// A `input -> output` layer under `vb` (`weight`, `bias`).
-    pub fn new(input: usize, output: usize, vb: VarBuilder) -> Result<Self> {
-        let init = fan_in_init(input);
-        Ok(Self {
-            weight: vb.get_with_hints((output, input), "weight", init)?,
-            bias: vb.get_with_hints(output, "bias", init)?,
-            input,
-            output,
-        })
-    }
-
-    /// Applies the layer to `[batch, input]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?)
-    }
-
-    /// Multiply-accumulates per sample.
-    pub fn macs(&self) -> u64 {
-        (self.input * self.output) as u64
-    }
-}
 
 /// A 2-D convolution with bias.
 pub struct Conv {

@@ -13,6 +13,7 @@ use distill_rt::{
     ops, tracing,
 };
 
+use crate::batching::{evaluation_order, training_batches};
 use crate::cache::TeacherCache;
 use crate::optim::{Optimizer, OptimizerConfig, Schedule};
 
@@ -191,8 +192,8 @@ pub fn evaluate(
 ) -> Result<Metrics> {
     let mut acc = dataset.metrics()?;
     let n = dataset.info().len(split);
-    let indices: Vec<usize> = (0..n).collect();
-    for chunk in indices.chunks(batch_size) {
+    let order = evaluation_order(n, dataset.lengths(split).as_deref());
+    for chunk in order.chunks(batch_size.max(1)) {
         let batch = dataset.batch(split, chunk, device)?;
         let out = model.forward(&batch.inputs, false)?;
         acc.update(&out.logits.detach(), &batch)?;
@@ -220,6 +221,7 @@ pub fn fit(inputs: FitInputs<'_>, config: &TrainConfig) -> Result<Outcome> {
     let info = dataset.info().clone();
     let primary = info.primary_metric.clone();
     let n_train = info.len(Split::Train);
+    let train_lengths = dataset.lengths(Split::Train);
     let steps_per_epoch = n_train.div_ceil(config.batch_size);
     let total_steps = steps_per_epoch * config.epochs;
     let mut optimizer = Optimizer::new(config.optimizer.clone(), vars)?;
@@ -228,11 +230,15 @@ pub fn fit(inputs: FitInputs<'_>, config: &TrainConfig) -> Result<Outcome> {
     let (mut best_epoch, mut best_value) = (None, f64::NEG_INFINITY);
     for epoch in 0..config.epochs {
         let started = Instant::now();
-        let mut order: Vec<usize> = (0..n_train).collect();
-        Rng::derive(seed, &format!("shuffle/{epoch}")).shuffle(&mut order);
+        let batches = training_batches(
+            n_train,
+            train_lengths.as_deref(),
+            config.batch_size,
+            &mut Rng::derive(seed, &format!("shuffle/{epoch}")),
+        );
         let mut sums: Vec<(String, f64)> = Vec::new();
         let mut lr = config.optimizer.lr();
-        for chunk in order.chunks(config.batch_size) {
+        for chunk in &batches {
             let batch = dataset.batch(Split::Train, chunk, device)?;
             let student = model.forward(&batch.inputs, true)?;
             let teacher_out = match &teacher {

@@ -332,6 +332,8 @@ struct ResNetConfig {
     blocks: usize,
     /// Groups of the group normalisation.
     groups: usize,
+    /// Stride of the stem convolution: 2 halves every stage's feature maps (and the cost).
+    stem_stride: usize,
 }
 
 impl Default for ResNetConfig {
@@ -340,6 +342,7 @@ impl Default for ResNetConfig {
             width: 16,
             blocks: 1,
             groups: 8,
+            stem_stride: 1,
         }
     }
 }
@@ -377,7 +380,7 @@ pub struct ResNetFactory;
 
 impl ModelFactory for ResNetFactory {
     fn summary(&self) -> &str {
-        "ResNet-style CNN: conv3x3 stem, 3 stages (width, 2x, 4x; stride 2 from stage 2) of `blocks` basic blocks with group norm; `width` 16, `blocks` 1"
+        "ResNet-style CNN: conv3x3 stem, 3 stages (width, 2x, 4x; stride 2 from stage 2) of `blocks` basic blocks with group norm; `width` 16, `blocks` 1, `groups` 8, `stem_stride` 1"
     }
     fn build(&self, cfg: &Config, ctx: ModelContext<'_>) -> Result<Box<dyn Model>> {
         const OWNER: &str = "model vision.resnet";
@@ -386,6 +389,7 @@ impl ModelFactory for ResNetFactory {
             ("width", c.width),
             ("blocks", c.blocks),
             ("groups", c.groups),
+            ("stem_stride", c.stem_stride),
         ] {
             if v == 0 {
                 return Err(Error::config(OWNER, key, "must be > 0"));
@@ -393,9 +397,10 @@ impl ModelFactory for ResNetFactory {
         }
         let (ch, mut s) = image_shape(OWNER, &ctx)?;
         let vb = &ctx.vb;
-        let stem = Conv::new(ch, c.width, 3, 1, 1, 1, vb.pp("stem"))?;
+        let stem = Conv::new(ch, c.width, 3, c.stem_stride, 1, 1, vb.pp("stem"))?;
         let stem_norm = GroupNorm::new(c.width, c.groups, vb.pp("stem_norm"))?;
         let mut macs = stem.macs(s);
+        s = stem.out_size(s);
         let mut width = c.width;
         let mut stages = Vec::new();
         for stage in 0..3 {
@@ -542,6 +547,17 @@ mod tests {
         check_model(
             &ResNetFactory,
             json!({"width": 8, "blocks": 2, "groups": 4}),
+            &["stage1", "stage2", "stage3"],
+            12,
+            1,
+        )
+    }
+
+    #[test]
+    fn resnet_with_strided_stem_passes_gradient_coverage() -> Result<()> {
+        check_model(
+            &ResNetFactory,
+            json!({"width": 8, "blocks": 1, "groups": 4, "stem_stride": 2}),
             &["stage1", "stage2", "stage3"],
             12,
             1,

@@ -174,6 +174,51 @@ fn quick_experiment_writes_tables_that_read_back_and_repeat() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn nlp_quick_experiment_runs_a_teacher_and_two_students() -> Result<()> {
+    let file = root().join("experiments/nlp-quick.toml");
+    let out = temp("nlp-quick");
+    let run = run_experiment(&file, &out, &[])?;
+    assert!(run.status.success(), "{}", text(&run));
+    let runs = read(&out.join("runs.parquet"))?;
+    assert_eq!(runs.height(), 4, "2 students x 2 strategies x 1 seed");
+    assert!(
+        strings(&runs, "status")?
+            .iter()
+            .all(|s| s.as_deref() == Some("ok")),
+        "{runs}"
+    );
+    let mut students = strings(&runs, "student")?;
+    students.sort();
+    students.dedup();
+    assert_eq!(
+        students,
+        [
+            Some("nlp.bilstm".to_string()),
+            Some("nlp.textcnn".to_string())
+        ]
+    );
+    for col in ["best_metric", "final_metric", "teacher_metric"] {
+        for v in floats(&runs, col)? {
+            let v = v.ok_or(format!("{col} is null"))?;
+            assert!((0.5..=1.0).contains(&v), "{col} = {v}: better than chance");
+        }
+    }
+    let teacher = floats(&runs, "teacher_metric")?[0].unwrap_or(0.0);
+    assert!(
+        teacher > 0.8,
+        "the BERT teacher learns the synthetic task: {teacher}"
+    );
+    let metrics = read(&out.join("metrics.parquet"))?;
+    assert!(
+        floats(&metrics, "value")?
+            .iter()
+            .all(|v| v.is_some_and(f64::is_finite))
+    );
+    let _ = std::fs::remove_dir_all(&out);
+    Ok(())
+}
+
 fn records(out: &Path) -> BTreeMap<String, SystemTime> {
     let mut found = BTreeMap::new();
     for entry in std::fs::read_dir(out.join("jobs"))

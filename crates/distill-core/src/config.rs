@@ -34,6 +34,15 @@ pub fn parse<T: DeserializeOwned>(owner: &str, config: &Config) -> Result<T> {
     })
 }
 
+/// Checks that every `(key, value)` is above zero (widths, counts, sizes), naming the first key
+/// that is not.
+pub fn require_positive(owner: &str, values: &[(&str, usize)]) -> Result<()> {
+    match values.iter().find(|(_, v)| *v == 0) {
+        Some((key, _)) => Err(Error::config(owner, *key, "must be > 0")),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

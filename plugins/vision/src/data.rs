@@ -393,18 +393,17 @@ impl DatasetFactory for SyntheticFactory {
     fn build(&self, cfg: &Config) -> Result<Box<dyn Dataset>> {
         const OWNER: &str = "dataset vision.synthetic";
         let c: SyntheticConfig = config::parse(OWNER, cfg)?;
-        for (key, v) in [
-            ("classes", c.classes),
-            ("channels", c.channels),
-            ("size", c.size),
-            ("train", c.train),
-            ("validation", c.validation),
-            ("test", c.test),
-        ] {
-            if v == 0 {
-                return Err(Error::config(OWNER, key, "must be > 0"));
-            }
-        }
+        config::require_positive(
+            OWNER,
+            &[
+                ("classes", c.classes),
+                ("channels", c.channels),
+                ("size", c.size),
+                ("train", c.train),
+                ("validation", c.validation),
+                ("test", c.test),
+            ],
+        )?;
         if c.classes < 2 {
             return Err(Error::config(OWNER, "classes", "must be at least 2"));
         }

@@ -385,16 +385,15 @@ impl ModelFactory for ResNetFactory {
     fn build(&self, cfg: &Config, ctx: ModelContext<'_>) -> Result<Box<dyn Model>> {
         const OWNER: &str = "model vision.resnet";
         let c: ResNetConfig = config::parse(OWNER, cfg)?;
-        for (key, v) in [
-            ("width", c.width),
-            ("blocks", c.blocks),
-            ("groups", c.groups),
-            ("stem_stride", c.stem_stride),
-        ] {
-            if v == 0 {
-                return Err(Error::config(OWNER, key, "must be > 0"));
-            }
-        }
+        config::require_positive(
+            OWNER,
+            &[
+                ("width", c.width),
+                ("blocks", c.blocks),
+                ("groups", c.groups),
+                ("stem_stride", c.stem_stride),
+            ],
+        )?;
         let (ch, mut s) = image_shape(OWNER, &ctx)?;
         let vb = &ctx.vb;
         let stem = Conv::new(ch, c.width, 3, c.stem_stride, 1, 1, vb.pp("stem"))?;

@@ -49,13 +49,19 @@ impl Linear {
         })
     }
 
-    /// Applies the layer to `[..., input]`.
+    /// Applies the layer to `[..., input]`: one matrix product over all rows (a broadcast
+    /// batched product would multiply row block by row block).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match x.rank() {
-            2 => x.matmul(&self.weight.t()?)?,
-            _ => x.broadcast_matmul(&self.weight.t()?)?,
-        };
-        Ok(y.broadcast_add(&self.bias)?)
+        let mut shape = x.dims().to_vec();
+        let rows = x.elem_count() / self.input.max(1);
+        let y = x
+            .reshape((rows, self.input))?
+            .matmul(&self.weight.t()?)?
+            .broadcast_add(&self.bias)?;
+        if let Some(last) = shape.last_mut() {
+            *last = self.output;
+        }
+        Ok(y.reshape(shape)?)
     }
 
     /// Multiply-accumulates per input row.

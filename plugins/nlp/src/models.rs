@@ -149,16 +149,15 @@ impl ModelFactory for BertFactory {
                 (BertDims::read(&dir)?, Some(dir))
             }
             None => {
-                for (key, v) in [
-                    ("hidden", c.hidden),
-                    ("layers", c.layers),
-                    ("heads", c.heads),
-                    ("intermediate", c.intermediate),
-                ] {
-                    if v == 0 {
-                        return Err(Error::config(OWNER, key, "must be > 0"));
-                    }
-                }
+                config::require_positive(
+                    OWNER,
+                    &[
+                        ("hidden", c.hidden),
+                        ("layers", c.layers),
+                        ("heads", c.heads),
+                        ("intermediate", c.intermediate),
+                    ],
+                )?;
                 let dims = BertDims {
                     vocab_size: vocab,
                     hidden_size: c.hidden,
@@ -306,25 +305,34 @@ impl Lstm {
         let (b, t, _) = x.dims3()?;
         let h = self.hidden;
         let mask = mask.to_dtype(x.dtype())?;
+        // Input contributions of every step at once, time-major so that each step's slice is
+        // contiguous.
         let gates_in = x
-            .broadcast_matmul(&self.w_ih.t()?)?
-            .broadcast_add(&self.bias)?;
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((t * b, x.dim(2)?))?
+            .matmul(&self.w_ih.t()?)?
+            .broadcast_add(&self.bias)?
+            .reshape((t, b, 4 * h))?;
         let w_hh = self.w_hh.t()?;
         let mut state = Tensor::zeros((b, h), x.dtype(), x.device())?;
         let mut cell = state.clone();
         for step in 0..t {
             let s = if backwards { t - 1 - step } else { step };
-            let g = (gates_in.narrow(1, s, 1)?.squeeze(1)? + state.matmul(&w_hh)?)?;
-            let i = sigmoid(&g.narrow(1, 0, h)?)?;
-            let f = sigmoid(&g.narrow(1, h, h)?)?;
+            let g = (gates_in.get(s)? + state.matmul(&w_hh)?)?;
+            // One sigmoid over all four gates (the g gate's part goes unused) is cheaper than
+            // three over slices.
+            let gates = sigmoid(&g)?;
+            let i = gates.narrow(1, 0, h)?;
+            let f = gates.narrow(1, h, h)?;
             let c = g.narrow(1, 2 * h, h)?.tanh()?;
-            let o = sigmoid(&g.narrow(1, 3 * h, h)?)?;
+            let o = gates.narrow(1, 3 * h, h)?;
             let new_cell = ((f * &cell)? + (i * c)?)?;
             let new_state = (o * new_cell.tanh()?)?;
+            // Padding (m = 0) keeps the old state: old + m * (new - old).
             let m = mask.narrow(1, s, 1)?;
-            let keep = (1.0 - &m)?;
-            cell = (new_cell.broadcast_mul(&m)? + cell.broadcast_mul(&keep)?)?;
-            state = (new_state.broadcast_mul(&m)? + state.broadcast_mul(&keep)?)?;
+            cell = (&cell + (new_cell - &cell)?.broadcast_mul(&m)?)?;
+            state = (&state + (new_state - &state)?.broadcast_mul(&m)?)?;
         }
         Ok(state)
     }
@@ -350,15 +358,14 @@ impl ModelFactory for BiLstmFactory {
     fn build(&self, cfg: &Config, ctx: ModelContext<'_>) -> Result<Box<dyn Model>> {
         const OWNER: &str = "model nlp.bilstm";
         let c: BiLstmConfig = config::parse(OWNER, cfg)?;
-        for (key, v) in [
-            ("embedding", c.embedding),
-            ("hidden", c.hidden),
-            ("mlp", c.mlp),
-        ] {
-            if v == 0 {
-                return Err(Error::config(OWNER, key, "must be > 0"));
-            }
-        }
+        config::require_positive(
+            OWNER,
+            &[
+                ("embedding", c.embedding),
+                ("hidden", c.hidden),
+                ("mlp", c.mlp),
+            ],
+        )?;
         let vocab = vocabulary(OWNER, WORDS, &ctx)?;
         let vb = &ctx.vb;
         let embedding = Embedding::new(vocab, c.embedding, vb.pp("embedding"))?;
@@ -448,11 +455,7 @@ impl ModelFactory for TextCnnFactory {
                 "needs at least one width, each > 0",
             ));
         }
-        for (key, v) in [("embedding", c.embedding), ("filters", c.filters)] {
-            if v == 0 {
-                return Err(Error::config(OWNER, key, "must be > 0"));
-            }
-        }
+        config::require_positive(OWNER, &[("embedding", c.embedding), ("filters", c.filters)])?;
         let vocab = vocabulary(OWNER, WORDS, &ctx)?;
         let vb = &ctx.vb;
         let embedding = Embedding::new(vocab, c.embedding, vb.pp("embedding"))?;

@@ -175,6 +175,28 @@ fn quick_experiment_writes_tables_that_read_back_and_repeat() -> Result<()> {
 }
 
 #[test]
+fn tables_hold_only_the_jobs_of_the_experiment_as_it_is_now() -> Result<()> {
+    let quick = root().join("experiments/quick.toml");
+    let out = temp("shrunk");
+    let first = run_experiment(&quick, &out, &[])?;
+    assert!(first.status.success(), "{}", text(&first));
+    assert_eq!(read(&out.join("runs.parquet"))?.height(), 4);
+    // One seed fewer: its finished jobs stay on disk, but not in the tables.
+    let second = run_experiment(&quick, &out, &["--set", "seeds=[0]"])?;
+    assert!(second.status.success(), "{}", text(&second));
+    let runs = read(&out.join("runs.parquet"))?;
+    assert_eq!(runs.height(), 2, "{runs}");
+    let seeds = runs
+        .column("seed")?
+        .u64()?
+        .into_no_null_iter()
+        .collect::<Vec<_>>();
+    assert_eq!(seeds, [0, 0]);
+    let _ = std::fs::remove_dir_all(&out);
+    Ok(())
+}
+
+#[test]
 fn nlp_quick_experiment_runs_a_teacher_and_two_students() -> Result<()> {
     let file = root().join("experiments/nlp-quick.toml");
     let out = temp("nlp-quick");

@@ -110,9 +110,33 @@ fn check_plan(host: &PluginHost, plan: &Path) -> Result<()> {
     )
 }
 
+/// The job ids of the plan `xtask run` left in `dir`, if it left one.
+fn planned_ids(dir: &Path) -> Result<Option<std::collections::BTreeSet<String>>> {
+    let path = dir.join("plan.json");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let plan: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let ids = plan["jobs"]
+        .as_array()
+        .with_context(|| format!("{}: no `jobs` list", path.display()))?
+        .iter()
+        .filter_map(|j| j["spec"]["id"].as_str().map(str::to_string))
+        .collect();
+    Ok(Some(ids))
+}
+
 fn report(dir: &Path, git_revision: &str) -> Result<()> {
-    let records = distill_report::collect(&dir.join("jobs"))
+    let mut records = distill_report::collect(&dir.join("jobs"))
         .with_context(|| format!("collecting {}", dir.display()))?;
+    // Jobs left from an earlier version of the experiment stay on disk (a later edit may bring
+    // them back) but are not part of this one's tables.
+    if let Some(ids) = planned_ids(dir)? {
+        records.retain(|r| ids.contains(&r.id));
+    }
     let (runs, metrics) = distill_report::write_tables(dir, &records, git_revision)?;
     let students: Vec<_> = records
         .iter()

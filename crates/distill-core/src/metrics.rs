@@ -81,9 +81,152 @@ impl MetricAccumulator for ClassificationMetrics {
     }
 }
 
+/// Ranking metrics under the sampled-candidates protocol (He et al. 2017, NCF): each row of the
+/// logits scores one held-out positive (column 0) and its sampled negatives (the other columns).
+/// `hr@K` and `ndcg@K` use the positive's rank among the row's candidates; a tie counts as a
+/// uniformly random order of the tied candidates would on average (each tied place equally
+/// likely), so a constant scorer is not rewarded. `auc` is the share of negatives scored below
+/// the positive, ties counting half.
+#[derive(Clone, Debug)]
+pub struct RankingMetrics {
+    k: usize,
+    rows: u64,
+    hits: f64,
+    ndcg: f64,
+    auc: f64,
+}
+
+impl RankingMetrics {
+    /// An empty accumulator for cut-off `k`.
+    pub fn new(k: usize) -> Self {
+        Self {
+            k,
+            rows: 0,
+            hits: 0.0,
+            ndcg: 0.0,
+            auc: 0.0,
+        }
+    }
+
+    /// Adds one row: the positive's score and its negatives' scores.
+    pub fn add_row(&mut self, positive: f64, negatives: &[f64]) -> Result<()> {
+        if !positive.is_finite() || negatives.iter().any(|s| !s.is_finite()) {
+            return Err(Error::Invalid(
+                "a ranking score is not finite (NaN or infinite)".into(),
+            ));
+        }
+        let above = negatives.iter().filter(|&&s| s > positive).count();
+        let tied = negatives.iter().filter(|&&s| s == positive).count();
+        let below = negatives.len() - above - tied;
+        let share = 1.0 / (tied + 1) as f64;
+        for rank in (above..=above + tied).filter(|&r| r < self.k) {
+            self.hits += share;
+            self.ndcg += share / ((rank + 2) as f64).log2();
+        }
+        if !negatives.is_empty() {
+            self.auc += (below as f64 + 0.5 * tied as f64) / negatives.len() as f64;
+        }
+        self.rows += 1;
+        Ok(())
+    }
+}
+
+impl MetricAccumulator for RankingMetrics {
+    fn update(&mut self, logits: &Tensor, _batch: &Batch) -> Result<()> {
+        for row in logits.to_dtype(DType::F64)?.to_vec2::<f64>()? {
+            let (positive, negatives) = row
+                .split_first()
+                .ok_or_else(|| Error::Invalid("a ranking row without candidates".into()))?;
+            self.add_row(*positive, negatives)?;
+        }
+        Ok(())
+    }
+
+    fn finish(&self) -> Result<Vec<(String, f64)>> {
+        let n = self.rows.max(1) as f64;
+        Ok(vec![
+            (format!("hr@{}", self.k), self.hits / n),
+            (format!("ndcg@{}", self.k), self.ndcg / n),
+            ("auc".to_string(), self.auc / n),
+        ])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ranking(k: usize, rows: &[(f64, &[f64])]) -> Result<Vec<(String, f64)>> {
+        let mut m = RankingMetrics::new(k);
+        for (p, n) in rows {
+            m.add_row(*p, n)?;
+        }
+        m.finish()
+    }
+
+    #[test]
+    fn ranking_metrics_match_hand_computed_ranks() -> Result<()> {
+        // Rank 0: hit, ndcg 1, auc 1. Rank 2 (two above): hit@3, ndcg 1/log2(4) = 0.5,
+        // auc 1/3. Rank 3 with k = 3: miss, auc 0.
+        let got = ranking(
+            3,
+            &[
+                (0.9, &[0.1, 0.2, 0.3]),
+                (0.5, &[0.7, 0.6, 0.1]),
+                (0.0, &[0.7, 0.6, 0.1]),
+            ],
+        )?;
+        let want = [
+            ("hr@3", 2.0 / 3.0),
+            ("ndcg@3", 1.5 / 3.0),
+            ("auc", (1.0 + 1.0 / 3.0) / 3.0),
+        ];
+        for ((name, v), (wn, wv)) in got.iter().zip(want) {
+            assert_eq!(name, wn);
+            assert!((v - wv).abs() < 1e-12, "{name}: {v} vs {wv}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn ties_count_as_a_random_order_would_on_average() -> Result<()> {
+        // One negative above, two tied: rank 1, 2 or 3, each with probability 1/3.
+        let got = ranking(2, &[(0.5, &[0.9, 0.5, 0.5, 0.1])])?;
+        let hr = 1.0 / 3.0;
+        let ndcg = (1.0 / 3f64.log2()) / 3.0;
+        let auc = (1.0 + 0.5 * 2.0) / 4.0;
+        assert!((got[0].1 - hr).abs() < 1e-12);
+        assert!((got[1].1 - ndcg).abs() < 1e-12);
+        assert!((got[2].1 - auc).abs() < 1e-12);
+        // A constant scorer over 1 + 99 candidates gets HR@10 = 10 / 100 exactly.
+        let constant = ranking(10, &[(1.0, &[1.0; 99])])?;
+        assert!((constant[0].1 - 0.1).abs() < 1e-12);
+        Ok(())
+    }
+
+    #[test]
+    fn a_random_scorer_hits_the_top_ten_of_a_hundred_about_a_tenth_of_the_time() -> Result<()> {
+        let mut rng = crate::rng::Rng::new(5);
+        let mut m = RankingMetrics::new(10);
+        for _ in 0..20_000 {
+            let negatives: Vec<f64> = (0..99).map(|_| rng.uniform()).collect();
+            m.add_row(rng.uniform(), &negatives)?;
+        }
+        let got = m.finish()?;
+        assert!((got[0].1 - 0.10).abs() < 0.01, "hr@10 {}", got[0].1);
+        assert!((got[2].1 - 0.5).abs() < 0.01, "auc {}", got[2].1);
+        Ok(())
+    }
+
+    #[test]
+    fn non_finite_scores_are_an_error() {
+        assert!(RankingMetrics::new(10).add_row(f64::NAN, &[0.1]).is_err());
+        assert!(
+            RankingMetrics::new(10)
+                .add_row(0.1, &[f64::INFINITY])
+                .is_err()
+        );
+    }
 
     #[test]
     fn accuracy_and_macro_f1_match_hand_computation() -> Result<()> {

@@ -205,6 +205,9 @@ fn metric(metrics: &Metrics, name: &str) -> Option<f64> {
     metrics.iter().find(|(k, _)| k == name).map(|(_, v)| *v)
 }
 
+/// How often a long epoch logs its progress.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Trains `inputs.model` with `inputs.strategy` for at most `config.epochs` epochs.
 pub fn fit(inputs: FitInputs<'_>, config: &TrainConfig) -> Result<Outcome> {
     config.validate()?;
@@ -238,7 +241,8 @@ pub fn fit(inputs: FitInputs<'_>, config: &TrainConfig) -> Result<Outcome> {
         );
         let mut sums: Vec<(String, f64)> = Vec::new();
         let mut lr = config.optimizer.lr();
-        for chunk in &batches {
+        let mut last_report = Instant::now();
+        for (b, chunk) in batches.iter().enumerate() {
             let batch = dataset.batch(Split::Train, chunk, device)?;
             let student = model.forward(&batch.inputs, true)?;
             let teacher_out = match &teacher {
@@ -284,6 +288,19 @@ pub fn fit(inputs: FitInputs<'_>, config: &TrainConfig) -> Result<Outcome> {
             let grads = terms.total.backward()?;
             optimizer.step(&grads, lr)?;
             step += 1;
+            if last_report.elapsed() >= PROGRESS_EVERY {
+                last_report = Instant::now();
+                let done = b + 1;
+                let per_step = started.elapsed().as_secs_f64() / done as f64;
+                tracing::info!(
+                    epoch,
+                    step = done,
+                    of = batches.len(),
+                    loss = total,
+                    seconds_left_in_epoch = (per_step * (batches.len() - done) as f64).round(),
+                    "training"
+                );
+            }
         }
         strategy.end_epoch(epoch)?;
         let train = sums

@@ -1,4 +1,5 @@
-//! The standard distillation strategies: `baseline`, `kd` and `feature-mse`.
+//! The standard distillation strategies: `baseline`, `kd`, `feature-mse`, and the relation-based
+//! `sp` and `pkt`.
 //!
 //! Every loss documents its formula, reduction and defaults next to its code; golden values from
 //! an independent NumPy computation (`tests/fixtures/strategies_golden.py`) pin them in tests.
@@ -7,6 +8,7 @@
 mod baseline;
 mod feature_mse;
 mod kd;
+mod relations;
 
 use distill_rt::{Registrar, Result};
 
@@ -16,6 +18,14 @@ fn register(r: &mut Registrar) -> Result<()> {
     r.strategy("baseline", baseline::BaselineFactory)?;
     r.strategy("kd", kd::KdFactory)?;
     r.strategy("feature-mse", feature_mse::FeatureMseFactory)?;
+    r.strategy(
+        "sp",
+        relations::RelationFactory(relations::Relation::SimilarityPreserving),
+    )?;
+    r.strategy(
+        "pkt",
+        relations::RelationFactory(relations::Relation::ProbabilisticTransfer),
+    )?;
     Ok(())
 }
 

@@ -213,15 +213,22 @@ pub fn run_case(case: &Case) -> Result<()> {
         s.as_tensor(),
         1e-6,
     )?;
-    let analytic = grads
-        .get(s.as_tensor())
-        .expect("student logits get a gradient");
-    let err = max_relative_error(analytic, &fd_s, 1e-6)?;
-    assert!(
-        err <= 1e-3,
-        "{}: d loss / d s_logits relative error {err}",
-        case.name
-    );
+    match grads.get(s.as_tensor()) {
+        Some(analytic) => {
+            let err = max_relative_error(analytic, &fd_s, 1e-6)?;
+            assert!(
+                err <= 1e-3,
+                "{}: d loss / d s_logits relative error {err}",
+                case.name
+            );
+        }
+        // A zero weight cuts the graph in candle (affine by 0): fine when the logits do not matter.
+        None => assert!(
+            fd_s.abs()?.max_all()?.to_scalar::<f64>()? < 1e-9,
+            "{}: s_logits matter but have no gradient",
+            case.name
+        ),
+    }
     if let Some(h) = &h {
         let fd_h = testing::central_differences(
             |x| scalar(total(&built, case, s.as_tensor(), Some(x), DType::F64)?),

@@ -40,10 +40,36 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
     Ok(normed.broadcast_mul(gamma)?.broadcast_add(beta)?)
 }
 
+/// The L2 norm along `dim` (kept as a size-1 dimension), never below `floor`: `sqrt(max(sum x^2,
+/// floor^2))`. Unlike `x.sqr().sum().sqrt()` it has a finite gradient at `x = 0`: there `sqrt`'s
+/// derivative is infinite, and an upstream gradient of 0 times it is NaN, which silently poisons
+/// the weights (a ReLU then maps the NaN to 0 and the loss stays finite).
+pub fn l2_norm(x: &Tensor, dim: D, floor: f64) -> Result<Tensor> {
+    Ok(x.sqr()?
+        .sum_keepdim(dim)?
+        .clamp(floor * floor, f64::MAX)?
+        .sqrt()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn l2_norm_has_a_finite_gradient_at_zero() -> Result<()> {
+        let x = candle_core::Var::new(&[[0.0f64, 0.0], [3.0, 4.0]], &Device::Cpu)?;
+        let n = l2_norm(x.as_tensor(), D::Minus1, 1e-12)?;
+        let values = n.flatten_all()?.to_vec1::<f64>()?;
+        assert!((values[0] - 1e-12).abs() < 1e-24 && (values[1] - 5.0).abs() < 1e-12);
+        let grads = x.as_tensor().broadcast_div(&n)?.sum_all()?.backward()?;
+        let g = grads
+            .get(x.as_tensor())
+            .map(|g| g.flatten_all()?.to_vec1::<f64>());
+        let g = g.transpose()?.unwrap_or_default();
+        assert!(g.iter().all(|v| v.is_finite()), "{g:?}");
+        Ok(())
+    }
 
     #[test]
     fn log_softmax_matches_closed_form() -> Result<()> {

@@ -16,7 +16,7 @@
 //! one `b x b` matrix per side.
 
 use distill_rt::candle::{D, Tensor};
-use distill_rt::ops::cross_entropy;
+use distill_rt::ops::{cross_entropy, l2_norm};
 use distill_rt::strategy::{StepInfo, feature, require_teacher};
 use distill_rt::{
     Batch, Config, Error, LossTerms, ModelOutput, Result, Strategy, StrategyContext,
@@ -86,17 +86,12 @@ impl Relation {
 /// `F F^T` with each row scaled to unit L2 norm.
 fn gram(f: &Tensor) -> Result<Tensor> {
     let g = f.matmul(&f.t()?)?;
-    let norm = g
-        .sqr()?
-        .sum_keepdim(D::Minus1)?
-        .sqrt()?
-        .clamp(1e-12, f64::MAX)?;
-    Ok(g.broadcast_div(&norm)?)
+    Ok(g.broadcast_div(&l2_norm(&g, D::Minus1, 1e-12)?)?)
 }
 
 /// PKT's conditional probabilities: cosine similarities mapped to `[0, 1]`, rows summing to 1.
 fn cosine_probabilities(f: &Tensor) -> Result<Tensor> {
-    let norm = (f.sqr()?.sum_keepdim(D::Minus1)?.sqrt()? + 1e-7)?;
+    let norm = (l2_norm(f, D::Minus1, 1e-30)? + 1e-7)?;
     let unit = f.broadcast_div(&norm)?;
     let c = ((unit.matmul(&unit.t()?)? + 1.0)? / 2.0)?;
     Ok(c.broadcast_div(&c.sum_keepdim(D::Minus1)?)?)

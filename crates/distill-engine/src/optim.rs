@@ -5,7 +5,7 @@
 //! `buf = m * buf + g`, `p -= lr * buf`. Variables without a gradient in a step are left alone.
 
 use distill_rt::candle::backprop::GradStore;
-use distill_rt::candle::{Tensor, Var};
+use distill_rt::candle::{DType, Tensor, Var};
 use distill_rt::serde::{Deserialize, Serialize};
 use distill_rt::{Error, Result};
 
@@ -158,6 +158,20 @@ impl Optimizer {
             second: vec![None; n],
             steps: vec![0; n],
         })
+    }
+
+    /// Whether every gradient of the optimizer's variables is finite. A NaN gradient with a
+    /// finite loss (`sqrt` at 0, say) would otherwise poison the weights silently.
+    pub fn gradients_finite(&self, grads: &GradStore) -> Result<bool> {
+        for var in &self.vars {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                let sum = g.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                if !sum.is_finite() {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
     }
 
     /// One update with learning rate `lr`. The moment buffers are kept detached: gradients

@@ -286,6 +286,18 @@ pub fn fit(inputs: FitInputs<'_>, config: &TrainConfig) -> Result<Outcome> {
                 steps_per_epoch,
             );
             let grads = terms.total.backward()?;
+            if !optimizer.gradients_finite(&grads)? {
+                tracing::warn!(
+                    epoch,
+                    step,
+                    "a gradient is not finite though the loss is: the run diverged"
+                );
+                return Ok(Outcome {
+                    stop: StopReason::Diverged { step },
+                    epochs,
+                    best_epoch,
+                });
+            }
             optimizer.step(&grads, lr)?;
             step += 1;
             if last_report.elapsed() >= PROGRESS_EVERY {
@@ -475,6 +487,37 @@ mod tests {
     fn nan_loss_ends_the_run_as_diverged_with_its_step() -> Result<()> {
         let out = run(1, &mut NanAfter, &config(3), None)?;
         assert_eq!(out.stop, StopReason::Diverged { step: 5 });
+        Ok(())
+    }
+
+    /// A finite loss whose gradient is NaN from step 3 on: `0 * sqrt(0)` has the value 0 and,
+    /// through `sqrt`'s infinite slope at 0, the gradient NaN.
+    struct NanGradientAfter;
+    impl Strategy for NanGradientAfter {
+        fn teacher_needs(&self) -> TeacherNeeds {
+            TeacherNeeds::default()
+        }
+        fn loss(
+            &self,
+            s: &ModelOutput,
+            t: Option<&ModelOutput>,
+            b: &Batch,
+            step: &StepInfo,
+        ) -> Result<LossTerms> {
+            let mut terms = Supervised.loss(s, t, b, step)?;
+            if step.step >= 3 {
+                let zero = (&s.logits - s.logits.detach())?.sqr()?.sum_all()?.sqrt()?;
+                let scale = Tensor::zeros((), zero.dtype(), zero.device())?;
+                terms.total = (terms.total + (zero * scale)?)?;
+            }
+            Ok(terms)
+        }
+    }
+
+    #[test]
+    fn a_nan_gradient_under_a_finite_loss_ends_the_run_as_diverged() -> Result<()> {
+        let out = run(1, &mut NanGradientAfter, &config(3), None)?;
+        assert_eq!(out.stop, StopReason::Diverged { step: 3 });
         Ok(())
     }
 

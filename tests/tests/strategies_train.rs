@@ -151,7 +151,7 @@ fn every_strategy_trains_a_student_without_nan() -> Result<()> {
             .find(|(k, _)| k == "accuracy")
             .map_or(0.0, |(_, v)| *v);
         assert!(
-            accuracy > 0.4,
+            accuracy > 0.5,
             "{name}: validation accuracy {accuracy} (chance 0.25)"
         );
     }

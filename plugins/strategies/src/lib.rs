@@ -1,14 +1,16 @@
-//! The standard distillation strategies: `baseline`, `kd`, `feature-mse`, and the relation-based
-//! `sp` and `pkt`.
+//! The standard distillation strategies: `baseline`, `kd`, `feature-mse`, the relation-based
+//! `sp`, `pkt` and `rkd`, and `dist`.
 //!
 //! Every loss documents its formula, reduction and defaults next to its code; golden values from
 //! an independent NumPy computation (`tests/fixtures/strategies_golden.py`) pin them in tests.
 //! Loss terms are reported weighted, so that they add up to the total.
 
 mod baseline;
+mod dist;
 mod feature_mse;
 mod kd;
 mod relations;
+mod rkd;
 
 use distill_rt::{Registrar, Result};
 
@@ -26,6 +28,8 @@ fn register(r: &mut Registrar) -> Result<()> {
         "pkt",
         relations::RelationFactory(relations::Relation::ProbabilisticTransfer),
     )?;
+    r.strategy("rkd", rkd::RkdFactory)?;
+    r.strategy("dist", dist::DistFactory)?;
     Ok(())
 }
 

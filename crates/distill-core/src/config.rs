@@ -43,6 +43,15 @@ pub fn require_positive(owner: &str, values: &[(&str, usize)]) -> Result<()> {
     }
 }
 
+/// Checks that every `(key, weight)` is finite and not negative (loss weights), naming the
+/// first that is not.
+pub fn require_weights(owner: &str, values: &[(&str, f64)]) -> Result<()> {
+    match values.iter().find(|(_, w)| !(*w >= 0.0 && w.is_finite())) {
+        Some((key, w)) => Err(Error::config(owner, *key, format!("must be >= 0, got {w}"))),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

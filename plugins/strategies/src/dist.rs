@@ -50,15 +50,14 @@ impl StrategyFactory for DistFactory {
     }
     fn build(&self, cfg: &Config, _ctx: StrategyContext<'_>) -> Result<Box<dyn Strategy>> {
         let c: DistConfig = config::parse(OWNER, cfg)?;
-        for (key, w) in [
-            ("ce_weight", c.ce_weight),
-            ("beta", c.beta),
-            ("gamma", c.gamma),
-        ] {
-            if !(w >= 0.0 && w.is_finite()) {
-                return Err(Error::config(OWNER, key, format!("must be >= 0, got {w}")));
-            }
-        }
+        config::require_weights(
+            OWNER,
+            &[
+                ("ce_weight", c.ce_weight),
+                ("beta", c.beta),
+                ("gamma", c.gamma),
+            ],
+        )?;
         if !(c.tau > 0.0 && c.tau.is_finite()) {
             return Err(Error::config(
                 OWNER,
@@ -124,15 +123,10 @@ impl Strategy for Dist {
 
 #[cfg(test)]
 mod tests {
-    use crate::test_support::{golden_cases, run_case};
+    use crate::test_support::check_golden;
 
     #[test]
     fn dist_matches_golden_values() -> distill_rt::Result<()> {
-        let cases = golden_cases("dist");
-        assert!(cases.len() >= 3);
-        for case in &cases {
-            run_case(case)?;
-        }
-        Ok(())
+        check_golden("dist")
     }
 }

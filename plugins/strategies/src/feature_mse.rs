@@ -54,14 +54,13 @@ impl StrategyFactory for FeatureMseFactory {
 
     fn build(&self, cfg: &Config, ctx: StrategyContext<'_>) -> Result<Box<dyn Strategy>> {
         let c: FeatureMseConfig = config::parse(OWNER, cfg)?;
-        for (key, v) in [
-            ("ce_weight", c.ce_weight),
-            ("feature_weight", c.feature_weight),
-        ] {
-            if !(v >= 0.0 && v.is_finite()) {
-                return Err(Error::config(OWNER, key, format!("must be >= 0, got {v}")));
-            }
-        }
+        config::require_weights(
+            OWNER,
+            &[
+                ("ce_weight", c.ce_weight),
+                ("feature_weight", c.feature_weight),
+            ],
+        )?;
         let shape = |side: &'static str,
                      shapes: &std::collections::BTreeMap<String, Vec<usize>>,
                      name: &str| {

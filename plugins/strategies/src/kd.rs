@@ -114,15 +114,10 @@ impl Strategy for Kd {
 
 #[cfg(test)]
 mod tests {
-    use crate::test_support::{Case, golden_cases, run_case};
+    use crate::test_support::check_golden;
 
     #[test]
     fn kd_matches_golden_values() -> distill_rt::Result<()> {
-        let cases: Vec<Case> = golden_cases("kd");
-        assert!(cases.len() >= 3);
-        for case in &cases {
-            run_case(case)?;
-        }
-        Ok(())
+        check_golden("kd")
     }
 }

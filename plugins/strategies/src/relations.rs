@@ -117,11 +117,10 @@ impl StrategyFactory for RelationFactory {
         let c: RelationConfig = config::parse(&owner, cfg)?;
         let ce_weight = c.ce_weight.unwrap_or(1.0);
         let feature_weight = c.feature_weight.unwrap_or(self.0.default_weight());
-        for (key, w) in [("ce_weight", ce_weight), ("feature_weight", feature_weight)] {
-            if !(w >= 0.0 && w.is_finite()) {
-                return Err(Error::config(&owner, key, format!("must be >= 0, got {w}")));
-            }
-        }
+        config::require_weights(
+            &owner,
+            &[("ce_weight", ce_weight), ("feature_weight", feature_weight)],
+        )?;
         Ok(Box::new(RelationStrategy {
             relation: self.0,
             owner,
@@ -173,25 +172,15 @@ impl Strategy for RelationStrategy {
 
 #[cfg(test)]
 mod tests {
-    use crate::test_support::{golden_cases, run_case};
+    use crate::test_support::check_golden;
 
     #[test]
     fn sp_matches_golden_values() -> distill_rt::Result<()> {
-        let cases = golden_cases("sp");
-        assert!(cases.len() >= 3);
-        for case in &cases {
-            run_case(case)?;
-        }
-        Ok(())
+        check_golden("sp")
     }
 
     #[test]
     fn pkt_matches_golden_values() -> distill_rt::Result<()> {
-        let cases = golden_cases("pkt");
-        assert!(cases.len() >= 3);
-        for case in &cases {
-            run_case(case)?;
-        }
-        Ok(())
+        check_golden("pkt")
     }
 }

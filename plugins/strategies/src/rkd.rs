@@ -54,15 +54,14 @@ impl StrategyFactory for RkdFactory {
     }
     fn build(&self, cfg: &Config, _ctx: StrategyContext<'_>) -> Result<Box<dyn Strategy>> {
         let c: RkdConfig = config::parse(OWNER, cfg)?;
-        for (key, w) in [
-            ("ce_weight", c.ce_weight),
-            ("distance_weight", c.distance_weight),
-            ("angle_weight", c.angle_weight),
-        ] {
-            if !(w >= 0.0 && w.is_finite()) {
-                return Err(Error::config(OWNER, key, format!("must be >= 0, got {w}")));
-            }
-        }
+        config::require_weights(
+            OWNER,
+            &[
+                ("ce_weight", c.ce_weight),
+                ("distance_weight", c.distance_weight),
+                ("angle_weight", c.angle_weight),
+            ],
+        )?;
         Ok(Box::new(Rkd { config: c }))
     }
 }
@@ -151,15 +150,10 @@ impl Strategy for Rkd {
 
 #[cfg(test)]
 mod tests {
-    use crate::test_support::{golden_cases, run_case};
+    use crate::test_support::check_golden;
 
     #[test]
     fn rkd_matches_golden_values() -> distill_rt::Result<()> {
-        let cases = golden_cases("rkd");
-        assert!(cases.len() >= 3);
-        for case in &cases {
-            run_case(case)?;
-        }
-        Ok(())
+        check_golden("rkd")
     }
 }

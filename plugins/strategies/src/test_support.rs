@@ -142,6 +142,16 @@ fn total(
     Ok(terms.total)
 }
 
+/// Runs every golden case of `strategy` (at least 3) through [`run_case`].
+pub fn check_golden(strategy: &str) -> Result<()> {
+    let cases = golden_cases(strategy);
+    assert!(cases.len() >= 3, "{strategy}: {} golden cases", cases.len());
+    for case in &cases {
+        run_case(case)?;
+    }
+    Ok(())
+}
+
 /// Checks values, gradients and coverage for one case; panics with the case name on failure.
 pub fn run_case(case: &Case) -> Result<()> {
     // Values, in f32 as in training.

@@ -1,5 +1,5 @@
 //! The standard distillation strategies: `baseline`, `kd`, `feature-mse`, the relation-based
-//! `sp`, `pkt` and `rkd`, and `dist`.
+//! `sp`, `pkt` and `rkd`, and the logit-based `dist` and `dkd`.
 //!
 //! Every loss documents its formula, reduction and defaults next to its code; golden values from
 //! an independent NumPy computation (`tests/fixtures/strategies_golden.py`) pin them in tests.
@@ -7,6 +7,7 @@
 
 mod baseline;
 mod dist;
+mod dkd;
 mod feature_mse;
 mod kd;
 mod relations;
@@ -30,6 +31,7 @@ fn register(r: &mut Registrar) -> Result<()> {
     )?;
     r.strategy("rkd", rkd::RkdFactory)?;
     r.strategy("dist", dist::DistFactory)?;
+    r.strategy("dkd", dkd::DkdFactory)?;
     Ok(())
 }
 

@@ -11,6 +11,13 @@
 //!   (weight and bias uniform in `±1/sqrt(fan_in)`) and trains with the student;
 //! - defaults `ce_weight = 1`, `feature_weight = 1`;
 //! - terms: `ce`, `feature` (both weighted).
+//!
+//! `fitnets` is the same matching with RepDistiller's hint loss: `nn.MSELoss()` (the mean over
+//! every element, not half the per-sample sum), `feature_weight = 100`, and Romero et al.'s
+//! hint stage: for the first `hint_epochs` epochs (default 0, as RepDistiller trains jointly)
+//! the loss is the hint term alone. The regressor is the linear / 1x1 adapter above, without
+//! RepDistiller's batch norm and ReLU (a batch norm would carry running statistics the strategy
+//! contract has no place for). Terms `ce`, `hint`.
 
 use distill_rt::candle::Tensor;
 use distill_rt::candle_nn::Init;
@@ -22,40 +29,80 @@ use distill_rt::{
     StrategyFactory, TeacherNeeds, config,
 };
 
-const OWNER: &str = "strategy feature-mse";
-
 #[derive(distill_rt::serde::Deserialize, Clone, Debug)]
-#[serde(crate = "distill_rt::serde", deny_unknown_fields, default)]
+#[serde(crate = "distill_rt::serde", deny_unknown_fields)]
+struct MatchingConfig {
+    student_feature: Option<String>,
+    teacher_feature: Option<String>,
+    ce_weight: Option<f64>,
+    feature_weight: Option<f64>,
+    hint_epochs: Option<usize>,
+}
+
+/// Which feature-matching loss a [`FeatureMseFactory`] builds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Matching {
+    /// `feature-mse`: half the squared distance summed per sample, averaged over the batch.
+    HalfSquared,
+    /// `fitnets`: the mean squared error over every element, with an optional hint stage.
+    FitNets,
+}
+
+impl Matching {
+    fn owner(self) -> &'static str {
+        match self {
+            Matching::HalfSquared => "strategy feature-mse",
+            Matching::FitNets => "strategy fitnets",
+        }
+    }
+}
+
 struct FeatureMseConfig {
     student_feature: String,
     teacher_feature: String,
     ce_weight: f64,
     feature_weight: f64,
-}
-
-impl Default for FeatureMseConfig {
-    fn default() -> Self {
-        Self {
-            student_feature: PENULTIMATE.into(),
-            teacher_feature: PENULTIMATE.into(),
-            ce_weight: 1.0,
-            feature_weight: 1.0,
-        }
-    }
+    hint_epochs: usize,
 }
 
 /// Builds [`FeatureMse`], creating the adapter when the feature widths differ.
-pub struct FeatureMseFactory;
+pub struct FeatureMseFactory(pub Matching);
 
 impl StrategyFactory for FeatureMseFactory {
     fn summary(&self) -> &str {
-        "feature matching: CE + 0.5*||adapter(h_s) - h_t||^2 averaged over the batch, learned adapter when widths differ"
+        match self.0 {
+            Matching::HalfSquared => {
+                "feature matching: CE + 0.5*||adapter(h_s) - h_t||^2 averaged over the batch, learned adapter when widths differ"
+            }
+            Matching::FitNets => {
+                "FitNets hint (RepDistiller's form): ce_weight*CE + feature_weight*MSE(adapter(h_s), h_t) over every element; feature_weight 100, hint_epochs 0 (hint-only first epochs)"
+            }
+        }
     }
 
     fn build(&self, cfg: &Config, ctx: StrategyContext<'_>) -> Result<Box<dyn Strategy>> {
-        let c: FeatureMseConfig = config::parse(OWNER, cfg)?;
+        const FITNETS_WEIGHT: f64 = 100.0;
+        let owner = self.0.owner();
+        let raw: MatchingConfig = config::parse(owner, cfg)?;
+        if self.0 == Matching::HalfSquared && raw.hint_epochs.is_some() {
+            return Err(Error::config(
+                owner,
+                "hint_epochs",
+                "is a `fitnets` setting (a hint-only first stage)",
+            ));
+        }
+        let c = FeatureMseConfig {
+            student_feature: raw.student_feature.unwrap_or_else(|| PENULTIMATE.into()),
+            teacher_feature: raw.teacher_feature.unwrap_or_else(|| PENULTIMATE.into()),
+            ce_weight: raw.ce_weight.unwrap_or(1.0),
+            feature_weight: raw.feature_weight.unwrap_or(match self.0 {
+                Matching::HalfSquared => 1.0,
+                Matching::FitNets => FITNETS_WEIGHT,
+            }),
+            hint_epochs: raw.hint_epochs.unwrap_or(0),
+        };
         config::require_weights(
-            OWNER,
+            owner,
             &[
                 ("ce_weight", c.ce_weight),
                 ("feature_weight", c.feature_weight),
@@ -68,7 +115,7 @@ impl StrategyFactory for FeatureMseFactory {
                 .get(name)
                 .cloned()
                 .ok_or_else(|| Error::MissingFeature {
-                    owner: OWNER.into(),
+                    owner: owner.into(),
                     side,
                     name: name.into(),
                     available: shapes.keys().cloned().collect::<Vec<_>>().join(", "),
@@ -84,13 +131,17 @@ impl StrategyFactory for FeatureMseFactory {
             }
             _ => {
                 return Err(Error::Invalid(format!(
-                    "{OWNER}: student feature `{}` {s:?} cannot be mapped to teacher feature `{}` {t:?}: \
+                    "{owner}: student feature `{}` {s:?} cannot be mapped to teacher feature `{}` {t:?}: \
                      only the width (last dim of [d], channels of [c, h, w]) may differ",
                     c.student_feature, c.teacher_feature
                 )));
             }
         };
-        Ok(Box::new(FeatureMse { config: c, adapter }))
+        Ok(Box::new(FeatureMse {
+            matching: self.0,
+            config: c,
+            adapter,
+        }))
     }
 }
 
@@ -134,6 +185,7 @@ impl Adapter {
 
 /// Feature matching with pinned conventions (module docs).
 pub struct FeatureMse {
+    matching: Matching,
     config: FeatureMseConfig,
     adapter: Option<Adapter>,
 }
@@ -159,34 +211,45 @@ impl Strategy for FeatureMse {
         s: &ModelOutput,
         t: Option<&ModelOutput>,
         batch: &Batch,
-        _step: &StepInfo,
+        step: &StepInfo,
     ) -> Result<LossTerms> {
-        let t = require_teacher(OWNER, t)?;
-        let h_s = feature(OWNER, "student", s, &self.config.student_feature)?;
-        let h_t = feature(OWNER, "teacher", t, &self.config.teacher_feature)?;
+        let owner = self.matching.owner();
+        let t = require_teacher(owner, t)?;
+        let h_s = feature(owner, "student", s, &self.config.student_feature)?;
+        let h_t = feature(owner, "teacher", t, &self.config.teacher_feature)?;
         let h_s = match &self.adapter {
             Some(a) => a.forward(h_s)?,
             None => h_s.clone(),
         };
         if h_s.dims() != h_t.dims() {
             return Err(Error::Invalid(format!(
-                "{OWNER}: student feature {:?} and teacher feature {:?} differ in shape",
+                "{owner}: student feature {:?} and teacher feature {:?} differ in shape",
                 h_s.dims(),
                 h_t.dims()
             )));
         }
-        let ce = (cross_entropy(&s.logits, &batch.targets)? * self.config.ce_weight)?;
-        let feat = (half_squared_error(&h_s, h_t)? * self.config.feature_weight)?;
+        let hint_stage = step.epoch < self.config.hint_epochs;
+        let ce_weight = if hint_stage {
+            0.0
+        } else {
+            self.config.ce_weight
+        };
+        let ce = (cross_entropy(&s.logits, &batch.targets)? * ce_weight)?;
+        let (name, distance) = match self.matching {
+            Matching::HalfSquared => ("feature", half_squared_error(&h_s, h_t)?),
+            Matching::FitNets => ("hint", (&h_s - h_t.detach())?.sqr()?.mean_all()?),
+        };
+        let feat = (distance * self.config.feature_weight)?;
         Ok(LossTerms {
             total: (&ce + &feat)?,
-            terms: vec![("ce".into(), ce), ("feature".into(), feat)],
+            terms: vec![("ce".into(), ce), (name.into(), feat)],
         })
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::test_support::{golden_cases, run_case};
+    use crate::test_support::{check_golden, golden_cases, run_case};
 
     #[test]
     fn feature_mse_matches_golden_values() -> distill_rt::Result<()> {
@@ -202,5 +265,10 @@ mod tests {
             run_case(case)?;
         }
         Ok(())
+    }
+
+    #[test]
+    fn fitnets_matches_golden_values() -> distill_rt::Result<()> {
+        check_golden("fitnets")
     }
 }

@@ -1,4 +1,4 @@
-//! The standard distillation strategies: `baseline`, `kd`, `feature-mse`, the relation-based
+//! The standard distillation strategies: `baseline`, `kd`, `feature-mse` and `fitnets`, the relation-based
 //! `sp`, `pkt` and `rkd`, and the logit-based `dist` and `dkd`.
 //!
 //! Every loss documents its formula, reduction and defaults next to its code; golden values from
@@ -20,7 +20,14 @@ distill_rt::export_plugin!(register);
 fn register(r: &mut Registrar) -> Result<()> {
     r.strategy("baseline", baseline::BaselineFactory)?;
     r.strategy("kd", kd::KdFactory)?;
-    r.strategy("feature-mse", feature_mse::FeatureMseFactory)?;
+    r.strategy(
+        "feature-mse",
+        feature_mse::FeatureMseFactory(feature_mse::Matching::HalfSquared),
+    )?;
+    r.strategy(
+        "fitnets",
+        feature_mse::FeatureMseFactory(feature_mse::Matching::FitNets),
+    )?;
     r.strategy(
         "sp",
         relations::RelationFactory(relations::Relation::SimilarityPreserving),

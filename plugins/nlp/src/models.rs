@@ -30,14 +30,17 @@ use crate::bert::{BertDims, Encoder, load_pretrained, mean_pool, variable_count}
 use crate::data::{PIECES, WORDS};
 use crate::vocab::resolve_model_dir;
 
+/// The error for a model that reads WordPiece ids from a dataset without them.
+fn needs_wordpiece(owner: &str) -> String {
+    format!("{owner} reads WordPiece ids: set the dataset's `wordpiece` to the model's folder")
+}
+
 /// The ids and mask named `ids`, or an error saying which dataset setting provides them.
 fn tokens<'a>(owner: &str, ids: &str, inputs: &'a TensorMap) -> Result<(&'a Tensor, &'a Tensor)> {
     let mask = format!("{ids}_mask");
     match (inputs.get(ids), inputs.get(&mask)) {
         (Some(i), Some(m)) => Ok((i, m)),
-        _ if ids == PIECES => Err(Error::Invalid(format!(
-            "{owner} reads WordPiece ids: set the dataset's `wordpiece` to the model's folder"
-        ))),
+        _ if ids == PIECES => Err(Error::Invalid(needs_wordpiece(owner))),
         _ => Err(Error::Invalid(format!(
             "{owner} needs the inputs `{ids}` and `{mask}`"
         ))),
@@ -48,9 +51,7 @@ fn tokens<'a>(owner: &str, ids: &str, inputs: &'a TensorMap) -> Result<(&'a Tens
 fn vocabulary(owner: &str, ids: &str, ctx: &ModelContext<'_>) -> Result<usize> {
     ctx.dataset.cardinality.get(ids).copied().ok_or_else(|| {
         Error::Invalid(if ids == PIECES {
-            format!(
-                "{owner} reads WordPiece ids: set the dataset's `wordpiece` to the model's folder"
-            )
+            needs_wordpiece(owner)
         } else {
             format!("{owner} needs a text dataset with an `{ids}` input")
         })

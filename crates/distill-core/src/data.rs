@@ -69,12 +69,18 @@ impl DatasetInfo {
     }
 }
 
+/// The relevance of a ranking candidate that is neither a positive nor a negative (an item not
+/// sampled this epoch, a held-out item during training): losses and metrics leave it out.
+pub const UNLABELLED: f32 = -1.0;
+
 /// One mini-batch: inputs, targets and the dataset indices of its samples.
 #[derive(Clone, Debug)]
 pub struct Batch {
     /// Named model inputs, each with the batch as its first dimension.
     pub inputs: TensorMap,
-    /// Targets: class ids (`u32`) for classification, relevance for ranking.
+    /// Targets: class ids (`u32`, `[batch]`) for classification; for ranking, relevance
+    /// (`f32`, the logits' shape `[batch, candidates]`): 1 relevant, 0 not relevant, and
+    /// [`UNLABELLED`] for candidates that neither losses nor metrics read.
     pub targets: Tensor,
     /// Index of each sample within its split (`u32`), for teacher caches and memory banks.
     pub indices: Tensor,
@@ -93,6 +99,20 @@ pub trait Dataset: Send + Sync {
     fn lengths(&self, split: Split) -> Option<Vec<usize>> {
         let _ = split;
         None
+    }
+    /// The targets of the training samples at `indices` in `epoch` of a run seeded `seed`, for a
+    /// dataset whose targets change between epochs (negatives sampled anew each epoch); `None`:
+    /// those of [`Dataset::batch`]. Inputs never change, so a teacher's cached outputs stay
+    /// valid.
+    fn epoch_targets(
+        &self,
+        epoch: usize,
+        seed: u64,
+        indices: &[usize],
+        device: &Device,
+    ) -> Result<Option<Tensor>> {
+        let _ = (epoch, seed, indices, device);
+        Ok(None)
     }
 }
 

@@ -142,6 +142,17 @@ impl Dataset for GuardedDataset {
     fn lengths(&self, split: Split) -> Option<Vec<usize>> {
         self.lengths[split as usize].clone()
     }
+    fn epoch_targets(
+        &self,
+        epoch: usize,
+        seed: u64,
+        indices: &[usize],
+        device: &Device,
+    ) -> Result<Option<Tensor>> {
+        contain(&format!("dataset `{}`: epoch_targets", self.name), || {
+            self.inner.epoch_targets(epoch, seed, indices, device)
+        })
+    }
     fn metrics(&self) -> Result<Box<dyn MetricAccumulator>> {
         contain(&format!("dataset `{}`: metrics", self.name), || {
             let inner = self.inner.metrics()?;

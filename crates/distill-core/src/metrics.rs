@@ -82,11 +82,15 @@ impl MetricAccumulator for ClassificationMetrics {
 }
 
 /// Ranking metrics under the sampled-candidates protocol (He et al. 2017, NCF): each row of the
-/// logits scores one held-out positive (column 0) and its sampled negatives (the other columns).
-/// `hr@K` and `ndcg@K` use the positive's rank among the row's candidates; a tie counts as a
-/// uniformly random order of the tied candidates would on average (each tied place equally
-/// likely), so a constant scorer is not rewarded. `auc` is the share of negatives scored below
-/// the positive, ties counting half.
+/// logits scores candidates whose relevance the batch's targets give (1 the held-out positive,
+/// 0 a negative, [`UNLABELLED`] a candidate left out, such as an item the user is known to like
+/// in a full ranking). `hr@K` and `ndcg@K` use the positive's rank among the row's negatives; a
+/// tie counts as a uniformly random order of the tied candidates would on average (each tied
+/// place equally likely), so a constant scorer is not rewarded. `auc` is the share of negatives
+/// scored below the positive, ties counting half. A row with several positives counts each
+/// against the negatives.
+///
+/// [`UNLABELLED`]: crate::data::UNLABELLED
 #[derive(Clone, Debug)]
 pub struct RankingMetrics {
     k: usize,
@@ -132,12 +136,33 @@ impl RankingMetrics {
 }
 
 impl MetricAccumulator for RankingMetrics {
-    fn update(&mut self, logits: &Tensor, _batch: &Batch) -> Result<()> {
-        for row in logits.to_dtype(DType::F64)?.to_vec2::<f64>()? {
-            let (positive, negatives) = row
-                .split_first()
-                .ok_or_else(|| Error::Invalid("a ranking row without candidates".into()))?;
-            self.add_row(*positive, negatives)?;
+    fn update(&mut self, logits: &Tensor, batch: &Batch) -> Result<()> {
+        if batch.targets.dims() != logits.dims() || logits.rank() != 2 {
+            return Err(Error::Invalid(format!(
+                "ranking metrics need relevance targets of the logits' shape [batch, candidates]; \
+                 got logits {:?} and targets {:?}",
+                logits.dims(),
+                batch.targets.dims()
+            )));
+        }
+        let scores = logits.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+        let relevance = batch.targets.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        for (row, rel) in scores.iter().zip(&relevance) {
+            let negatives: Vec<f64> = row
+                .iter()
+                .zip(rel)
+                .filter(|(_, r)| **r == 0.0)
+                .map(|(s, _)| *s)
+                .collect();
+            let mut positives = row.iter().zip(rel).filter(|(_, r)| **r > 0.0).peekable();
+            if positives.peek().is_none() {
+                return Err(Error::Invalid(
+                    "a ranking row without a relevant candidate".into(),
+                ));
+            }
+            for (s, _) in positives {
+                self.add_row(*s, &negatives)?;
+            }
         }
         Ok(())
     }
@@ -215,6 +240,26 @@ mod tests {
         let got = m.finish()?;
         assert!((got[0].1 - 0.10).abs() < 0.01, "hr@10 {}", got[0].1);
         assert!((got[2].1 - 0.5).abs() < 0.01, "auc {}", got[2].1);
+        Ok(())
+    }
+
+    #[test]
+    fn rows_read_relevance_from_the_targets_and_skip_unlabelled_candidates() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let logits = Tensor::new(&[[0.5f32, 0.9, 0.1, 0.7], [0.2, 0.8, 0.3, 0.1]], &dev)?;
+        // Row 0: positive 0.5; negatives 0.1 and 0.7 (0.9 unlabelled) -> rank 1.
+        // Row 1: positive 0.3; negatives 0.2 and 0.1 (0.8 unlabelled) -> rank 0.
+        let targets = Tensor::new(&[[1.0f32, -1.0, 0.0, 0.0], [0.0, -1.0, 1.0, 0.0]], &dev)?;
+        let batch = Batch {
+            inputs: Default::default(),
+            targets,
+            indices: Tensor::new(&[0u32, 1], &dev)?,
+        };
+        let mut m = RankingMetrics::new(1);
+        m.update(&logits, &batch)?;
+        let got = m.finish()?;
+        assert_eq!(got[0], ("hr@1".to_string(), 0.5));
+        assert!((got[2].1 - (0.5 + 1.0) / 2.0).abs() < 1e-12);
         Ok(())
     }
 

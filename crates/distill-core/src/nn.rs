@@ -96,6 +96,11 @@ impl Embedding {
         })
     }
 
+    /// The whole table, `[count, dim]` (every id's vector, for scoring all of them at once).
+    pub fn weight(&self) -> &Tensor {
+        &self.table
+    }
+
     /// The vectors of `ids` (`u32`, any shape): shape `[..ids, dim]`.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let mut shape = ids.dims().to_vec();

@@ -30,6 +30,54 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     Ok(picked.mean_all()?.neg()?)
 }
 
+/// `log(sigmoid(x))`, computed stably as `min(x, 0) - log(1 + exp(-|x|))`.
+pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
+    let soft = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
+    Ok((x.relu()? - x)?.neg()?.sub(&soft)?)
+}
+
+/// The labelled entries of ranking relevance `targets` as 1.0, the [`UNLABELLED`] ones as 0.0,
+/// in `dtype`.
+///
+/// [`UNLABELLED`]: crate::data::UNLABELLED
+pub fn labelled(targets: &Tensor, dtype: DType) -> Result<Tensor> {
+    Ok(targets.ge(0.0)?.to_dtype(dtype)?)
+}
+
+/// Mean of `values` over the entries where `mask` is 1 (0 when none is).
+pub fn masked_mean(values: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let count = mask.sum_all()?.clamp(1.0, f64::MAX)?;
+    Ok((values * mask)?.sum_all()?.div(&count)?)
+}
+
+/// Binary cross-entropy of `logits` against relevance `targets` of the same shape (1 relevant, 0
+/// not; soft values between work too), averaged over the labelled entries: what NCF minimises
+/// over each positive and its sampled negatives.
+pub fn binary_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let mask = labelled(targets, logits.dtype())?;
+    let y = targets.to_dtype(logits.dtype())?.clamp(0.0, 1.0)?;
+    let pos = log_sigmoid(logits)?;
+    let neg = log_sigmoid(&logits.neg()?)?;
+    let ll = ((&y * pos)? + ((1.0 - &y)? * neg)?)?;
+    masked_mean(&ll.neg()?, &mask)
+}
+
+/// The loss on a task's labels: [`cross_entropy`] for class ids (`targets` one rank below
+/// `logits`, classification), [`binary_cross_entropy`] for relevance (`targets` the logits'
+/// shape, ranking).
+pub fn label_loss(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if is_relevance(logits, targets) {
+        binary_cross_entropy(logits, targets)
+    } else {
+        cross_entropy(logits, targets)
+    }
+}
+
+/// Whether `targets` are ranking relevance (the logits' shape) rather than class ids.
+pub fn is_relevance(logits: &Tensor, targets: &Tensor) -> bool {
+    targets.dims() == logits.dims()
+}
+
 /// Layer normalisation over the last dimension: `(x - mean) / sqrt(var + eps) * gamma + beta`,
 /// with the biased variance, as PyTorch's `LayerNorm`.
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
@@ -93,6 +141,51 @@ mod tests {
         let ce = cross_entropy(&x, &y)?.to_scalar::<f64>()?;
         let expected = (2f64.ln() + (1.0 + (-2f64).exp()).ln()) / 2.0;
         assert!((ce - expected).abs() < 1e-12);
+        Ok(())
+    }
+
+    #[test]
+    fn log_sigmoid_matches_closed_form_and_finite_differences() -> Result<()> {
+        let values = [-800.0f64, -3.0, -0.5, 0.0, 0.5, 3.0, 800.0];
+        let x = Tensor::new(&values, &Device::Cpu)?;
+        let got = log_sigmoid(&x)?.to_vec1::<f64>()?;
+        for (v, g) in values.iter().zip(&got) {
+            // log(sigmoid(v)) = -log(1 + exp(-v)); for v = -800 that is v itself to f64 precision.
+            let want = if *v < -700.0 {
+                *v
+            } else {
+                -(1.0 + (-v).exp()).ln()
+            };
+            assert!(
+                (g - want).abs() < 1e-12,
+                "log_sigmoid({v}) = {g}, want {want}"
+            );
+        }
+        let probe = Tensor::new(&[-3.0f64, -0.5, 0.3, 2.0], &Device::Cpu)?;
+        let var = candle_core::Var::from_tensor(&probe)?;
+        let grads = log_sigmoid(var.as_tensor())?.sum_all()?.backward()?;
+        let analytic = grads
+            .get(var.as_tensor())
+            .ok_or_else(|| crate::Error::Invalid("no gradient".into()))?
+            .clone();
+        let numeric = crate::testing::central_differences(
+            |t| Ok(log_sigmoid(t)?.sum_all()?.to_scalar::<f64>()?),
+            &probe,
+            1e-6,
+        )?;
+        assert!(crate::testing::max_abs_difference(&analytic, &numeric)? < 1e-8);
+        Ok(())
+    }
+
+    #[test]
+    fn binary_cross_entropy_averages_over_labelled_entries_only() -> Result<()> {
+        let x = Tensor::new(&[[2.0f64, -1.0, 5.0], [0.0, 0.5, 1.0]], &Device::Cpu)?;
+        let y = Tensor::new(&[[1.0f32, 0.0, -1.0], [-1.0, 1.0, 0.0]], &Device::Cpu)?;
+        let got = label_loss(&x, &y)?.to_scalar::<f64>()?;
+        // -log(sigmoid(2)), -log(1 - sigmoid(-1)), -log(sigmoid(0.5)), -log(1 - sigmoid(1)).
+        let sp = |v: f64| (1.0 + v.exp()).ln();
+        let want = (sp(-2.0) + sp(-1.0) + sp(-0.5) + sp(1.0)) / 4.0;
+        assert!((got - want).abs() < 1e-12, "{got} vs {want}");
         Ok(())
     }
 

@@ -136,7 +136,8 @@ pub enum TeacherSignal<'a> {
     Live(&'a dyn Model),
 }
 
-/// Cross-entropy on the labels: how a teacher (or any model without a strategy) trains.
+/// The task's label loss ([`ops::label_loss`]): how a teacher (or any model without a strategy)
+/// trains.
 pub struct Supervised;
 
 impl Strategy for Supervised {
@@ -150,7 +151,7 @@ impl Strategy for Supervised {
         batch: &Batch,
         _step: &StepInfo,
     ) -> Result<LossTerms> {
-        let ce = ops::cross_entropy(&s.logits, &batch.targets)?;
+        let ce = ops::label_loss(&s.logits, &batch.targets)?;
         Ok(LossTerms {
             total: ce.clone(),
             terms: vec![("ce".into(), ce)],
@@ -243,7 +244,10 @@ pub fn fit(inputs: FitInputs<'_>, config: &TrainConfig) -> Result<Outcome> {
         let mut lr = config.optimizer.lr();
         let mut last_report = Instant::now();
         for (b, chunk) in batches.iter().enumerate() {
-            let batch = dataset.batch(Split::Train, chunk, device)?;
+            let mut batch = dataset.batch(Split::Train, chunk, device)?;
+            if let Some(targets) = dataset.epoch_targets(epoch, seed, chunk, device)? {
+                batch.targets = targets;
+            }
             let student = model.forward(&batch.inputs, true)?;
             let teacher_out = match &teacher {
                 TeacherSignal::None => None,

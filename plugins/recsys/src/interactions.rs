@@ -37,6 +37,17 @@ pub struct Implicit {
     pub min_user_positives: usize,
 }
 
+impl Default for Implicit {
+    /// 4 stars or more; items, then users, with fewer than 5 positives dropped.
+    fn default() -> Self {
+        Self {
+            threshold: 4.0,
+            min_item_positives: 5,
+            min_user_positives: 5,
+        }
+    }
+}
+
 /// Applies `rule` to `ratings` and splits each user's positives by time.
 pub fn leave_one_out(ratings: &[Rating], rule: Implicit) -> Result<Interactions> {
     let min_user = rule.min_user_positives.max(3);
@@ -112,8 +123,13 @@ impl Interactions {
     }
 
     /// `count` distinct items per user that are none of that user's positives, drawn from
-    /// `seed` (per user, so a user's negatives do not depend on the others).
-    pub fn evaluation_negatives(&self, count: usize, seed: u64) -> Result<Vec<Vec<u32>>> {
+    /// `seed` and `purpose` (per user, so a user's negatives do not depend on the others).
+    pub fn evaluation_negatives(
+        &self,
+        count: usize,
+        seed: u64,
+        purpose: &str,
+    ) -> Result<Vec<Vec<u32>>> {
         (0..self.users)
             .map(|u| {
                 let positives = self.positives(u);
@@ -124,19 +140,38 @@ impl Interactions {
                         self.items
                     )));
                 }
-                let mut rng = Rng::derive(seed, &format!("evaluation-negatives/{u}"));
-                let mut chosen = Vec::with_capacity(count);
-                let mut seen = HashSet::with_capacity(count);
-                while chosen.len() < count {
-                    let item = rng.below(self.items) as u32;
-                    if !positives.contains(&item) && seen.insert(item) {
-                        chosen.push(item);
-                    }
-                }
-                Ok(chosen)
+                let mut known: Vec<u32> = positives.into_iter().collect();
+                known.sort_unstable();
+                let mut rng = Rng::derive(seed, &format!("{purpose}/{u}"));
+                Ok(sample_excluding(self.items, &known, count, &mut rng))
             })
             .collect()
     }
+}
+
+/// Up to `count` distinct items, none in `exclude` (sorted), drawn uniformly by `rng` among the
+/// `items` ids; fewer when fewer remain.
+pub fn sample_excluding(items: usize, exclude: &[u32], count: usize, rng: &mut Rng) -> Vec<u32> {
+    let available = items - exclude.len();
+    let count = count.min(available);
+    if count * 2 > available {
+        // Dense: shuffle what remains and take the first `count`.
+        let mut rest: Vec<u32> = (0..items as u32)
+            .filter(|i| exclude.binary_search(i).is_err())
+            .collect();
+        rng.shuffle(&mut rest);
+        rest.truncate(count);
+        return rest;
+    }
+    let mut seen = HashSet::with_capacity(count);
+    let mut chosen = Vec::with_capacity(count);
+    while chosen.len() < count {
+        let item = rng.below(items) as u32;
+        if exclude.binary_search(&item).is_err() && seen.insert(item) {
+            chosen.push(item);
+        }
+    }
+    chosen
 }
 
 #[cfg(test)]
@@ -204,9 +239,9 @@ mod tests {
     #[test]
     fn evaluation_negatives_are_fixed_by_the_seed_and_never_positives() -> Result<()> {
         let data = movielens()?;
-        let a = data.evaluation_negatives(99, 0)?;
-        assert_eq!(a, data.evaluation_negatives(99, 0)?);
-        assert_ne!(a, data.evaluation_negatives(99, 1)?);
+        let a = data.evaluation_negatives(99, 0, "test")?;
+        assert_eq!(a, data.evaluation_negatives(99, 0, "test")?);
+        assert_ne!(a, data.evaluation_negatives(99, 1, "test")?);
         for (u, negatives) in a.iter().enumerate() {
             assert_eq!(negatives.len(), 99);
             let positives = data.positives(u);

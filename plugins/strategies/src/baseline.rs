@@ -1,7 +1,7 @@
-//! `baseline`: the student trained alone with cross-entropy; the reference every strategy is
-//! compared against.
+//! `baseline`: the student trained alone on the labels (cross-entropy; binary cross-entropy on a
+//! ranking task's candidates); the reference every strategy is compared against.
 
-use distill_rt::ops::cross_entropy;
+use distill_rt::ops::label_loss;
 use distill_rt::strategy::StepInfo;
 use distill_rt::{
     Batch, Config, LossTerms, ModelOutput, Result, Strategy, StrategyContext, StrategyFactory,
@@ -18,7 +18,7 @@ pub struct BaselineFactory;
 
 impl StrategyFactory for BaselineFactory {
     fn summary(&self) -> &str {
-        "student alone: mean cross-entropy on the labels, no teacher"
+        "student alone: the task's label loss (cross-entropy, or binary cross-entropy for ranking), no teacher"
     }
     fn build(&self, cfg: &Config, _ctx: StrategyContext<'_>) -> Result<Box<dyn Strategy>> {
         let BaselineConfig {} = config::parse("strategy baseline", cfg)?;
@@ -26,7 +26,7 @@ impl StrategyFactory for BaselineFactory {
     }
 }
 
-/// `loss = CE(student_logits, y)`, averaged over the batch.
+/// `loss = CE(student_logits, y)` ([`label_loss`]), averaged over the batch.
 pub struct Baseline;
 
 impl Strategy for Baseline {
@@ -40,7 +40,7 @@ impl Strategy for Baseline {
         batch: &Batch,
         _step: &StepInfo,
     ) -> Result<LossTerms> {
-        let ce = cross_entropy(&s.logits, &batch.targets)?;
+        let ce = label_loss(&s.logits, &batch.targets)?;
         Ok(LossTerms {
             total: ce.clone(),
             terms: vec![("ce".into(), ce)],

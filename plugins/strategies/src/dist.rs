@@ -12,7 +12,7 @@
 //! logits only; the teacher's are constants. No parameters, no extra memory to speak of.
 
 use distill_rt::candle::{D, Tensor};
-use distill_rt::ops::{cross_entropy, l2_norm, softmax};
+use distill_rt::ops::{l2_norm, label_loss, softmax};
 use distill_rt::strategy::{StepInfo, require_teacher};
 use distill_rt::{
     Batch, Config, Error, LossTerms, ModelOutput, Result, Strategy, StrategyContext,
@@ -106,7 +106,7 @@ impl Strategy for Dist {
         let p_s = softmax(&(&s.logits / c.tau)?, D::Minus1)?;
         let p_t = softmax(&(t.logits.detach() / c.tau)?, D::Minus1)?;
         let t2 = c.tau * c.tau;
-        let ce = (cross_entropy(&s.logits, &batch.targets)? * c.ce_weight)?;
+        let ce = (label_loss(&s.logits, &batch.targets)? * c.ce_weight)?;
         let inter = (one_minus_pearson(&p_s, &p_t)? * (t2 * c.beta))?;
         let intra = (one_minus_pearson(&p_s.t()?.contiguous()?, &p_t.t()?.contiguous()?)?
             * (t2 * c.gamma))?;

@@ -14,7 +14,7 @@
 //! classes), so a confident teacher does not give `log 0`. Reads logits only; no parameters.
 
 use distill_rt::candle::{D, Tensor};
-use distill_rt::ops::{cross_entropy, log_softmax};
+use distill_rt::ops::{cross_entropy, is_relevance, log_softmax};
 use distill_rt::strategy::{StepInfo, require_teacher};
 use distill_rt::{
     Batch, Config, Error, LossTerms, ModelOutput, Result, Strategy, StrategyContext,
@@ -124,6 +124,12 @@ impl Strategy for Dkd {
         step: &StepInfo,
     ) -> Result<LossTerms> {
         let t = require_teacher(OWNER, t)?;
+        if is_relevance(&s.logits, &batch.targets) {
+            return Err(Error::Invalid(format!(
+                "{OWNER} decouples the target class from the others and needs class-id targets; \
+                 this task's targets are ranking relevance"
+            )));
+        }
         let c = self.config;
         let classes = s.logits.dim(1)?;
         let gt = batch

@@ -22,7 +22,7 @@
 use distill_rt::candle::Tensor;
 use distill_rt::candle_nn::Init;
 use distill_rt::model::PENULTIMATE;
-use distill_rt::ops::cross_entropy;
+use distill_rt::ops::label_loss;
 use distill_rt::strategy::{StepInfo, feature, require_teacher};
 use distill_rt::{
     Batch, Config, Error, LossTerms, ModelOutput, Result, Strategy, StrategyContext,
@@ -234,7 +234,7 @@ impl Strategy for FeatureMse {
         } else {
             self.config.ce_weight
         };
-        let ce = (cross_entropy(&s.logits, &batch.targets)? * ce_weight)?;
+        let ce = (label_loss(&s.logits, &batch.targets)? * ce_weight)?;
         let (name, distance) = match self.matching {
             Matching::HalfSquared => ("feature", half_squared_error(&h_s, h_t)?),
             Matching::FitNets => ("hint", (&h_s - h_t.detach())?.sqr()?.mean_all()?),

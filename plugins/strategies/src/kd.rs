@@ -9,9 +9,15 @@
 //!   RepDistiller and mdistiller);
 //! - terms: `ce` = `alpha * CE`, `kd` = `(1 - alpha) * T^2 * KL`; the teacher's logits are
 //!   treated as constants.
+//!
+//! On a ranking task (relevance targets, [`distill_rt::ops::is_relevance`]) the same formula is
+//! applied pointwise to scores: CE is the binary cross-entropy on the labelled candidates and KL
+//! is the binary one, `KL(sigmoid(t / T) || sigmoid(s / T))`, averaged over the same labelled
+//! candidates (a positive and its sampled negatives), so the teacher's probabilities are soft
+//! targets for each candidate.
 
 use distill_rt::candle::{D, Tensor};
-use distill_rt::ops::{cross_entropy, log_softmax};
+use distill_rt::ops::{is_relevance, label_loss, labelled, log_sigmoid, log_softmax, masked_mean};
 use distill_rt::strategy::{StepInfo, require_teacher};
 use distill_rt::{
     Batch, Config, Error, LossTerms, ModelOutput, Result, Strategy, StrategyContext,
@@ -85,6 +91,22 @@ pub fn kl_batchmean(
     Ok((kl / batch)?)
 }
 
+/// `KL(sigmoid(t / T) || sigmoid(s / T))` per candidate, averaged over the candidates that
+/// `relevance` labels.
+pub fn binary_kl(
+    student_logits: &Tensor,
+    teacher_logits: &Tensor,
+    relevance: &Tensor,
+    temperature: f64,
+) -> Result<Tensor> {
+    let s = (student_logits / temperature)?;
+    let t = (teacher_logits.detach() / temperature)?;
+    let (log_pt, log_qt) = (log_sigmoid(&t)?, log_sigmoid(&t.neg()?)?);
+    let (log_ps, log_qs) = (log_sigmoid(&s)?, log_sigmoid(&s.neg()?)?);
+    let kl = ((log_pt.exp()? * (&log_pt - log_ps)?)? + (log_qt.exp()? * (&log_qt - log_qs)?)?)?;
+    masked_mean(&kl, &labelled(relevance, kl.dtype())?)
+}
+
 impl Strategy for Kd {
     fn teacher_needs(&self) -> TeacherNeeds {
         TeacherNeeds {
@@ -102,9 +124,13 @@ impl Strategy for Kd {
     ) -> Result<LossTerms> {
         let t = require_teacher("strategy kd", t)?;
         let t2 = self.temperature * self.temperature;
-        let ce = (cross_entropy(&s.logits, &batch.targets)? * self.alpha)?;
-        let kd =
-            (kl_batchmean(&s.logits, &t.logits, self.temperature)? * ((1.0 - self.alpha) * t2))?;
+        let ce = (label_loss(&s.logits, &batch.targets)? * self.alpha)?;
+        let kl = if is_relevance(&s.logits, &batch.targets) {
+            binary_kl(&s.logits, &t.logits, &batch.targets, self.temperature)?
+        } else {
+            kl_batchmean(&s.logits, &t.logits, self.temperature)?
+        };
+        let kd = (kl * ((1.0 - self.alpha) * t2))?;
         Ok(LossTerms {
             total: (&ce + &kd)?,
             terms: vec![("ce".into(), ce), ("kd".into(), kd)],

@@ -1,5 +1,6 @@
 //! The standard distillation strategies: `baseline`, `kd`, `feature-mse` and `fitnets`, the relation-based
-//! `sp`, `pkt` and `rkd`, and the logit-based `dist` and `dkd`.
+//! `sp`, `pkt` and `rkd`, the logit-based `dist` and `dkd`, and `ranking-kd` for ranking tasks
+//! (`kd` works on those too, pointwise).
 //!
 //! Every loss documents its formula, reduction and defaults next to its code; golden values from
 //! an independent NumPy computation (`tests/fixtures/strategies_golden.py`) pin them in tests.
@@ -10,6 +11,7 @@ mod dist;
 mod dkd;
 mod feature_mse;
 mod kd;
+mod ranking_kd;
 mod relations;
 mod rkd;
 
@@ -39,6 +41,7 @@ fn register(r: &mut Registrar) -> Result<()> {
     r.strategy("rkd", rkd::RkdFactory)?;
     r.strategy("dist", dist::DistFactory)?;
     r.strategy("dkd", dkd::DkdFactory)?;
+    r.strategy("ranking-kd", ranking_kd::RankingKdFactory)?;
     Ok(())
 }
 

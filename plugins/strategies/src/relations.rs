@@ -16,7 +16,7 @@
 //! one `b x b` matrix per side.
 
 use distill_rt::candle::{D, Tensor};
-use distill_rt::ops::{cross_entropy, l2_norm};
+use distill_rt::ops::{l2_norm, label_loss};
 use distill_rt::strategy::{StepInfo, feature, require_teacher};
 use distill_rt::{
     Batch, Config, Error, LossTerms, ModelOutput, Result, Strategy, StrategyContext,
@@ -161,7 +161,7 @@ impl Strategy for RelationStrategy {
         let t = require_teacher(&self.owner, t)?;
         let f_s = feature(&self.owner, "student", s, &self.student_feature)?;
         let f_t = feature(&self.owner, "teacher", t, &self.teacher_feature)?;
-        let ce = (cross_entropy(&s.logits, &batch.targets)? * self.ce_weight)?;
+        let ce = (label_loss(&s.logits, &batch.targets)? * self.ce_weight)?;
         let relation = (self.relation.loss(f_s, f_t)? * self.feature_weight)?;
         Ok(LossTerms {
             total: (&ce + &relation)?,

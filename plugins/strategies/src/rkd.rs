@@ -14,7 +14,7 @@
 //! parameters; memory: a `b x b x d` difference tensor per side for the angle term.
 
 use distill_rt::candle::{D, DType, Tensor};
-use distill_rt::ops::{cross_entropy, l2_norm};
+use distill_rt::ops::{l2_norm, label_loss};
 use distill_rt::strategy::{StepInfo, feature, require_teacher};
 use distill_rt::{
     Batch, Config, Error, LossTerms, ModelOutput, Result, Strategy, StrategyContext,
@@ -129,7 +129,7 @@ impl Strategy for Rkd {
         }
         let f_s = f_s.reshape((b, ()))?;
         let f_t = f_t.detach().reshape((b, ()))?.to_dtype(f_s.dtype())?;
-        let ce = (cross_entropy(&s.logits, &batch.targets)? * self.config.ce_weight)?;
+        let ce = (label_loss(&s.logits, &batch.targets)? * self.config.ce_weight)?;
         let distance = (smooth_l1(&(normalised_distances(&f_s)? - normalised_distances(&f_t)?)?)?
             * self.config.distance_weight)?;
         let angle = if self.config.angle_weight == 0.0 {

@@ -110,7 +110,8 @@ fn output(case: &Case, logits: &Tensor, feat: Option<&Tensor>) -> ModelOutput {
 }
 
 fn batch(case: &Case) -> Result<Batch> {
-    let targets = tensor(&case.inputs["targets"], DType::U32)?;
+    // Class ids are stored with dtype `u32`; ranking relevance as floats.
+    let targets = tensor(&case.inputs["targets"], DType::F32)?;
     let n = targets.dim(0)?;
     Ok(Batch {
         inputs: BTreeMap::new(),

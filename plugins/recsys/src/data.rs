@@ -1,0 +1,578 @@
+//! Recommender datasets (`recsys.movielens`, `recsys.synthetic`): one sample per user, every item
+//! a candidate.
+//!
+//! A sample's only input is `user` (`u32`); a model scores all items, so logits are
+//! `[batch, items]` and the targets are relevance of the same shape (`distill_rt::data`):
+//! - train: the user's training positives are 1; each epoch, `negatives` items per positive that
+//!   are not training positives are drawn from the run's seed and the epoch
+//!   ([`Dataset::epoch_targets`]) and are 0; every other item is unlabelled. The loss on these
+//!   labels is NCF's pointwise log loss over each positive and its sampled negatives.
+//! - validation / test: the held-out item is 1, `eval_negatives` items that are none of the
+//!   user's positives (drawn once from the dataset's `seed`) are 0; with `full_ranking`, every
+//!   item that is not a known positive is 0 instead.
+//!
+//! Inputs do not change between epochs, so a teacher's cached scores (all items, per user) stay
+//! valid while the negatives are re-drawn.
+
+use std::path::PathBuf;
+
+use distill_rt::candle::{Device, Tensor};
+use distill_rt::data::UNLABELLED;
+use distill_rt::metrics::{MetricAccumulator, RankingMetrics};
+use distill_rt::rng::Rng;
+use distill_rt::serde::Deserialize;
+use distill_rt::{
+    Batch, Config, Dataset, DatasetFactory, DatasetInfo, Error, Result, Split, TaskKind, config,
+};
+
+use crate::interactions::{Implicit, Interactions, leave_one_out, sample_excluding};
+use crate::ratings::{Format, Rating, read_ratings};
+use crate::synthetic;
+
+/// Options every recommender dataset shares.
+#[derive(Deserialize, Clone, Debug)]
+#[serde(crate = "distill_rt::serde", deny_unknown_fields, default)]
+pub struct Protocol {
+    /// Training negatives drawn per positive, each epoch (NCF: 4).
+    pub negatives: usize,
+    /// Negatives each held-out positive is ranked against (NCF: 99).
+    pub eval_negatives: usize,
+    /// Rank the held-out item against every item that is not a known positive instead.
+    pub full_ranking: bool,
+    /// Cut-off of `hr@K` and `ndcg@K`.
+    pub k: usize,
+    /// The metric that ranks runs: `ndcg@K`, `hr@K` or `auc`.
+    pub primary_metric: Option<String>,
+    /// Seed of the evaluation negatives.
+    pub seed: u64,
+}
+
+impl Default for Protocol {
+    fn default() -> Self {
+        Self {
+            negatives: 4,
+            eval_negatives: 99,
+            full_ranking: false,
+            k: 10,
+            primary_metric: None,
+            seed: 0,
+        }
+    }
+}
+
+/// Users' positives split by leave-one-out, with the evaluation protocol.
+pub struct RecData {
+    info: DatasetInfo,
+    data: Interactions,
+    /// Each user's training positives, sorted (for exclusion).
+    train_sorted: Vec<Vec<u32>>,
+    /// Each user's positives of every split, sorted.
+    known_sorted: Vec<Vec<u32>>,
+    /// Evaluation negatives of validation and test, per user (empty with `full_ranking`).
+    eval_negatives: [Vec<Vec<u32>>; 2],
+    protocol: Protocol,
+}
+
+impl RecData {
+    /// The dataset over `data` under `protocol`; `owner` names it in errors.
+    pub fn new(owner: &str, data: Interactions, protocol: Protocol) -> Result<Self> {
+        config::require_positive(owner, &[("k", protocol.k)])?;
+        if !protocol.full_ranking {
+            config::require_positive(owner, &[("eval_negatives", protocol.eval_negatives)])?;
+        }
+        let primary = protocol
+            .primary_metric
+            .clone()
+            .unwrap_or_else(|| format!("ndcg@{}", protocol.k));
+        let known = [
+            format!("ndcg@{}", protocol.k),
+            format!("hr@{}", protocol.k),
+            "auc".to_string(),
+        ];
+        if !known.contains(&primary) {
+            return Err(Error::config(
+                owner,
+                "primary_metric",
+                format!("`{primary}` is not one of {}", known.join(", ")),
+            ));
+        }
+        let sorted = |v: &[u32]| {
+            let mut v = v.to_vec();
+            v.sort_unstable();
+            v
+        };
+        let train_sorted: Vec<Vec<u32>> = data.train.iter().map(|t| sorted(t)).collect();
+        let known_sorted: Vec<Vec<u32>> = (0..data.users)
+            .map(|u| {
+                let mut all = data.train[u].clone();
+                all.extend([data.validation[u], data.test[u]]);
+                sorted(&all)
+            })
+            .collect();
+        let eval_negatives = if protocol.full_ranking {
+            [Vec::new(), Vec::new()]
+        } else {
+            let draw = |purpose| {
+                data.evaluation_negatives(protocol.eval_negatives, protocol.seed, purpose)
+                    .map_err(|e| Error::config(owner, "eval_negatives", e.to_string()))
+            };
+            [draw("validation-negatives")?, draw("test-negatives")?]
+        };
+        let info = DatasetInfo {
+            task: TaskKind::Ranking,
+            num_classes: data.items,
+            inputs: [("user".to_string(), Vec::new())].into(),
+            cardinality: [("user".to_string(), data.users)].into(),
+            split_sizes: [data.users; 3],
+            primary_metric: primary,
+        };
+        Ok(Self {
+            info,
+            data,
+            train_sorted,
+            known_sorted,
+            eval_negatives,
+            protocol,
+        })
+    }
+
+    fn check(&self, split: Split, indices: &[usize]) -> Result<()> {
+        match indices.iter().find(|&&u| u >= self.data.users) {
+            Some(u) => Err(Error::Invalid(format!(
+                "{} sample {u} out of range ({} users)",
+                split.name(),
+                self.data.users
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Relevance rows for `indices`, built by `fill(user, row)` on rows that start unlabelled.
+    fn rows(
+        &self,
+        indices: &[usize],
+        device: &Device,
+        fill: impl Fn(usize, &mut [f32]),
+    ) -> Result<Tensor> {
+        let items = self.data.items;
+        let mut out = vec![UNLABELLED; indices.len() * items];
+        for (row, &u) in out.chunks_mut(items).zip(indices) {
+            fill(u, row);
+        }
+        Ok(Tensor::from_vec(out, (indices.len(), items), device)?)
+    }
+}
+
+impl Dataset for RecData {
+    fn info(&self) -> &DatasetInfo {
+        &self.info
+    }
+
+    /// Training targets here mark the positives only; [`Dataset::epoch_targets`] adds the
+    /// epoch's negatives.
+    fn batch(&self, split: Split, indices: &[usize], device: &Device) -> Result<Batch> {
+        self.check(split, indices)?;
+        let targets = match split {
+            Split::Train => self.rows(indices, device, |u, row| {
+                for &i in &self.data.train[u] {
+                    row[i as usize] = 1.0;
+                }
+            })?,
+            Split::Validation | Split::Test => {
+                let (held_out, negatives) = match split {
+                    Split::Validation => (&self.data.validation, &self.eval_negatives[0]),
+                    _ => (&self.data.test, &self.eval_negatives[1]),
+                };
+                self.rows(indices, device, |u, row| {
+                    if self.protocol.full_ranking {
+                        row.fill(0.0);
+                        for &i in &self.known_sorted[u] {
+                            row[i as usize] = UNLABELLED;
+                        }
+                    } else {
+                        for &i in &negatives[u] {
+                            row[i as usize] = 0.0;
+                        }
+                    }
+                    row[held_out[u] as usize] = 1.0;
+                })?
+            }
+        };
+        let users: Vec<u32> = indices.iter().map(|&u| u as u32).collect();
+        Ok(Batch {
+            inputs: [("user".to_string(), Tensor::new(users.as_slice(), device)?)].into(),
+            targets,
+            indices: Tensor::new(users.as_slice(), device)?,
+        })
+    }
+
+    fn metrics(&self) -> Result<Box<dyn MetricAccumulator>> {
+        Ok(Box::new(RankingMetrics::new(self.protocol.k)))
+    }
+
+    fn epoch_targets(
+        &self,
+        epoch: usize,
+        seed: u64,
+        indices: &[usize],
+        device: &Device,
+    ) -> Result<Option<Tensor>> {
+        self.check(Split::Train, indices)?;
+        let targets = self.rows(indices, device, |u, row| {
+            let positives = &self.train_sorted[u];
+            let mut rng = Rng::derive(seed, &format!("train-negatives/{epoch}/{u}"));
+            let count = positives.len() * self.protocol.negatives;
+            for i in sample_excluding(self.data.items, positives, count, &mut rng) {
+                row[i as usize] = 0.0;
+            }
+            for &i in positives {
+                row[i as usize] = 1.0;
+            }
+        })?;
+        Ok(Some(targets))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// Splits a table into the dataset's own keys (`T`) and the shared protocol keys, so that a key
+/// neither knows is an error naming it.
+fn parse_with_protocol<T: for<'de> Deserialize<'de>>(
+    owner: &str,
+    cfg: &Config,
+    own: &[&str],
+) -> Result<(T, Protocol)> {
+    let empty = distill_rt::serde_json::Map::new();
+    let table = match cfg {
+        Config::Null => &empty,
+        Config::Object(m) => m,
+        other => {
+            return Err(Error::config(
+                owner,
+                ".",
+                format!("expected a table, got {other}"),
+            ));
+        }
+    };
+    let (mine, rest): (Vec<_>, Vec<_>) = table
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .partition(|(k, _)| own.contains(&k.as_str()));
+    let own_cfg = Config::Object(mine.into_iter().collect());
+    let protocol_cfg = Config::Object(rest.into_iter().collect());
+    Ok((
+        config::parse(owner, &own_cfg)?,
+        config::parse(owner, &protocol_cfg)?,
+    ))
+}
+
+fn default_format() -> Format {
+    Format::Csv
+}
+
+/// Keys of the implicit-feedback rule.
+const RULE_KEYS: [&str; 3] = ["threshold", "min_item_positives", "min_user_positives"];
+
+#[derive(Deserialize)]
+#[serde(crate = "distill_rt::serde", deny_unknown_fields)]
+struct MovieLensOwn {
+    path: PathBuf,
+    #[serde(default = "default_format")]
+    format: Format,
+    #[serde(default)]
+    threshold: Option<f32>,
+    #[serde(default)]
+    min_item_positives: Option<usize>,
+    #[serde(default)]
+    min_user_positives: Option<usize>,
+}
+
+/// `recsys.movielens`.
+pub struct MovieLensFactory;
+
+impl DatasetFactory for MovieLensFactory {
+    fn summary(&self) -> &str {
+        "MovieLens implicit feedback, NCF protocol: `path` to ratings.csv / u.data / ratings.dat (`format` csv, tab, dat); rating >= `threshold` (4) is a positive; items then users with fewer than `min_item_positives` (5) / `min_user_positives` (5) dropped; leave-one-out by time; `negatives` (4) per positive per epoch; `eval_negatives` (99) or `full_ranking`; `k` (10), `seed` (0)"
+    }
+    fn build(&self, cfg: &Config) -> Result<Box<dyn Dataset>> {
+        const OWNER: &str = "dataset recsys.movielens";
+        let mut own_keys = vec!["path", "format"];
+        own_keys.extend(RULE_KEYS);
+        let (own, protocol): (MovieLensOwn, Protocol) = parse_with_protocol(OWNER, cfg, &own_keys)?;
+        let d = Implicit::default();
+        let rule = Implicit {
+            threshold: own.threshold.unwrap_or(d.threshold),
+            min_item_positives: own.min_item_positives.unwrap_or(d.min_item_positives),
+            min_user_positives: own.min_user_positives.unwrap_or(d.min_user_positives),
+        };
+        let ratings = read_ratings(&own.path, own.format)?;
+        let data =
+            leave_one_out(&ratings, rule).map_err(|e| Error::data(&own.path, e.to_string()))?;
+        Ok(Box::new(RecData::new(OWNER, data, protocol)?))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(crate = "distill_rt::serde", deny_unknown_fields, default)]
+struct SyntheticOwn {
+    users: usize,
+    items: usize,
+    per_user: usize,
+    factors: usize,
+    popularity: f64,
+    noise: f64,
+    data_seed: u64,
+}
+
+impl Default for SyntheticOwn {
+    fn default() -> Self {
+        let d = synthetic::Spec::default();
+        Self {
+            users: d.users,
+            items: d.items,
+            per_user: d.per_user,
+            factors: d.factors,
+            popularity: d.popularity,
+            noise: d.noise,
+            data_seed: d.seed,
+        }
+    }
+}
+
+/// `recsys.synthetic`.
+pub struct SyntheticFactory;
+
+impl DatasetFactory for SyntheticFactory {
+    fn summary(&self) -> &str {
+        "synthetic implicit feedback: `users` (300) each pick `per_user` (30) of `items` (400) by latent `factors` (8) plus a Zipf `popularity` skew (1.0) and Gumbel `noise` (1.0), from `data_seed` (0); the NCF protocol keys of recsys.movielens"
+    }
+    fn build(&self, cfg: &Config) -> Result<Box<dyn Dataset>> {
+        const OWNER: &str = "dataset recsys.synthetic";
+        let own_keys = [
+            "users",
+            "items",
+            "per_user",
+            "factors",
+            "popularity",
+            "noise",
+            "data_seed",
+        ];
+        let (own, protocol): (SyntheticOwn, Protocol) = parse_with_protocol(OWNER, cfg, &own_keys)?;
+        config::require_positive(
+            OWNER,
+            &[
+                ("users", own.users),
+                ("items", own.items),
+                ("factors", own.factors),
+            ],
+        )?;
+        if own.per_user < 3 || own.per_user >= own.items {
+            return Err(Error::config(
+                OWNER,
+                "per_user",
+                format!("must be in [3, items), got {}", own.per_user),
+            ));
+        }
+        let spec = synthetic::Spec {
+            users: own.users,
+            items: own.items,
+            per_user: own.per_user,
+            factors: own.factors,
+            popularity: own.popularity,
+            noise: own.noise,
+            seed: own.data_seed,
+        };
+        let ratings: Vec<Rating> = synthetic::generate(&spec);
+        let rule = Implicit {
+            threshold: 1.0,
+            min_item_positives: 1,
+            min_user_positives: 3,
+        };
+        Ok(Box::new(RecData::new(
+            OWNER,
+            leave_one_out(&ratings, rule)?,
+            protocol,
+        )?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use distill_engine::train::{FitInputs, Supervised, TeacherSignal, TrainConfig, evaluate, fit};
+    use distill_rt::candle::DType;
+    use distill_rt::candle_nn::VarMap;
+    use distill_rt::init::seeded_var_builder;
+    use distill_rt::metrics::RankingMetrics;
+    use distill_rt::serde_json::json;
+    use distill_rt::testing::named_vars;
+    use distill_rt::{ModelContext, ModelFactory};
+
+    const DEV: Device = Device::Cpu;
+
+    fn movielens(extra: distill_rt::serde_json::Value) -> Result<Box<dyn Dataset>> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../../shared/datasets/ml-latest-small/ratings.csv");
+        let mut cfg = json!({ "path": path });
+        if let (Some(t), Some(e)) = (cfg.as_object_mut(), extra.as_object()) {
+            t.extend(e.clone());
+        }
+        MovieLensFactory.build(&cfg)
+    }
+
+    fn rows(t: &Tensor) -> Result<Vec<Vec<f32>>> {
+        Ok(t.to_vec2::<f32>()?)
+    }
+
+    fn marked(row: &[f32], value: f32) -> Vec<usize> {
+        (0..row.len()).filter(|&i| row[i] == value).collect()
+    }
+
+    #[test]
+    fn held_out_items_never_train_and_evaluation_rows_follow_the_ncf_protocol() -> Result<()> {
+        let data = movielens(json!({}))?;
+        let info = data.info().clone();
+        assert_eq!((info.num_classes, info.len(Split::Train)), (1956, 601));
+        let users: Vec<usize> = (0..info.len(Split::Train)).collect();
+        let train = rows(&data.batch(Split::Train, &users, &DEV)?.targets)?;
+        let epoch = rows(
+            &data
+                .epoch_targets(0, 7, &users, &DEV)?
+                .unwrap_or(Tensor::zeros(1, DType::F32, &DEV)?),
+        )?;
+        let validation = rows(&data.batch(Split::Validation, &users, &DEV)?.targets)?;
+        let test = rows(&data.batch(Split::Test, &users, &DEV)?.targets)?;
+        for u in users {
+            let (v, t) = (marked(&validation[u], 1.0), marked(&test[u], 1.0));
+            assert_eq!(
+                (v.len(), t.len()),
+                (1, 1),
+                "user {u}: one held-out item each"
+            );
+            let positives = marked(&train[u], 1.0);
+            assert_eq!(positives, marked(&epoch[u], 1.0));
+            assert!(!positives.contains(&v[0]) && !positives.contains(&t[0]));
+            // 4 negatives per positive (all other items when fewer remain), none a positive.
+            let negatives = marked(&epoch[u], 0.0);
+            let available = info.num_classes - positives.len();
+            assert_eq!(negatives.len(), (4 * positives.len()).min(available));
+            assert!(negatives.iter().all(|i| !positives.contains(i)));
+            // 99 evaluation negatives, none a positive of any split.
+            for (row, held) in [(&validation[u], v[0]), (&test[u], t[0])] {
+                let n = marked(row, 0.0);
+                assert_eq!(n.len(), 99);
+                assert!(
+                    n.iter()
+                        .all(|i| !positives.contains(i) && *i != v[0] && *i != t[0])
+                );
+                assert_eq!(row[held], 1.0);
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn negatives_are_fixed_by_their_seeds_and_differ_for_others() -> Result<()> {
+        let users: Vec<usize> = (0..50).collect();
+        let eval = |seed: u64| -> Result<Vec<Vec<f32>>> {
+            let data = movielens(json!({ "seed": seed }))?;
+            rows(&data.batch(Split::Test, &users, &DEV)?.targets)
+        };
+        assert_eq!(eval(3)?, eval(3)?);
+        assert_ne!(eval(3)?, eval(4)?);
+        let data = movielens(json!({}))?;
+        let train = |epoch, seed| -> Result<Vec<Vec<f32>>> {
+            let t = data.epoch_targets(epoch, seed, &users, &DEV)?;
+            rows(&t.unwrap_or(Tensor::zeros((1, 1), DType::F32, &DEV)?))
+        };
+        assert_eq!(train(2, 1)?, train(2, 1)?);
+        assert_ne!(train(2, 1)?, train(3, 1)?);
+        assert_ne!(train(2, 1)?, train(2, 5)?);
+        Ok(())
+    }
+
+    #[test]
+    fn full_ranking_ranks_against_every_item_that_is_not_a_known_positive() -> Result<()> {
+        let data = movielens(json!({ "full_ranking": true }))?;
+        let train = rows(&data.batch(Split::Train, &[0], &DEV)?.targets)?;
+        let test = rows(&data.batch(Split::Test, &[0], &DEV)?.targets)?;
+        let validation = rows(&data.batch(Split::Validation, &[0], &DEV)?.targets)?;
+        let known = marked(&train[0], 1.0).len() + 2;
+        assert_eq!(marked(&test[0], 0.0).len(), 1956 - known);
+        assert_eq!(marked(&test[0], UNLABELLED).len(), known - 1);
+        assert_eq!(validation[0][marked(&test[0], 1.0)[0]], UNLABELLED);
+        Ok(())
+    }
+
+    #[test]
+    fn bad_keys_and_values_are_named() {
+        let message = |cfg| match movielens(cfg) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        };
+        assert!(message(json!({ "negative": 4 })).contains("negative"));
+        assert!(message(json!({ "k": 0 })).contains("`k`"));
+        assert!(message(json!({ "primary_metric": "mrr" })).contains("primary_metric"));
+        assert!(message(json!({ "format": "xml" })).contains("format"));
+        assert!(message(json!({ "threshold": 6.0 })).contains("ratings.csv"));
+    }
+
+    /// Test-split metrics of a scorer that gives every user the same item scores.
+    fn popularity_metrics(data: &dyn Dataset, scores: &[f32]) -> Result<Vec<(String, f64)>> {
+        let n = data.info().len(Split::Test);
+        let users: Vec<usize> = (0..n).collect();
+        let batch = data.batch(Split::Test, &users, &DEV)?;
+        let logits = Tensor::new(scores, &DEV)?
+            .unsqueeze(0)?
+            .broadcast_as((n, scores.len()))?
+            .contiguous()?;
+        let mut m = RankingMetrics::new(10);
+        m.update(&logits, &batch)?;
+        m.finish()
+    }
+
+    #[test]
+    fn synthetic_set_is_learnable_beyond_popularity() -> Result<()> {
+        let data = SyntheticFactory.build(&json!({}))?;
+        let info = data.info().clone();
+        // Popularity: each item's count of training positives.
+        let users: Vec<usize> = (0..info.len(Split::Train)).collect();
+        let train = data.batch(Split::Train, &users, &DEV)?.targets;
+        let counts: Vec<f32> = train.clamp(0.0, 1.0)?.sum(0)?.to_vec1()?;
+        let popularity = popularity_metrics(&*data, &counts)?;
+        let varmap = VarMap::new();
+        let model = crate::models::MF.build(
+            &json!({ "dim": 16 }),
+            ModelContext {
+                dataset: &info,
+                vb: seeded_var_builder(&varmap, 0, DType::F32, &DEV),
+            },
+        )?;
+        let config: TrainConfig = distill_rt::serde_json::from_value(json!({
+            "epochs": 20, "batch_size": 16,
+            "optimizer": { "name": "adamw", "lr": 0.01 }
+        }))
+        .map_err(|e| Error::Invalid(e.to_string()))?;
+        fit(
+            FitInputs {
+                dataset: &*data,
+                model: &*model,
+                strategy: &mut Supervised,
+                teacher: TeacherSignal::None,
+                vars: named_vars(&varmap).into_iter().map(|(_, v)| v).collect(),
+                teacher_metric: None,
+                seed: 0,
+                device: &DEV,
+            },
+            &config,
+        )?;
+        let trained = evaluate(&*data, &*model, Split::Test, 256, &DEV)?;
+        let hr = |m: &[(String, f64)]| m[0].1;
+        assert!(hr(&popularity) > 0.2, "popularity hr@10 {popularity:?}");
+        assert!(
+            hr(&trained) > hr(&popularity) + 0.15,
+            "MF {trained:?} vs popularity {popularity:?}"
+        );
+        Ok(())
+    }
+}

@@ -241,6 +241,60 @@ fn nlp_quick_experiment_runs_a_teacher_and_two_students() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn recsys_quick_experiment_ranks_with_a_cached_teacher() -> Result<()> {
+    let file = root().join("experiments/recsys-quick.toml");
+    let out = temp("recsys-quick");
+    let run = run_experiment(&file, &out, &[])?;
+    assert!(run.status.success(), "{}", text(&run));
+    let runs = read(&out.join("runs.parquet"))?;
+    assert_eq!(runs.height(), 3, "1 student x 3 strategies x 1 seed");
+    let mut strategies = strings(&runs, "strategy")?;
+    strategies.sort();
+    assert_eq!(
+        strategies,
+        ["baseline", "kd", "ranking-kd"].map(|s| Some(s.to_string()))
+    );
+    assert!(
+        strings(&runs, "primary_metric")?
+            .iter()
+            .all(|m| m.as_deref() == Some("ndcg@10"))
+    );
+    // The teacher scores every item per user once; kd and ranking-kd read that cache.
+    let outputs = strings(&runs, "teacher_outputs")?;
+    for (strategy, used) in strings(&runs, "strategy")?.iter().zip(&outputs) {
+        let want = if strategy.as_deref() == Some("baseline") {
+            "none"
+        } else {
+            "cache"
+        };
+        assert_eq!(used.as_deref(), Some(want), "{strategy:?}");
+    }
+    // NDCG@10 of a random scorer over 1 + 99 candidates is about 0.045; popularity alone gets
+    // about 0.24 on this set (the dataset's own test).
+    let teacher = floats(&runs, "teacher_metric")?[0].unwrap_or(0.0);
+    assert!(
+        teacher > 0.25,
+        "the NeuMF teacher learns the set: {teacher}"
+    );
+    for v in floats(&runs, "best_metric")? {
+        let v = v.ok_or("best_metric is null")?;
+        assert!((0.1..=1.0).contains(&v), "student ndcg@10 {v}");
+    }
+    let metrics = read(&out.join("metrics.parquet"))?;
+    let mut names = strings(&metrics, "metric")?;
+    names.sort();
+    names.dedup();
+    for want in ["auc", "hr@10", "ndcg@10", "rd"] {
+        assert!(
+            names.contains(&Some(want.to_string())),
+            "{want} missing from {names:?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&out);
+    Ok(())
+}
+
 fn records(out: &Path) -> BTreeMap<String, SystemTime> {
     let mut found = BTreeMap::new();
     for entry in std::fs::read_dir(out.join("jobs"))

@@ -1,4 +1,4 @@
-//! The standard distillation strategies: `baseline`, `kd`, `feature-mse` and `fitnets`, the relation-based
+//! The standard distillation strategies: `baseline`, `kd`, `feature-mse`, `fitnets` and `at`, the relation-based
 //! `sp`, `pkt` and `rkd`, the logit-based `dist` and `dkd`, and `ranking-kd` for ranking tasks
 //! (`kd` works on those too, pointwise).
 //!
@@ -6,6 +6,7 @@
 //! an independent NumPy computation (`tests/fixtures/strategies_golden.py`) pin them in tests.
 //! Loss terms are reported weighted, so that they add up to the total.
 
+mod at;
 mod baseline;
 mod dist;
 mod dkd;
@@ -42,6 +43,7 @@ fn register(r: &mut Registrar) -> Result<()> {
     r.strategy("dist", dist::DistFactory)?;
     r.strategy("dkd", dkd::DkdFactory)?;
     r.strategy("ranking-kd", ranking_kd::RankingKdFactory)?;
+    r.strategy("at", at::AtFactory)?;
     Ok(())
 }
 

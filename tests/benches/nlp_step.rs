@@ -109,6 +109,8 @@ fn bench(c: &mut Criterion) {
                 num_classes: 2,
                 student_features: &empty,
                 teacher_features: &empty,
+                train_samples: 64,
+                seed: 0,
                 vb: seeded_var_builder(&VarMap::new(), 2, DType::F32, &dev),
             };
             let kd = r

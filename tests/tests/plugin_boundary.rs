@@ -59,6 +59,8 @@ fn build(
         num_classes: CLASSES,
         student_features: &sf,
         teacher_features: &tf,
+        train_samples: 8,
+        seed: 0,
         vb: VarBuilder::from_varmap(varmap, DType::F64, &Device::Cpu),
     };
     Ok(registrar.get_strategy(name)?.build(&config, ctx)?)

@@ -41,6 +41,8 @@ fn loading_and_running_a_plugin_adds_no_threads() -> Result<(), Box<dyn std::err
         num_classes: 256,
         student_features: &empty,
         teacher_features: &empty,
+        train_samples: 1,
+        seed: 0,
         vb: VarBuilder::from_varmap(&varmap, DType::F32, &dev),
     };
     let kd = host

@@ -153,6 +153,8 @@ pub fn check(registrar: &Registrar, plan: &Plan) -> Vec<String> {
             num_classes: data.info().num_classes,
             student_features: &sf,
             teacher_features: &tf,
+            train_samples: data.info().len(Split::Train),
+            seed: 0,
             vb: seeded_var_builder(&varmap, 0, DType::F32, &device),
         };
         match registrar

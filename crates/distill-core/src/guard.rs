@@ -259,6 +259,15 @@ impl Strategy for GuardedStrategy {
             self.inner.loss(student, teacher, batch, step)
         })
     }
+    fn end_step(
+        &mut self,
+        student: &ModelOutput,
+        teacher: Option<&ModelOutput>,
+        batch: &Batch,
+    ) -> Result<()> {
+        let entry = format!("strategy `{}`: end_step", self.name);
+        contain(&entry, || self.inner.end_step(student, teacher, batch))
+    }
     fn end_epoch(&mut self, epoch: usize) -> Result<()> {
         let entry = format!("strategy `{}`: end_epoch", self.name);
         contain(&entry, || self.inner.end_epoch(epoch))

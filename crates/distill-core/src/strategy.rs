@@ -48,6 +48,10 @@ pub struct StrategyContext<'a> {
     pub student_features: &'a BTreeMap<String, Vec<usize>>,
     /// Shape of each teacher feature, without the batch dimension (empty without a teacher).
     pub teacher_features: &'a BTreeMap<String, Vec<usize>>,
+    /// Number of training samples (the size of a memory bank keyed by sample index).
+    pub train_samples: usize,
+    /// The run's seed, for the strategy's own random draws.
+    pub seed: u64,
     /// Where the strategy creates its own trainable variables (adapters, embeddings); they train
     /// with the student.
     pub vb: VarBuilder<'a>,
@@ -65,7 +69,17 @@ pub trait Strategy: Send {
         batch: &Batch,
         step: &StepInfo,
     ) -> Result<LossTerms>;
-    /// Called after each epoch (schedules, memory-bank upkeep).
+    /// Called after each optimizer step with the step's outputs (memory-bank upkeep), so that
+    /// [`Strategy::loss`] itself changes nothing and can be evaluated repeatedly.
+    fn end_step(
+        &mut self,
+        _student: &ModelOutput,
+        _teacher: Option<&ModelOutput>,
+        _batch: &Batch,
+    ) -> Result<()> {
+        Ok(())
+    }
+    /// Called after each epoch (schedules).
     fn end_epoch(&mut self, _epoch: usize) -> Result<()> {
         Ok(())
     }

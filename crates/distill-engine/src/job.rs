@@ -510,6 +510,8 @@ fn run_job_inner(
                 num_classes: data.info().num_classes,
                 student_features: &student_features,
                 teacher_features: &teacher_features,
+                train_samples: data.info().len(Split::Train),
+                seed: *seed,
                 vb: seeded_var_builder(&strategy_vars, seed.wrapping_add(1), DType::F32, device),
             };
             let mut strat = registrar

@@ -303,6 +303,7 @@ pub fn fit(inputs: FitInputs<'_>, config: &TrainConfig) -> Result<Outcome> {
                 });
             }
             optimizer.step(&grads, lr)?;
+            strategy.end_step(&student, teacher_out.as_ref(), &batch)?;
             step += 1;
             if last_report.elapsed() >= PROGRESS_EVERY {
                 last_report = Instant::now();

@@ -1,5 +1,5 @@
 //! The standard distillation strategies: `baseline`, `kd`, `feature-mse`, `fitnets` and `at`, the relation-based
-//! `sp`, `pkt` and `rkd`, the logit-based `dist` and `dkd`, and `ranking-kd` for ranking tasks
+//! `sp`, `pkt`, `rkd` and the contrastive `crd`, the logit-based `dist` and `dkd`, and `ranking-kd` for ranking tasks
 //! (`kd` works on those too, pointwise).
 //!
 //! Every loss documents its formula, reduction and defaults next to its code; golden values from
@@ -8,6 +8,7 @@
 
 mod at;
 mod baseline;
+mod crd;
 mod dist;
 mod dkd;
 mod feature_mse;
@@ -44,6 +45,7 @@ fn register(r: &mut Registrar) -> Result<()> {
     r.strategy("dkd", dkd::DkdFactory)?;
     r.strategy("ranking-kd", ranking_kd::RankingKdFactory)?;
     r.strategy("at", at::AtFactory)?;
+    r.strategy("crd", crd::CrdFactory)?;
     Ok(())
 }
 

@@ -34,6 +34,15 @@ pub struct Case {
     /// Named inputs (`s_logits`, `t_logits`, `targets`, `s_feat`, `t_feat`, adapter weights).
     pub inputs: HashMap<String, Stored>,
     expected: BTreeMap<String, f64>,
+    /// The training-set size the strategy is told (default: the batch size).
+    #[serde(default)]
+    train_samples: Option<usize>,
+    /// The run's seed the strategy is told.
+    #[serde(default)]
+    seed: u64,
+    /// Take one training step (loss, then `end_step`) before checking gradients.
+    #[serde(default)]
+    step_before_gradients: bool,
 }
 
 #[derive(Deserialize)]
@@ -86,6 +95,10 @@ fn build(case: &Case, dtype: DType) -> Result<Built> {
         num_classes: case.inputs["s_logits"].shape[1],
         student_features: &student_features,
         teacher_features: &teacher_features,
+        train_samples: case
+            .train_samples
+            .unwrap_or(case.inputs["s_logits"].shape[0]),
+        seed: case.seed,
         vb: VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu),
     };
     let strategy = registrar
@@ -94,6 +107,8 @@ fn build(case: &Case, dtype: DType) -> Result<Built> {
     for (name, stored) in &case.inputs {
         if name.starts_with("adapter.") {
             varmap.set_one(name, tensor(stored, dtype)?)?;
+        } else if let Some(var) = name.strip_prefix("var.") {
+            varmap.set_one(var, tensor(stored, dtype)?)?;
         }
     }
     Ok(Built { strategy, varmap })
@@ -195,7 +210,32 @@ pub fn run_case(case: &Case) -> Result<()> {
     }
 
     // Gradients w.r.t. the student's logits and feature, in f64, against finite differences.
-    let built = build(case, DType::F64)?;
+    let mut built = build(case, DType::F64)?;
+    // A stateful strategy (a memory bank, normalisers fixed at the first step) is checked after
+    // its first step, where its loss no longer estimates anything from the batch.
+    if case.step_before_gradients {
+        let s = tensor(&case.inputs["s_logits"], DType::F64)?;
+        let h = case
+            .inputs
+            .get("s_feat")
+            .map(|x| tensor(x, DType::F64))
+            .transpose()?;
+        let t_logits = tensor(&case.inputs["t_logits"], DType::F64)?;
+        let t_feat = case
+            .inputs
+            .get("t_feat")
+            .map(|x| tensor(x, DType::F64))
+            .transpose()?;
+        let (student, teacher) = (
+            output(case, &s, h.as_ref()),
+            output(case, &t_logits, t_feat.as_ref()),
+        );
+        let batch = batch(case)?;
+        built
+            .strategy
+            .loss(&student, Some(&teacher), &batch, &StepInfo::default())?;
+        built.strategy.end_step(&student, Some(&teacher), &batch)?;
+    }
     let s = Var::from_tensor(&tensor(&case.inputs["s_logits"], DType::F64)?)?;
     let h = case
         .inputs
@@ -264,7 +304,11 @@ pub fn run_case(case: &Case) -> Result<()> {
     }
     // The strategy's own variables (adapters) train: finite, non-zero gradients.
     let vars = testing::named_vars(&built.varmap);
-    if !vars.is_empty() && case.expected.get("feature").is_some_and(|f| *f != 0.0) {
+    let distills = case
+        .expected
+        .iter()
+        .any(|(k, v)| k != "total" && k != "ce" && *v != 0.0);
+    if !vars.is_empty() && distills {
         check_gradient_coverage(&vars, &[], &grads)
             .unwrap_or_else(|e| panic!("{}: {e}", case.name));
     }

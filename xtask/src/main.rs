@@ -5,6 +5,7 @@
 mod experiment;
 mod plan;
 mod runner;
+mod scaffold;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -44,6 +45,14 @@ enum Task {
         #[arg(long)]
         no_build: bool,
     },
+    /// Creates a plugin crate under plugins/<name> (a strategy, or a task with a dataset and a
+    /// model), adds it to the workspace, and says what to do next.
+    NewPlugin {
+        /// `strategy` or `task`.
+        kind: scaffold::Kind,
+        /// The plugin's name: lower-case letters, digits and `-`.
+        name: String,
+    },
     /// Rewrites the tables and prints the summary of an experiment folder.
     Report {
         /// The experiment's folder (`reports/<name>`).
@@ -64,6 +73,17 @@ fn main() -> Result<()> {
             out,
             no_build,
         } => run_experiment(&experiment, jobs, &sets, out, no_build),
+        Task::NewPlugin { kind, name } => {
+            let root = workspace_root()?;
+            let dir = scaffold::new_plugin(&root, kind, &name)?;
+            let test = format!("cargo test -p distill-plugin-{name}");
+            eprintln!(
+                "created {} (listed in Cargo.toml's members)\n\
+                 next: `{test}`, then `cargo xtask plugins` lists it; name it in an experiment file",
+                dir.display()
+            );
+            Ok(())
+        }
         Task::Report { dir } => {
             build_workspace()?;
             report(&dir)
@@ -171,8 +191,8 @@ fn build_workspace() -> Result<()> {
     run(cargo().args(["build", "--workspace", "--quiet"]))
 }
 
-/// The `distill` worker binary of this workspace's build.
-fn distill() -> Result<PathBuf> {
+/// The workspace's `cargo metadata` (without dependencies).
+fn metadata() -> Result<serde_json::Value> {
     let out = cargo()
         .args(["metadata", "--format-version", "1", "--no-deps"])
         .output()
@@ -183,8 +203,21 @@ fn distill() -> Result<PathBuf> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let meta: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("parsing cargo metadata")?;
+    serde_json::from_slice(&out.stdout).context("parsing cargo metadata")
+}
+
+/// The folder of the workspace's root `Cargo.toml`.
+fn workspace_root() -> Result<PathBuf> {
+    let meta = metadata()?;
+    let root = meta["workspace_root"]
+        .as_str()
+        .context("cargo metadata has no workspace_root")?;
+    Ok(PathBuf::from(root))
+}
+
+/// The `distill` worker binary of this workspace's build.
+fn distill() -> Result<PathBuf> {
+    let meta = metadata()?;
     let target = meta["target_directory"]
         .as_str()
         .context("cargo metadata has no target_directory")?;

@@ -53,6 +53,17 @@ enum Task {
         /// The plugin's name: lower-case letters, digits and `-`.
         name: String,
     },
+    /// Evaluates one strategy on the tensors of a safetensors file and prints every loss term as
+    /// JSON (`distill loss --help` lists the tensor names and options, e.g. `--set alpha=0.5`,
+    /// `--grad OUT.safetensors`).
+    Loss {
+        /// Skip `cargo build` (the workspace is already built).
+        #[arg(long)]
+        no_build: bool,
+        /// The strategy and `distill loss`'s options.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        args: Vec<String>,
+    },
     /// Rewrites the tables and prints the summary of an experiment folder.
     Report {
         /// The experiment's folder (`reports/<name>`).
@@ -83,6 +94,12 @@ fn main() -> Result<()> {
                 dir.display()
             );
             Ok(())
+        }
+        Task::Loss { no_build, args } => {
+            if !no_build {
+                build_workspace()?;
+            }
+            run(Command::new(distill()?).arg("loss").args(&args))
         }
         Task::Report { dir } => {
             build_workspace()?;

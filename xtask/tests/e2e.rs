@@ -295,6 +295,135 @@ fn recsys_quick_experiment_ranks_with_a_cached_teacher() -> Result<()> {
     Ok(())
 }
 
+/// A safetensors file of f64 (and, for `targets`, i64) tensors.
+fn write_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f64>)]) -> Result<()> {
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for (name, shape, values) in tensors {
+        let start = data.len();
+        let dtype = if *name == "targets" { "I64" } else { "F64" };
+        for v in values {
+            if *name == "targets" {
+                data.extend((*v as i64).to_le_bytes());
+            } else {
+                data.extend(v.to_le_bytes());
+            }
+        }
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [start, data.len()]}),
+        );
+    }
+    let mut head = serde_json::to_vec(&header)?;
+    while head.len() % 8 != 0 {
+        head.push(b' ');
+    }
+    let mut bytes = (head.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(head);
+    bytes.extend(data);
+    std::fs::write(path, bytes)?;
+    Ok(())
+}
+
+/// The f64 tensors of a safetensors file, flattened, by name.
+fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Vec<f64>>> {
+    let bytes = std::fs::read(path)?;
+    let n = u64::from_le_bytes(bytes[..8].try_into()?) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n])?;
+    let data = &bytes[8 + n..];
+    let mut out = BTreeMap::new();
+    for (name, info) in header.as_object().ok_or("header is not a table")? {
+        if name == "__metadata__" {
+            continue;
+        }
+        let (a, b) = (
+            info["data_offsets"][0].as_u64().unwrap_or(0) as usize,
+            info["data_offsets"][1].as_u64().unwrap_or(0) as usize,
+        );
+        assert_eq!(info["dtype"], "F64", "{name}");
+        let values = data[a..b]
+            .chunks(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
+        out.insert(name.clone(), values);
+    }
+    Ok(out)
+}
+
+#[test]
+fn loss_command_prints_terms_and_writes_gradients() -> Result<()> {
+    let dir = temp("loss");
+    std::fs::create_dir_all(&dir)?;
+    let (s, t) = (
+        [1.0, 2.0, 0.5, 0.0, 0.0, 0.0],
+        [2.0, 1.0, 0.0, 1.0, 1.0, 1.0],
+    );
+    let y = [1usize, 2];
+    let inputs = dir.join("inputs.safetensors");
+    write_safetensors(
+        &inputs,
+        &[
+            ("s_logits", vec![2, 3], s.to_vec()),
+            ("t_logits", vec![2, 3], t.to_vec()),
+            ("targets", vec![2], y.iter().map(|&v| v as f64).collect()),
+        ],
+    )?;
+    let grad = dir.join("grad.safetensors");
+    let out = xtask()
+        .args(["loss", "--no-build", "kd", "--inputs"])
+        .arg(&inputs)
+        .args([
+            "--set",
+            "alpha=0.5",
+            "--set",
+            "temperature=2",
+            "--f64",
+            "--grad",
+        ])
+        .arg(&grad)
+        .output()?;
+    assert!(out.status.success(), "{}", text(&out));
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+
+    // Hinton KD by hand: 0.5 * CE + 0.5 * 4 * KL(softmax(t/2) || softmax(s/2)), batch means.
+    let softmax = |row: &[f64], temp: f64| -> Vec<f64> {
+        let z: f64 = row.iter().map(|v| (v / temp).exp()).sum();
+        row.iter().map(|v| (v / temp).exp() / z).collect()
+    };
+    let (mut ce, mut kl) = (0.0, 0.0);
+    let mut want_grad = Vec::new();
+    for i in 0..2 {
+        let (si, ti) = (&s[3 * i..3 * i + 3], &t[3 * i..3 * i + 3]);
+        let p = softmax(si, 1.0);
+        let (ps, pt) = (softmax(si, 2.0), softmax(ti, 2.0));
+        ce -= p[y[i]].ln() / 2.0;
+        kl += (0..3).map(|c| pt[c] * (pt[c] / ps[c]).ln()).sum::<f64>() / 2.0;
+        for c in 0..3 {
+            let onehot = if c == y[i] { 1.0 } else { 0.0 };
+            // d/ds: 0.5 * (p - onehot) / b + 0.5 * T * (ps - pt) / b.
+            want_grad.push(0.5 * (p[c] - onehot) / 2.0 + 0.5 * 2.0 * (ps[c] - pt[c]) / 2.0);
+        }
+    }
+    let want = [
+        ("ce", 0.5 * ce),
+        ("kd", 0.5 * 4.0 * kl),
+        ("total", 0.5 * ce + 2.0 * kl),
+    ];
+    for (name, value) in want {
+        let got = printed["terms"][name]
+            .as_f64()
+            .ok_or(format!("no term {name}"))?;
+        assert!((got - value).abs() < 1e-12, "{name}: {got} vs {value}");
+    }
+    let grads = read_safetensors(&grad)?;
+    assert_eq!(grads.keys().collect::<Vec<_>>(), ["s_logits"]);
+    for (g, w) in grads["s_logits"].iter().zip(&want_grad) {
+        assert!((g - w).abs() < 1e-12, "gradient {g} vs {w}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 fn records(out: &Path) -> BTreeMap<String, SystemTime> {
     let mut found = BTreeMap::new();
     for entry in std::fs::read_dir(out.join("jobs"))

@@ -1,18 +1,16 @@
-//! Golden-value harness shared by the strategy tests: reads `tests/fixtures/strategies_golden.json`,
-//! builds the strategy through the registrar, checks loss values (f32, to 1e-5), gradients
-//! against central finite differences (f64, relative error <= 1e-3) and gradient coverage of the
-//! strategy's own variables.
+//! Golden-value harness shared by the strategy tests: reads `tests/fixtures/strategies_golden.json`
+//! and runs each case through the loss probe (`distill_engine::probe`, the path of `cargo xtask
+//! loss`): loss values (f32, to 1e-5), gradients against central finite differences (f64,
+//! relative error <= 1e-3) and gradients of the strategy's own variables.
 
 use std::collections::{BTreeMap, HashMap};
 
-use distill_rt::candle::{DType, Device, Tensor, Var};
-use distill_rt::candle_nn::{VarBuilder, VarMap};
+use distill_engine::probe::{Probe, ProbeOptions, evaluate};
+use distill_rt::candle::{DType, Device, Tensor};
 use distill_rt::serde::Deserialize;
 use distill_rt::strategy::StepInfo;
-use distill_rt::testing::{self, check_gradient_coverage, max_relative_error};
-use distill_rt::{
-    Batch, ModelOutput, Registrar, Result, Strategy, StrategyContext, model::PENULTIMATE,
-};
+use distill_rt::testing::{self, max_relative_error};
+use distill_rt::{Registrar, Result, TensorMap};
 
 /// One stored tensor.
 #[derive(Deserialize, Clone, Debug)]
@@ -75,87 +73,38 @@ fn tensor(s: &Stored, dtype: DType) -> Result<Tensor> {
     })
 }
 
-struct Built {
-    strategy: Box<dyn Strategy>,
-    varmap: VarMap,
+/// The case's tensors in `dtype`, named as the loss probe reads them (`adapter.*` values set
+/// the strategy's variables of that name).
+fn inputs(case: &Case, dtype: DType) -> Result<TensorMap> {
+    case.inputs
+        .iter()
+        .map(|(name, stored)| {
+            let key = if name.starts_with("adapter.") {
+                format!("var.{name}")
+            } else {
+                name.clone()
+            };
+            Ok((key, tensor(stored, dtype)?))
+        })
+        .collect()
 }
 
-fn build(case: &Case, dtype: DType) -> Result<Built> {
+fn options(case: &Case, dtype: DType, warmup_steps: usize) -> ProbeOptions<'_> {
+    ProbeOptions {
+        strategy: &case.strategy,
+        config: &case.config,
+        step: StepInfo::default(),
+        train_samples: case.train_samples,
+        seed: case.seed,
+        dtype,
+        warmup_steps,
+    }
+}
+
+fn registrar() -> Result<Registrar> {
     let mut registrar = Registrar::new();
     crate::register(&mut registrar)?;
-    let shapes = |key: &str| -> BTreeMap<String, Vec<usize>> {
-        case.inputs
-            .get(key)
-            .map(|s| BTreeMap::from([(PENULTIMATE.to_string(), s.shape[1..].to_vec())]))
-            .unwrap_or_default()
-    };
-    let (student_features, teacher_features) = (shapes("s_feat"), shapes("t_feat"));
-    let mut varmap = VarMap::new();
-    let ctx = StrategyContext {
-        num_classes: case.inputs["s_logits"].shape[1],
-        student_features: &student_features,
-        teacher_features: &teacher_features,
-        train_samples: case
-            .train_samples
-            .unwrap_or(case.inputs["s_logits"].shape[0]),
-        seed: case.seed,
-        vb: VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu),
-    };
-    let strategy = registrar
-        .get_strategy(&case.strategy)?
-        .build(&case.config, ctx)?;
-    for (name, stored) in &case.inputs {
-        if name.starts_with("adapter.") {
-            varmap.set_one(name, tensor(stored, dtype)?)?;
-        } else if let Some(var) = name.strip_prefix("var.") {
-            varmap.set_one(var, tensor(stored, dtype)?)?;
-        }
-    }
-    Ok(Built { strategy, varmap })
-}
-
-fn output(case: &Case, logits: &Tensor, feat: Option<&Tensor>) -> ModelOutput {
-    let _ = case;
-    ModelOutput {
-        logits: logits.clone(),
-        features: feat
-            .map(|f| BTreeMap::from([(PENULTIMATE.to_string(), f.clone())]))
-            .unwrap_or_default(),
-    }
-}
-
-fn batch(case: &Case) -> Result<Batch> {
-    // Class ids are stored with dtype `u32`; ranking relevance as floats.
-    let targets = tensor(&case.inputs["targets"], DType::F32)?;
-    let n = targets.dim(0)?;
-    Ok(Batch {
-        inputs: BTreeMap::new(),
-        targets,
-        indices: Tensor::arange(0u32, n as u32, &Device::Cpu)?,
-    })
-}
-
-/// The total loss of `case` for student logits `s` and feature `h` (teacher from the case).
-fn total(
-    built: &Built,
-    case: &Case,
-    s: &Tensor,
-    h: Option<&Tensor>,
-    dtype: DType,
-) -> Result<Tensor> {
-    let t_logits = tensor(&case.inputs["t_logits"], dtype)?;
-    let t_feat = case
-        .inputs
-        .get("t_feat")
-        .map(|x| tensor(x, dtype))
-        .transpose()?;
-    let terms = built.strategy.loss(
-        &output(case, s, h),
-        Some(&output(case, &t_logits, t_feat.as_ref())),
-        &batch(case)?,
-        &StepInfo::default(),
-    )?;
-    Ok(terms.total)
+    Ok(registrar)
 }
 
 /// Runs every golden case of `strategy` (at least 3) through [`run_case`].
@@ -168,32 +117,17 @@ pub fn check_golden(strategy: &str) -> Result<()> {
     Ok(())
 }
 
-/// Checks values, gradients and coverage for one case; panics with the case name on failure.
+/// Checks values, gradients and coverage for one case through the loss probe (the path of
+/// `cargo xtask loss`); panics with the case name on failure.
 pub fn run_case(case: &Case) -> Result<()> {
+    let registrar = registrar()?;
     // Values, in f32 as in training.
-    let built = build(case, DType::F32)?;
-    let s = tensor(&case.inputs["s_logits"], DType::F32)?;
-    let h = case
-        .inputs
-        .get("s_feat")
-        .map(|x| tensor(x, DType::F32))
-        .transpose()?;
-    let t_logits = tensor(&case.inputs["t_logits"], DType::F32)?;
-    let t_feat = case
-        .inputs
-        .get("t_feat")
-        .map(|x| tensor(x, DType::F32))
-        .transpose()?;
-    let terms = built.strategy.loss(
-        &output(case, &s, h.as_ref()),
-        Some(&output(case, &t_logits, t_feat.as_ref())),
-        &batch(case)?,
-        &StepInfo::default(),
+    let probe = evaluate(
+        &registrar,
+        &inputs(case, DType::F32)?,
+        &options(case, DType::F32, 0),
     )?;
-    let mut got = BTreeMap::from([("total".to_string(), terms.total.to_scalar::<f32>()? as f64)]);
-    for (name, t) in &terms.terms {
-        got.insert(name.clone(), t.to_scalar::<f32>()? as f64);
-    }
+    let got: BTreeMap<String, f64> = probe.terms.into_iter().collect();
     assert_eq!(
         got.keys().collect::<Vec<_>>(),
         case.expected.keys().collect::<Vec<_>>(),
@@ -209,108 +143,52 @@ pub fn run_case(case: &Case) -> Result<()> {
         );
     }
 
-    // Gradients w.r.t. the student's logits and feature, in f64, against finite differences.
-    let mut built = build(case, DType::F64)?;
-    // A stateful strategy (a memory bank, normalisers fixed at the first step) is checked after
-    // its first step, where its loss no longer estimates anything from the batch.
+    // Gradients w.r.t. the student's logits and feature, in f64, against finite differences. A
+    // stateful strategy (a memory bank, normalisers fixed at the first step) is checked after
+    // one step, where its loss no longer estimates anything from the batch.
+    let base = inputs(case, DType::F64)?;
+    let mut fixed = Probe::new(&registrar, &base, &options(case, DType::F64, 0))?;
     if case.step_before_gradients {
-        let s = tensor(&case.inputs["s_logits"], DType::F64)?;
-        let h = case
-            .inputs
-            .get("s_feat")
-            .map(|x| tensor(x, DType::F64))
-            .transpose()?;
-        let t_logits = tensor(&case.inputs["t_logits"], DType::F64)?;
-        let t_feat = case
-            .inputs
-            .get("t_feat")
-            .map(|x| tensor(x, DType::F64))
-            .transpose()?;
-        let (student, teacher) = (
-            output(case, &s, h.as_ref()),
-            output(case, &t_logits, t_feat.as_ref()),
-        );
-        let batch = batch(case)?;
-        built
-            .strategy
-            .loss(&student, Some(&teacher), &batch, &StepInfo::default())?;
-        built.strategy.end_step(&student, Some(&teacher), &batch)?;
+        fixed.step(&base)?;
     }
-    let s = Var::from_tensor(&tensor(&case.inputs["s_logits"], DType::F64)?)?;
-    let h = case
-        .inputs
-        .get("s_feat")
-        .map(|x| tensor(x, DType::F64).and_then(|t| Ok(Var::from_tensor(&t)?)))
-        .transpose()?;
-    let grads = total(
-        &built,
-        case,
-        s.as_tensor(),
-        h.as_ref().map(|v| v.as_tensor()),
-        DType::F64,
-    )?
-    .backward()?;
-    let scalar = |t: Tensor| -> Result<f64> { Ok(t.to_scalar::<f64>()?) };
-    let fd_s = testing::central_differences(
-        |x| {
-            scalar(total(
-                &built,
-                case,
-                x,
-                h.as_ref().map(|v| v.as_tensor()),
-                DType::F64,
-            )?)
-        },
-        s.as_tensor(),
-        1e-6,
-    )?;
-    match grads.get(s.as_tensor()) {
-        Some(analytic) => {
-            let err = max_relative_error(analytic, &fd_s, 1e-6)?;
-            assert!(
-                err <= 1e-3,
-                "{}: d loss / d s_logits relative error {err}",
-                case.name
-            );
-        }
-        // A zero weight cuts the graph in candle (affine by 0): fine when the logits do not matter.
-        None => assert!(
-            fd_s.abs()?.max_all()?.to_scalar::<f64>()? < 1e-9,
-            "{}: s_logits matter but have no gradient",
-            case.name
-        ),
-    }
-    if let Some(h) = &h {
-        let fd_h = testing::central_differences(
-            |x| scalar(total(&built, case, s.as_tensor(), Some(x), DType::F64)?),
-            h.as_tensor(),
+    let probe = fixed.evaluate(&base)?;
+    for name in ["s_logits", "s_feat"] {
+        let Some(x) = base.get(name) else {
+            continue;
+        };
+        let numeric = testing::central_differences(
+            |v| {
+                let mut perturbed = base.clone();
+                perturbed.insert(name.to_string(), v.clone());
+                Ok(fixed.evaluate(&perturbed)?.terms[0].1)
+            },
+            x,
             1e-6,
         )?;
-        match grads.get(h.as_tensor()) {
-            Some(g) => {
-                let err = max_relative_error(g, &fd_h, 1e-6)?;
-                assert!(
-                    err <= 1e-3,
-                    "{}: d loss / d s_feat relative error {err}",
-                    case.name
-                );
-            }
-            None => assert!(
-                fd_h.abs()?.max_all()?.to_scalar::<f64>()? < 1e-9,
-                "{}: s_feat matters but has no gradient",
-                case.name
-            ),
-        }
+        let err = max_relative_error(&probe.gradients[name], &numeric, 1e-6)?;
+        assert!(
+            err <= 1e-3,
+            "{}: d loss / d {name} relative error {err}",
+            case.name
+        );
     }
-    // The strategy's own variables (adapters) train: finite, non-zero gradients.
-    let vars = testing::named_vars(&built.varmap);
+    // The strategy's own variables (adapters, heads) train: finite, non-zero gradients.
     let distills = case
         .expected
         .iter()
         .any(|(k, v)| k != "total" && k != "ce" && *v != 0.0);
-    if !vars.is_empty() && distills {
-        check_gradient_coverage(&vars, &[], &grads)
-            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+    if distills {
+        for (name, g) in &probe.variable_gradients {
+            let g = g
+                .as_ref()
+                .unwrap_or_else(|| panic!("{}: no gradient reaches `{name}`", case.name));
+            let values = g.flatten_all()?.to_vec1::<f64>()?;
+            assert!(
+                values.iter().all(|v| v.is_finite()) && values.iter().any(|v| *v != 0.0),
+                "{}: `{name}` gets a zero or non-finite gradient",
+                case.name
+            );
+        }
     }
     Ok(())
 }

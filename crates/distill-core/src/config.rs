@@ -34,6 +34,36 @@ pub fn parse<T: DeserializeOwned>(owner: &str, config: &Config) -> Result<T> {
     })
 }
 
+/// Parses a table whose keys belong to two structs: those in `shared_keys` into `S` (options
+/// several factories share), the rest into `T`; each rejects keys it does not know, so a
+/// misspelt key is still an error naming it.
+pub fn parse_split<T: DeserializeOwned, S: DeserializeOwned>(
+    owner: &str,
+    config: &Config,
+    shared_keys: &[&str],
+) -> Result<(T, S)> {
+    let mut own = serde_json::Map::new();
+    let mut shared = serde_json::Map::new();
+    match config {
+        Config::Null => {}
+        Config::Object(map) => {
+            for (k, v) in map {
+                let to = if shared_keys.contains(&k.as_str()) {
+                    &mut shared
+                } else {
+                    &mut own
+                };
+                to.insert(k.clone(), v.clone());
+            }
+        }
+        _ => return Err(Error::config(owner, ".", "must be a table")),
+    }
+    Ok((
+        parse(owner, &Config::Object(own))?,
+        parse(owner, &Config::Object(shared))?,
+    ))
+}
+
 /// Checks that every `(key, value)` is above zero (widths, counts, sizes), naming the first key
 /// that is not.
 pub fn require_positive(owner: &str, values: &[(&str, usize)]) -> Result<()> {
@@ -96,6 +126,27 @@ mod tests {
             }
             other => panic!("expected a config error, got {other:?}"),
         }
+    }
+
+    #[derive(serde::Deserialize, Debug, PartialEq, Default)]
+    #[serde(deny_unknown_fields, default)]
+    struct Shared {
+        seed: u64,
+    }
+
+    #[test]
+    fn split_tables_fill_both_structs_and_still_name_unknown_keys() -> Result<()> {
+        let (k, s): (Kd, Shared) = parse_split(
+            "dataset x",
+            &serde_json::json!({"alpha": 0.2, "seed": 3}),
+            &["seed"],
+        )?;
+        assert_eq!((k.alpha, s.seed), (0.2, 3));
+        match parse_split::<Kd, Shared>("dataset x", &serde_json::json!({"sed": 3}), &["seed"]) {
+            Err(Error::Config { key, .. }) => assert_eq!(key, "sed"),
+            other => panic!("expected a config error, got {other:?}"),
+        }
+        Ok(())
     }
 
     #[derive(serde::Deserialize, Debug)]

@@ -69,28 +69,14 @@ impl Default for TextOptions {
 /// Parses the source's own keys into `T` and the shared ones into [`TextOptions`]; each
 /// rejects keys it does not know.
 fn parse_config<T: DeserializeOwned>(owner: &str, cfg: &Config) -> Result<(T, TextOptions)> {
-    let mut own = distill_rt::serde_json::Map::new();
-    let mut shared = distill_rt::serde_json::Map::new();
-    if let Some(map) = cfg.as_object() {
-        for (k, v) in map {
-            let to = if TEXT_KEYS.contains(&k.as_str()) {
-                &mut shared
-            } else {
-                &mut own
-            };
-            to.insert(k.clone(), v.clone());
-        }
-    } else if !cfg.is_null() {
-        return Err(Error::config(owner, ".", "must be a table"));
-    }
-    let opts: TextOptions = config::parse(owner, &Config::Object(shared))?;
+    let (own, opts): (T, TextOptions) = config::parse_split(owner, cfg, &TEXT_KEYS)?;
     if opts.max_len < 2 {
         return Err(Error::config(owner, "max_len", "must be at least 2"));
     }
     if opts.max_vocab < 3 {
         return Err(Error::config(owner, "max_vocab", "must be at least 3"));
     }
-    Ok((config::parse(owner, &Config::Object(own))?, opts))
+    Ok((own, opts))
 }
 
 struct Encoded {

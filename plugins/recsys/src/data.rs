@@ -235,43 +235,19 @@ impl Dataset for RecData {
 
 // ---------------------------------------------------------------------------------------------
 
-/// Splits a table into the dataset's own keys (`T`) and the shared protocol keys, so that a key
-/// neither knows is an error naming it.
-fn parse_with_protocol<T: for<'de> Deserialize<'de>>(
-    owner: &str,
-    cfg: &Config,
-    own: &[&str],
-) -> Result<(T, Protocol)> {
-    let empty = distill_rt::serde_json::Map::new();
-    let table = match cfg {
-        Config::Null => &empty,
-        Config::Object(m) => m,
-        other => {
-            return Err(Error::config(
-                owner,
-                ".",
-                format!("expected a table, got {other}"),
-            ));
-        }
-    };
-    let (mine, rest): (Vec<_>, Vec<_>) = table
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .partition(|(k, _)| own.contains(&k.as_str()));
-    let own_cfg = Config::Object(mine.into_iter().collect());
-    let protocol_cfg = Config::Object(rest.into_iter().collect());
-    Ok((
-        config::parse(owner, &own_cfg)?,
-        config::parse(owner, &protocol_cfg)?,
-    ))
-}
+/// Keys of [`Protocol`], shared by every recommender dataset.
+const PROTOCOL_KEYS: [&str; 6] = [
+    "negatives",
+    "eval_negatives",
+    "full_ranking",
+    "k",
+    "primary_metric",
+    "seed",
+];
 
 fn default_format() -> Format {
     Format::Csv
 }
-
-/// Keys of the implicit-feedback rule.
-const RULE_KEYS: [&str; 3] = ["threshold", "min_item_positives", "min_user_positives"];
 
 #[derive(Deserialize)]
 #[serde(crate = "distill_rt::serde", deny_unknown_fields)]
@@ -296,9 +272,8 @@ impl DatasetFactory for MovieLensFactory {
     }
     fn build(&self, cfg: &Config) -> Result<Box<dyn Dataset>> {
         const OWNER: &str = "dataset recsys.movielens";
-        let mut own_keys = vec!["path", "format"];
-        own_keys.extend(RULE_KEYS);
-        let (own, protocol): (MovieLensOwn, Protocol) = parse_with_protocol(OWNER, cfg, &own_keys)?;
+        let (own, protocol): (MovieLensOwn, Protocol) =
+            config::parse_split(OWNER, cfg, &PROTOCOL_KEYS)?;
         let d = Implicit::default();
         let rule = Implicit {
             threshold: own.threshold.unwrap_or(d.threshold),
@@ -348,16 +323,8 @@ impl DatasetFactory for SyntheticFactory {
     }
     fn build(&self, cfg: &Config) -> Result<Box<dyn Dataset>> {
         const OWNER: &str = "dataset recsys.synthetic";
-        let own_keys = [
-            "users",
-            "items",
-            "per_user",
-            "factors",
-            "popularity",
-            "noise",
-            "data_seed",
-        ];
-        let (own, protocol): (SyntheticOwn, Protocol) = parse_with_protocol(OWNER, cfg, &own_keys)?;
+        let (own, protocol): (SyntheticOwn, Protocol) =
+            config::parse_split(OWNER, cfg, &PROTOCOL_KEYS)?;
         config::require_positive(
             OWNER,
             &[

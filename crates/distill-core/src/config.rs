@@ -73,6 +73,15 @@ pub fn require_positive(owner: &str, values: &[(&str, usize)]) -> Result<()> {
     }
 }
 
+/// Checks that every `(key, value)` is finite and above zero (temperatures, learning rates,
+/// scales), naming the first that is not.
+pub fn require_scales(owner: &str, values: &[(&str, f64)]) -> Result<()> {
+    match values.iter().find(|(_, v)| !(*v > 0.0 && v.is_finite())) {
+        Some((key, v)) => Err(Error::config(owner, *key, format!("must be > 0, got {v}"))),
+        None => Ok(()),
+    }
+}
+
 /// Checks that every `(key, weight)` is finite and not negative (loss weights), naming the
 /// first that is not.
 pub fn require_weights(owner: &str, values: &[(&str, f64)]) -> Result<()> {

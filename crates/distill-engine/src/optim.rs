@@ -70,13 +70,7 @@ impl OptimizerConfig {
                 weight_decay,
             } => (*lr, *weight_decay, *momentum),
         };
-        if !(lr > 0.0 && lr.is_finite()) {
-            return Err(Error::config(
-                "optimizer",
-                "lr",
-                format!("must be > 0, got {lr}"),
-            ));
-        }
+        distill_rt::config::require_scales("optimizer", &[("lr", lr)])?;
         if !(wd >= 0.0 && wd.is_finite()) {
             return Err(Error::config(
                 "optimizer",

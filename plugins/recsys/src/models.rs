@@ -311,13 +311,7 @@ impl ModelFactory for RecFactory {
             _ => {}
         }
         let init_std = c.init_std.unwrap_or(self.defaults.2);
-        if !(init_std > 0.0 && init_std.is_finite()) {
-            return Err(Error::config(
-                owner,
-                "init_std",
-                format!("must be > 0, got {init_std}"),
-            ));
-        }
+        config::require_scales(owner, &[("init_std", init_std)])?;
         let init = Init::Randn {
             mean: 0.0,
             stdev: init_std,

@@ -96,13 +96,7 @@ impl StrategyFactory for AtFactory {
                 ("feature_weight", c.feature_weight),
             ],
         )?;
-        if !(c.p > 0.0 && c.p.is_finite()) {
-            return Err(Error::config(
-                OWNER,
-                "p",
-                format!("must be > 0, got {}", c.p),
-            ));
-        }
+        config::require_scales(OWNER, &[("p", c.p)])?;
         if c.student_features.is_empty() || c.student_features.len() != c.teacher_features.len() {
             return Err(Error::config(
                 OWNER,

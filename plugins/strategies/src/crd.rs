@@ -101,13 +101,7 @@ impl StrategyFactory for CrdFactory {
                 ("feature_weight", c.feature_weight),
             ],
         )?;
-        if !(c.nce_t > 0.0 && c.nce_t.is_finite()) {
-            return Err(Error::config(
-                OWNER,
-                "nce_t",
-                format!("must be > 0, got {}", c.nce_t),
-            ));
-        }
+        config::require_scales(OWNER, &[("nce_t", c.nce_t)])?;
         if !(0.0..=1.0).contains(&c.nce_m) {
             return Err(Error::config(
                 OWNER,

@@ -15,8 +15,8 @@ use distill_rt::candle::{D, Tensor};
 use distill_rt::ops::{l2_norm, label_loss, softmax};
 use distill_rt::strategy::{StepInfo, require_teacher};
 use distill_rt::{
-    Batch, Config, Error, LossTerms, ModelOutput, Result, Strategy, StrategyContext,
-    StrategyFactory, TeacherNeeds, config,
+    Batch, Config, LossTerms, ModelOutput, Result, Strategy, StrategyContext, StrategyFactory,
+    TeacherNeeds, config,
 };
 
 const OWNER: &str = "strategy dist";
@@ -58,13 +58,7 @@ impl StrategyFactory for DistFactory {
                 ("gamma", c.gamma),
             ],
         )?;
-        if !(c.tau > 0.0 && c.tau.is_finite()) {
-            return Err(Error::config(
-                OWNER,
-                "tau",
-                format!("must be > 0, got {}", c.tau),
-            ));
-        }
+        config::require_scales(OWNER, &[("tau", c.tau)])?;
         Ok(Box::new(Dist { config: c }))
     }
 }

@@ -63,13 +63,7 @@ impl StrategyFactory for DkdFactory {
             ],
         )?;
         config::require_positive(OWNER, &[("warmup", c.warmup)])?;
-        if !(c.temperature > 0.0 && c.temperature.is_finite()) {
-            return Err(Error::config(
-                OWNER,
-                "temperature",
-                format!("must be > 0, got {}", c.temperature),
-            ));
-        }
+        config::require_scales(OWNER, &[("temperature", c.temperature)])?;
         Ok(Box::new(Dkd { config: c }))
     }
 }

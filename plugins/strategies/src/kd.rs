@@ -58,13 +58,7 @@ impl StrategyFactory for KdFactory {
                 format!("must be in [0, 1], got {}", c.alpha),
             ));
         }
-        if !(c.temperature > 0.0 && c.temperature.is_finite()) {
-            return Err(Error::config(
-                "strategy kd",
-                "temperature",
-                format!("must be > 0, got {}", c.temperature),
-            ));
-        }
+        config::require_scales("strategy kd", &[("temperature", c.temperature)])?;
         Ok(Box::new(Kd {
             alpha: c.alpha,
             temperature: c.temperature,

@@ -78,13 +78,7 @@ impl StrategyFactory for RankingKdFactory {
         let c: RankingKdConfig = config::parse(OWNER, cfg)?;
         config::require_positive(OWNER, &[("k", c.k)])?;
         config::require_weights(OWNER, &[("alpha", c.alpha), ("mu", c.mu)])?;
-        if !(c.lambda > 0.0 && c.lambda.is_finite()) {
-            return Err(Error::config(
-                OWNER,
-                "lambda",
-                format!("must be > 0, got {}", c.lambda),
-            ));
-        }
+        config::require_scales(OWNER, &[("lambda", c.lambda)])?;
         let raw: Vec<f64> = (1..=c.k).map(|r| (-(r as f64) / c.lambda).exp()).collect();
         let mean = raw.iter().sum::<f64>() / c.k as f64;
         Ok(Box::new(RankingKd {

@@ -178,11 +178,7 @@ pub struct {title} {
 
 impl Strategy for {title} {
     fn teacher_needs(&self) -> TeacherNeeds {
-        TeacherNeeds {
-            teacher: true,
-            features: Vec::new(),
-            live: false,
-        }
+        TeacherNeeds::logits()
     }
 
     fn loss(

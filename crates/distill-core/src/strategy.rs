@@ -31,6 +31,22 @@ pub struct TeacherNeeds {
     pub live: bool,
 }
 
+impl TeacherNeeds {
+    /// The teacher's logits only (cached outputs serve).
+    pub fn logits() -> Self {
+        Self::features(Vec::new())
+    }
+
+    /// The teacher's logits and `features` (cached outputs serve when the cache keeps them).
+    pub fn features(features: Vec<String>) -> Self {
+        Self {
+            teacher: true,
+            features,
+            live: false,
+        }
+    }
+}
+
 /// Named loss terms of one batch: the total that is minimised and its components, all logged.
 #[derive(Clone, Debug)]
 pub struct LossTerms {

@@ -140,11 +140,7 @@ pub struct MatchLogits;
 
 impl Strategy for MatchLogits {
     fn teacher_needs(&self) -> TeacherNeeds {
-        TeacherNeeds {
-            teacher: true,
-            features: vec![],
-            live: false,
-        }
+        TeacherNeeds::logits()
     }
     fn loss(
         &self,

@@ -157,11 +157,7 @@ fn pool_to(f: &Tensor, size: (usize, usize)) -> Result<Tensor> {
 
 impl Strategy for At {
     fn teacher_needs(&self) -> TeacherNeeds {
-        TeacherNeeds {
-            teacher: true,
-            features: self.config.teacher_features.clone(),
-            live: false,
-        }
+        TeacherNeeds::features(self.config.teacher_features.clone())
     }
 
     fn loss(

@@ -196,11 +196,7 @@ impl Crd {
 
 impl Strategy for Crd {
     fn teacher_needs(&self) -> TeacherNeeds {
-        TeacherNeeds {
-            teacher: true,
-            features: vec![self.config.teacher_feature.clone()],
-            live: false,
-        }
+        TeacherNeeds::features(vec![self.config.teacher_feature.clone()])
     }
 
     fn loss(

@@ -81,11 +81,7 @@ fn one_minus_pearson(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 impl Strategy for Dist {
     fn teacher_needs(&self) -> TeacherNeeds {
-        TeacherNeeds {
-            teacher: true,
-            features: Vec::new(),
-            live: false,
-        }
+        TeacherNeeds::logits()
     }
 
     fn loss(

@@ -103,11 +103,7 @@ fn kl_sum_over_batch(log_s: &Tensor, log_t: &Tensor) -> Result<Tensor> {
 
 impl Strategy for Dkd {
     fn teacher_needs(&self) -> TeacherNeeds {
-        TeacherNeeds {
-            teacher: true,
-            features: Vec::new(),
-            live: false,
-        }
+        TeacherNeeds::logits()
     }
 
     fn loss(

@@ -199,11 +199,7 @@ pub fn half_squared_error(h_s: &Tensor, h_t: &Tensor) -> Result<Tensor> {
 
 impl Strategy for FeatureMse {
     fn teacher_needs(&self) -> TeacherNeeds {
-        TeacherNeeds {
-            teacher: true,
-            features: vec![self.config.teacher_feature.clone()],
-            live: false,
-        }
+        TeacherNeeds::features(vec![self.config.teacher_feature.clone()])
     }
 
     fn loss(

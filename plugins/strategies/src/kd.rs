@@ -103,11 +103,7 @@ pub fn binary_kl(
 
 impl Strategy for Kd {
     fn teacher_needs(&self) -> TeacherNeeds {
-        TeacherNeeds {
-            teacher: true,
-            features: Vec::new(),
-            live: false,
-        }
+        TeacherNeeds::logits()
     }
     fn loss(
         &self,

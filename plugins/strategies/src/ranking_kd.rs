@@ -136,11 +136,7 @@ impl RankingKd {
 
 impl Strategy for RankingKd {
     fn teacher_needs(&self) -> TeacherNeeds {
-        TeacherNeeds {
-            teacher: true,
-            features: Vec::new(),
-            live: false,
-        }
+        TeacherNeeds::logits()
     }
 
     fn loss(

@@ -144,11 +144,7 @@ pub struct RelationStrategy {
 
 impl Strategy for RelationStrategy {
     fn teacher_needs(&self) -> TeacherNeeds {
-        TeacherNeeds {
-            teacher: true,
-            features: vec![self.teacher_feature.clone()],
-            live: false,
-        }
+        TeacherNeeds::features(vec![self.teacher_feature.clone()])
     }
 
     fn loss(

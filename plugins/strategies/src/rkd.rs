@@ -103,11 +103,7 @@ fn angles(f: &Tensor) -> Result<Tensor> {
 
 impl Strategy for Rkd {
     fn teacher_needs(&self) -> TeacherNeeds {
-        TeacherNeeds {
-            teacher: true,
-            features: vec![self.config.teacher_feature.clone()],
-            live: false,
-        }
+        TeacherNeeds::features(vec![self.config.teacher_feature.clone()])
     }
 
     fn loss(

@@ -9,7 +9,8 @@
 //!   (the same numbers as on the concatenation, without building it);
 //! - NeuMF: GMF and MLP with their own embeddings, `s = h^T [p_u * q_i; mlp(u, i)]`.
 //!
-//! Embeddings start from N(0, 0.01) as in NCF, linear layers from PyTorch's default. Features:
+//! Embeddings start from N(0, `init_std`), 0.01 as in NCF (a dot-product student starts faster
+//! from 0.1), linear layers from PyTorch's default. Features:
 //! `user_embedding` (`[batch, dim]`), `item_embedding` (`[batch, items, dim]`, a broadcast view
 //! of the table), and `penultimate`, the layer the score reads (`[batch, items, width]`).
 
@@ -240,28 +241,28 @@ pub struct RecFactory {
 /// `recsys.mf`.
 pub const MF: RecFactory = RecFactory {
     which: Which::Mf,
-    summary: "matrix factorisation, s = p_u . q_i + b_i; `dim` (8)",
+    summary: "matrix factorisation, s = p_u . q_i + b_i; `dim` (8), `init_std` (0.01)",
     owner: "model recsys.mf",
     defaults: (8, &[], 0.01),
 };
 /// `recsys.gmf`.
 pub const GMF: RecFactory = RecFactory {
     which: Which::Gmf,
-    summary: "generalised MF (NCF), s = h^T (p_u * q_i) + b; `dim` (8)",
+    summary: "generalised MF (NCF), s = h^T (p_u * q_i) + b; `dim` (8), `init_std` (0.01)",
     owner: "model recsys.gmf",
     defaults: (8, &[], 0.01),
 };
 /// `recsys.mlp`.
 pub const MLP: RecFactory = RecFactory {
     which: Which::Mlp,
-    summary: "NCF's MLP on [p_u; q_i]; `dim` (32), `layers` ([64, 32, 16])",
+    summary: "NCF's MLP on [p_u; q_i]; `dim` (32), `layers` ([64, 32, 16]), `init_std` (0.01)",
     owner: "model recsys.mlp",
     defaults: (32, &[64, 32, 16], 0.01),
 };
 /// `recsys.neumf`.
 pub const NEUMF: RecFactory = RecFactory {
     which: Which::NeuMf,
-    summary: "NeuMF (NCF): GMF and MLP towers with their own embeddings, joined by one output layer; `dim` (64), `mlp_dim` (= dim), `layers` ([128, 64, 32])",
+    summary: "NeuMF (NCF): GMF and MLP towers with their own embeddings, joined by one output layer; `dim` (64), `mlp_dim` (= dim), `layers` ([128, 64, 32]), `init_std` (0.01)",
     owner: "model recsys.neumf",
     defaults: (64, &[128, 64, 32], 0.01),
 };

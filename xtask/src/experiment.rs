@@ -101,6 +101,10 @@ pub struct StrategyEntry {
     /// Parameters to sweep: each key gets each listed value (the product over keys).
     #[serde(default)]
     pub grid: BTreeMap<String, Vec<Value>>,
+    /// A born-again chain of this many generations instead of the experiment's teachers: the
+    /// student's own architecture trained alone teaches generation 1, which teaches 2, ...
+    #[serde(default)]
+    pub generations: Option<usize>,
 }
 
 /// Reads `path`, then `DISTILL_*` variables (`DISTILL_TRAIN__EPOCHS=2`; `DISTILL_LOG` and
@@ -191,6 +195,11 @@ fn validate(path: &Path, x: &Experiment) -> Result<()> {
         ));
     }
     for (i, s) in x.strategies.iter().enumerate() {
+        if s.generations == Some(0) {
+            problems.push(format!(
+                "{file}: key `strategies[{i}].generations`: must be at least 1"
+            ));
+        }
         for (k, values) in &s.grid {
             if values.is_empty() {
                 problems.push(format!(

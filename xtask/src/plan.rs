@@ -136,6 +136,9 @@ pub fn plan(x: &Experiment, name: &str, out: &Path) -> Vec<PlannedJob> {
         for ti in teacher_choices {
             for (si, s) in x.students.iter().enumerate() {
                 for (ki, k) in x.strategies.iter().enumerate() {
+                    if k.generations.is_some() {
+                        continue; // a born-again chain, planned below
+                    }
                     for point in grid_points(&k.grid) {
                         let strategy =
                             json!({"name": k.name, "config": merge(&table(&k.config), &point)});
@@ -188,7 +191,98 @@ pub fn plan(x: &Experiment, name: &str, out: &Path) -> Vec<PlannedJob> {
             }
         }
     }
+    plan_chains(x, name, &jobs_dir, &shared_train, &mut jobs);
     jobs
+}
+
+/// Born-again chains: for each strategy entry with `generations = N`, dataset, student, grid
+/// point and seed, a teacher job of the student's own architecture (trained alone, with the
+/// student's settings and that seed), then N student jobs, each taught by the one before.
+fn plan_chains(
+    x: &Experiment,
+    name: &str,
+    jobs_dir: &Path,
+    shared_train: &Value,
+    jobs: &mut Vec<PlannedJob>,
+) {
+    for (di, d) in x.datasets.iter().enumerate() {
+        let dataset = json!({"name": d.name, "config": table(&d.config)});
+        for (si, s) in x.students.iter().enumerate() {
+            let model = json!({"name": s.model, "config": table(&s.config)});
+            let train = merge(shared_train, &s.train);
+            let train_key = train_origin(&s.train, &format!("students[{si}].train"));
+            for (ki, k) in x.strategies.iter().enumerate() {
+                let Some(generations) = k.generations else {
+                    continue;
+                };
+                for point in grid_points(&k.grid) {
+                    let strategy =
+                        json!({"name": k.name, "config": merge(&table(&k.config), &point)});
+                    for &seed in &x.seeds {
+                        let first = json!({
+                            "kind": "teacher",
+                            "dataset": dataset,
+                            "model": model,
+                            "train": train,
+                            "seed": seed,
+                            "cache_features": ["penultimate"],
+                            "weights": null,
+                        });
+                        let mut prev_id = content_id(&first);
+                        let mut prev_dir = jobs_dir.join(&prev_id);
+                        if !jobs.iter().any(|j| j.id == prev_id) {
+                            jobs.push(PlannedJob {
+                                id: prev_id.clone(),
+                                spec: json!({"id": prev_id, "experiment": name, "out_dir": prev_dir, "job": first}),
+                                depends_on: None,
+                                origin: BTreeMap::from([
+                                    ("dataset".to_string(), format!("datasets[{di}]")),
+                                    ("model".to_string(), format!("students[{si}]")),
+                                    ("train".to_string(), train_key.clone()),
+                                ]),
+                                label: format!("born-again teacher {} seed {seed} on {}", s.model, d.name),
+                                dir: prev_dir.clone(),
+                            });
+                        }
+                        for generation in 1..=generations {
+                            let content = json!({
+                                "kind": "student",
+                                "dataset": dataset,
+                                "model": model,
+                                "strategy": strategy,
+                                "teacher": {"model": model, "id": prev_id},
+                                "train": train,
+                                "seed": seed,
+                                "generation": generation,
+                            });
+                            let id = content_id(&content);
+                            let mut job = content.clone();
+                            job["teacher"] = json!({"model": model, "dir": prev_dir});
+                            let dir = jobs_dir.join(&id);
+                            jobs.push(PlannedJob {
+                                id: id.clone(),
+                                spec: json!({"id": id, "experiment": name, "out_dir": dir, "job": job}),
+                                depends_on: Some(prev_id.clone()),
+                                origin: BTreeMap::from([
+                                    ("dataset".to_string(), format!("datasets[{di}]")),
+                                    ("model".to_string(), format!("students[{si}]")),
+                                    ("strategy".to_string(), format!("strategies[{ki}]")),
+                                    ("teacher".to_string(), format!("students[{si}]")),
+                                    ("train".to_string(), train_key.clone()),
+                                ]),
+                                label: format!(
+                                    "{} <- {} generation {generation} seed {seed} on {}",
+                                    s.model, k.name, d.name
+                                ),
+                                dir: dir.clone(),
+                            });
+                            (prev_id, prev_dir) = (id, dir);
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -295,6 +295,73 @@ fn recsys_quick_experiment_ranks_with_a_cached_teacher() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn born_again_generations_chain_through_the_plan() -> Result<()> {
+    let out = temp("born-again");
+    std::fs::create_dir_all(&out)?;
+    let file = out.join("born-again.toml");
+    std::fs::write(
+        &file,
+        r#"name = "born-again"
+seeds = [0]
+[train]
+epochs = 2
+batch_size = 64
+optimizer = { name = "adamw", lr = 0.003 }
+[[datasets]]
+name = "vision.synthetic"
+config = { train = 256, validation = 64, test = 64, size = 8 }
+[[students]]
+model = "vision.mlp"
+config = { hidden = [16] }
+[[strategies]]
+name = "baseline"
+[[strategies]]
+name = "born-again"
+generations = 2
+"#,
+    )?;
+    let run = run_experiment(&file, &out.join("report"), &[])?;
+    assert!(run.status.success(), "{}", text(&run));
+    let summary = text(&run);
+    for generation in ["born-again generation 1", "born-again generation 2"] {
+        assert!(summary.contains(generation), "{summary}");
+    }
+    let runs = read(&out.join("report/runs.parquet"))?;
+    assert_eq!(runs.height(), 3, "baseline + 2 generations: {runs}");
+    assert!(
+        strings(&runs, "status")?
+            .iter()
+            .all(|s| s.as_deref() == Some("ok")),
+        "{runs}"
+    );
+    let mut chain: Vec<(String, String, String)> = strings(&runs, "strategy")?
+        .into_iter()
+        .zip(strings(&runs, "teacher_outputs")?)
+        .zip(strings(&runs, "teacher")?)
+        .filter(|((s, _), _)| s.as_deref() == Some("born-again"))
+        .map(|((s, o), t)| {
+            (
+                s.unwrap_or_default(),
+                o.unwrap_or_default(),
+                t.unwrap_or_default(),
+            )
+        })
+        .collect();
+    chain.sort();
+    // Generation 1 reads the cache of the first teacher (the student's architecture trained
+    // alone); generation 2 runs generation 1 live (a student leaves weights, not a cache).
+    assert_eq!(
+        chain,
+        [
+            ("born-again".into(), "cache".into(), "vision.mlp".into()),
+            ("born-again".into(), "live".into(), "vision.mlp".into())
+        ]
+    );
+    let _ = std::fs::remove_dir_all(&out);
+    Ok(())
+}
+
 /// A safetensors file of f64 (and, for `targets`, i64) tensors.
 fn write_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f64>)]) -> Result<()> {
     let mut header = serde_json::Map::new();

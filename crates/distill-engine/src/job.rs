@@ -81,6 +81,10 @@ pub enum Job {
         train: TrainConfig,
         /// Seed of initialisation and shuffling.
         seed: u64,
+        /// Its place in a born-again chain (1 learns from a trained model of its own
+        /// architecture, 2 from generation 1, ...); `None` outside a chain.
+        #[serde(default)]
+        generation: Option<usize>,
     },
 }
 
@@ -229,6 +233,7 @@ pub fn empty_record(spec: &JobSpec) -> JobRecord {
             teacher,
             train,
             seed,
+            generation,
         } => (
             "student",
             dataset,
@@ -237,7 +242,8 @@ pub fn empty_record(spec: &JobSpec) -> JobRecord {
             teacher.as_ref().map(|t| t.model.name.clone()),
             *seed,
             serde_json::json!({"dataset": dataset.config, "model": model.config, "strategy": strategy.config,
-                               "teacher": teacher.as_ref().map(|t| &t.model.config), "train": train}),
+                               "teacher": teacher.as_ref().map(|t| &t.model.config), "train": train,
+                               "generation": generation}),
         ),
     };
     JobRecord {
@@ -465,6 +471,7 @@ fn run_job_inner(
             teacher,
             train,
             seed,
+            ..
         } => {
             let (data, built) = prepare(registrar, dataset, model, *seed, device, record)?;
             // Feature shapes, from one forward pass on two training samples.
@@ -524,8 +531,9 @@ fn run_job_inner(
                     strategy.name
                 )));
             }
+            // A student that teaches the next born-again generation leaves weights, no cache.
             let cache = match (&teacher, needs.teacher && !needs.live) {
-                (Some(t), true) => {
+                (Some(t), true) if t.dir.join(CACHE_FILE).is_file() => {
                     let cache = TeacherCache::load(&t.dir.join(CACHE_FILE), device)?;
                     let probe = cache.outputs_for(&Tensor::new(&[0u32], device)?)?;
                     let has_all = needs
@@ -663,6 +671,7 @@ mod tests {
                 }),
                 train: train(),
                 seed: 0,
+                generation: None,
             },
         };
         let s = run_job(&r, &student_spec, &Device::Cpu);
@@ -695,6 +704,7 @@ mod tests {
                 teacher: None,
                 train: train(),
                 seed: 0,
+                generation: None,
             },
         };
         let rec = run_job(&r, &spec, &Device::Cpu);

@@ -324,10 +324,14 @@ pub fn summarize(records: &[JobRecord]) -> Vec<SummaryRow> {
             .params
             .get("strategy")
             .filter(|v| v.as_object().is_some_and(|o| !o.is_empty()));
-        let strategy = match params {
+        let mut strategy = match params {
             Some(p) => format!("{} {p}", r.strategy.clone().unwrap_or_default()),
             None => r.strategy.clone().unwrap_or_default(),
         };
+        // Each generation of a born-again chain is its own cell.
+        if let Some(g) = r.params.get("generation").and_then(|g| g.as_u64()) {
+            strategy.push_str(&format!(" generation {g}"));
+        }
         let key = (
             r.dataset.clone(),
             r.teacher.clone().unwrap_or_default(),
@@ -457,6 +461,7 @@ mod tests {
                 teacher: None,
                 train: TrainConfig::default(),
                 seed,
+                generation: None,
             },
         };
         let mut r = empty_record(&spec);

@@ -25,44 +25,55 @@ use distill_rt::{
 };
 
 #[derive(distill_rt::serde::Deserialize, Clone, Copy, Debug)]
-#[serde(crate = "distill_rt::serde", deny_unknown_fields, default)]
+#[serde(crate = "distill_rt::serde", deny_unknown_fields)]
 struct KdConfig {
     /// Weight of the cross-entropy on labels; the KD term gets `1 - alpha`.
-    alpha: f64,
+    alpha: Option<f64>,
     /// Softmax temperature `T`.
-    temperature: f64,
+    temperature: Option<f64>,
 }
 
-impl Default for KdConfig {
-    fn default() -> Self {
-        Self {
-            alpha: 0.1,
-            temperature: 4.0,
-        }
-    }
+/// Builds [`Kd`] under a name with its defaults: `kd` (alpha 0.1, T 4) and `born-again`.
+pub struct KdFactory {
+    owner: &'static str,
+    summary: &'static str,
+    /// Default `alpha` and `temperature`.
+    defaults: (f64, f64),
 }
 
-/// Builds [`Kd`].
-pub struct KdFactory;
+/// `kd`: RepDistiller's and mdistiller's CE 0.1 / KD 0.9 at T = 4.
+pub const KD: KdFactory = KdFactory {
+    owner: "strategy kd",
+    summary: "Hinton KD: alpha*CE + (1-alpha)*T^2*KL(batchmean) on temperature-softened logits; alpha 0.1, T 4",
+    defaults: (0.1, 4.0),
+};
+
+/// `born-again` (Furlanello et al. 2018): the KD loss against a teacher of the student's own
+/// architecture, at the paper's setting: the teacher's distribution alone (alpha 0), T = 1. The
+/// experiment file's `generations = N` on the strategy entry makes the chain of teachers.
+pub const BORN_AGAIN: KdFactory = KdFactory {
+    owner: "strategy born-again",
+    summary: "born-again networks (Furlanello et al.): KD from a trained model of the student's own architecture, generation after generation (`generations = N` in the experiment); alpha 0, T 1",
+    defaults: (0.0, 1.0),
+};
 
 impl StrategyFactory for KdFactory {
     fn summary(&self) -> &str {
-        "Hinton KD: alpha*CE + (1-alpha)*T^2*KL(batchmean) on temperature-softened logits"
+        self.summary
     }
     fn build(&self, cfg: &Config, _ctx: StrategyContext<'_>) -> Result<Box<dyn Strategy>> {
-        let c: KdConfig = config::parse("strategy kd", cfg)?;
-        if !(0.0..=1.0).contains(&c.alpha) {
+        let c: KdConfig = config::parse(self.owner, cfg)?;
+        let alpha = c.alpha.unwrap_or(self.defaults.0);
+        let temperature = c.temperature.unwrap_or(self.defaults.1);
+        if !(0.0..=1.0).contains(&alpha) {
             return Err(Error::config(
-                "strategy kd",
+                self.owner,
                 "alpha",
-                format!("must be in [0, 1], got {}", c.alpha),
+                format!("must be in [0, 1], got {alpha}"),
             ));
         }
-        config::require_scales("strategy kd", &[("temperature", c.temperature)])?;
-        Ok(Box::new(Kd {
-            alpha: c.alpha,
-            temperature: c.temperature,
-        }))
+        config::require_scales(self.owner, &[("temperature", temperature)])?;
+        Ok(Box::new(Kd { alpha, temperature }))
     }
 }
 
@@ -135,5 +146,10 @@ mod tests {
     #[test]
     fn kd_matches_golden_values() -> distill_rt::Result<()> {
         check_golden("kd")
+    }
+
+    #[test]
+    fn born_again_matches_golden_values() -> distill_rt::Result<()> {
+        check_golden("born-again")
     }
 }

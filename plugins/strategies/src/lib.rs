@@ -23,7 +23,8 @@ distill_rt::export_plugin!(register);
 
 fn register(r: &mut Registrar) -> Result<()> {
     r.strategy("baseline", baseline::BaselineFactory)?;
-    r.strategy("kd", kd::KdFactory)?;
+    r.strategy("kd", kd::KD)?;
+    r.strategy("born-again", kd::BORN_AGAIN)?;
     r.strategy(
         "feature-mse",
         feature_mse::FeatureMseFactory(feature_mse::Matching::HalfSquared),

@@ -141,7 +141,7 @@ fn register(r: &mut Registrar) -> Result<()> {
 const OWNER: &str = "strategy {name}";
 
 /// The configuration keys and their defaults; unknown keys are errors.
-#[derive(distill_rt::serde::Deserialize, Clone, Copy, Debug)]
+#[derive(distill_rt::serde::Deserialize, distill_rt::serde::Serialize, Clone, Copy, Debug)]
 #[serde(crate = "distill_rt::serde", deny_unknown_fields, default)]
 struct {title}Config {
     ce_weight: f64,
@@ -163,6 +163,9 @@ pub struct {title}Factory;
 impl StrategyFactory for {title}Factory {
     fn summary(&self) -> &str {
         "ce_weight*CE + weight*mean((s - t)^2) on the logits; ce_weight 1, weight 1"
+    }
+    fn defaults(&self) -> Config {
+        config::defaults_of::<{title}Config>()
     }
     fn build(&self, cfg: &Config, _ctx: StrategyContext<'_>) -> Result<Box<dyn Strategy>> {
         let c: {title}Config = config::parse(OWNER, cfg)?;
@@ -285,7 +288,7 @@ fn register(r: &mut Registrar) -> Result<()> {
 const WIDTH: usize = 4;
 
 /// Dataset keys and defaults.
-#[derive(distill_rt::serde::Deserialize)]
+#[derive(distill_rt::serde::Deserialize, distill_rt::serde::Serialize)]
 #[serde(crate = "distill_rt::serde", deny_unknown_fields, default)]
 struct SyntheticConfig {
     samples: usize,
@@ -307,6 +310,9 @@ pub struct SyntheticFactory;
 impl DatasetFactory for SyntheticFactory {
     fn summary(&self) -> &str {
         "two Gaussian blobs in 4 dimensions; `samples` (200) per split, `seed` (0)"
+    }
+    fn defaults(&self) -> Config {
+        config::defaults_of::<SyntheticConfig>()
     }
     fn build(&self, cfg: &Config) -> Result<Box<dyn Dataset>> {
         let c: SyntheticConfig = config::parse("dataset {name}.synthetic", cfg)?;
@@ -382,6 +388,9 @@ struct LinearConfig {}
 impl ModelFactory for LinearFactory {
     fn summary(&self) -> &str {
         "one linear layer from the input `x` to the classes"
+    }
+    fn defaults(&self) -> Config {
+        Config::Object(Default::default())
     }
     fn build(&self, cfg: &Config, ctx: ModelContext<'_>) -> Result<Box<dyn Model>> {
         let LinearConfig {} = config::parse("model {name}.linear", cfg)?;

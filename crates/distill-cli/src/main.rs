@@ -243,7 +243,10 @@ fn list(host: &PluginHost, json: bool) -> Result<()> {
     if json {
         let rows: Vec<_> = entries
             .iter()
-            .map(|e| serde_json::json!({"kind": e.kind, "name": e.name, "summary": e.summary, "origin": e.origin}))
+            .map(|e| {
+                serde_json::json!({"kind": e.kind, "name": e.name, "summary": e.summary,
+                                        "defaults": e.defaults, "origin": e.origin})
+            })
             .collect();
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
@@ -265,8 +268,35 @@ fn list(host: &PluginHost, json: bool) -> Result<()> {
             .map(|f| f.to_string_lossy().into_owned())
             .unwrap_or_default();
         println!("  {:width$}  {}  [{origin}]", e.name, e.summary);
+        if let Some(keys) = e.defaults.as_object() {
+            let keys: Vec<String> = keys.iter().map(|(k, v)| describe_key(k, v)).collect();
+            let text = if keys.is_empty() {
+                "no configuration keys".to_string()
+            } else {
+                keys.join(", ")
+            };
+            println!("  {:width$}    {text}", "");
+        }
     }
     Ok(())
+}
+
+/// `name: type = default` for one configuration key.
+fn describe_key(name: &str, default: &serde_json::Value) -> String {
+    use serde_json::Value;
+    let kind = match default {
+        Value::String(s) if s == distill_rt::config::REQUIRED => {
+            return format!("{name}: required");
+        }
+        Value::Null => return format!("{name}: optional"),
+        Value::Bool(_) => "bool",
+        Value::Number(n) if n.is_f64() => "number",
+        Value::Number(_) => "integer",
+        Value::String(_) => "string",
+        Value::Array(_) => "list",
+        Value::Object(_) => "table",
+    };
+    format!("{name}: {kind} = {default}")
 }
 
 fn run(host: &PluginHost, job: &Path) -> Result<()> {

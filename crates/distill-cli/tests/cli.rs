@@ -29,6 +29,43 @@ fn plugins_json_lists_datasets_models_and_strategies() -> Result<(), Box<dyn std
             && has("model", "vision.mlp")
     );
     assert!(has("strategy", "baseline") && has("strategy", "kd") && has("strategy", "feature-mse"));
+    // Every factory describes its keys and defaults.
+    for row in &rows {
+        assert!(
+            row["defaults"].is_object(),
+            "{} has no defaults",
+            row["name"]
+        );
+    }
+    let defaults = |name: &str| {
+        rows.iter()
+            .find(|r| r["name"] == name)
+            .map(|r| r["defaults"].clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        defaults("kd"),
+        serde_json::json!({"alpha": 0.1, "temperature": 4.0})
+    );
+    assert_eq!(defaults("vision.idx")["path"], "<required>");
+    assert_eq!(defaults("vision.resnet")["width"], 16);
+    Ok(())
+}
+
+#[test]
+fn plugins_lists_each_key_with_its_type_and_default() -> Result<(), Box<dyn std::error::Error>> {
+    let out = distill().arg("plugins").output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "alpha: number = 0.1",
+        "path: required",
+        "max_train: optional",
+        "width: integer = 16",
+        "hidden: list = [256,256]",
+        "no configuration keys",
+    ] {
+        assert!(text.contains(want), "`{want}` missing from:\n{text}");
+    }
     Ok(())
 }
 

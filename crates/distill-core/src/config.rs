@@ -1,5 +1,6 @@
 //! Configuration tables: what an experiment file says about one dataset, model or strategy.
 
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::{Error, Result};
@@ -32,6 +33,36 @@ pub fn parse<T: DeserializeOwned>(owner: &str, config: &Config) -> Result<T> {
             message,
         }
     })
+}
+
+/// The default configuration `T` as a table, for [`crate::StrategyFactory::defaults`] and its
+/// siblings: one source for the defaults, the `Default` impl that parsing uses.
+pub fn defaults_of<T: Default + Serialize>() -> Config {
+    serde_json::to_value(T::default()).unwrap_or(Config::Null)
+}
+
+/// The value listings show for a key that has no default.
+pub const REQUIRED: &str = "<required>";
+
+/// Like [`defaults_of`] for a `T` with required keys: each `(key, example)` is parsed with a
+/// placeholder of the right type, then listed as [`REQUIRED`].
+pub fn defaults_with_required<T: DeserializeOwned + Serialize>(
+    required: &[(&str, Config)],
+) -> Config {
+    let table: serde_json::Map<String, Config> = required
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    let Ok(parsed) = serde_json::from_value::<T>(Config::Object(table)) else {
+        return Config::Null;
+    };
+    let mut out = serde_json::to_value(parsed).unwrap_or(Config::Null);
+    if let Some(map) = out.as_object_mut() {
+        for (k, _) in required {
+            map.insert(k.to_string(), Config::String(REQUIRED.into()));
+        }
+    }
+    out
 }
 
 /// Parses a table whose keys belong to two structs: those in `shared_keys` into `S` (options

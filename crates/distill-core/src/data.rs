@@ -120,6 +120,11 @@ pub trait Dataset: Send + Sync {
 pub trait DatasetFactory: Send + Sync {
     /// One line saying what the dataset is.
     fn summary(&self) -> &str;
+    /// The configuration keys with their default values (`null`: required, or derived from
+    /// other keys), for listings; `Config::Null` when the factory does not describe them.
+    fn defaults(&self) -> Config {
+        Config::Null
+    }
     /// Builds the dataset; unknown configuration keys are an error.
     fn build(&self, config: &Config) -> Result<Box<dyn Dataset>>;
 }

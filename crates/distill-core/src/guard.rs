@@ -39,6 +39,8 @@ pub fn contain<R>(entry: &str, f: impl FnOnce() -> Result<R>) -> Result<R> {
 pub(crate) struct Guarded<T: ?Sized> {
     name: String,
     summary: String,
+    /// Asked once, at registration.
+    defaults: Config,
     inner: Box<T>,
 }
 
@@ -56,9 +58,11 @@ pub(crate) fn dataset_factory(
     let summary = contain(&format!("dataset `{name}`: summary"), || {
         Ok(f.summary().to_string())
     })?;
+    let defaults = contain(&format!("dataset `{name}`: defaults"), || Ok(f.defaults()))?;
     Ok(Box::new(Guarded {
         name: name.to_string(),
         summary,
+        defaults,
         inner: f,
     }))
 }
@@ -68,9 +72,11 @@ pub(crate) fn model_factory(name: &str, f: Box<dyn ModelFactory>) -> Result<Box<
     let summary = contain(&format!("model `{name}`: summary"), || {
         Ok(f.summary().to_string())
     })?;
+    let defaults = contain(&format!("model `{name}`: defaults"), || Ok(f.defaults()))?;
     Ok(Box::new(Guarded {
         name: name.to_string(),
         summary,
+        defaults,
         inner: f,
     }))
 }
@@ -83,9 +89,11 @@ pub(crate) fn strategy_factory(
     let summary = contain(&format!("strategy `{name}`: summary"), || {
         Ok(f.summary().to_string())
     })?;
+    let defaults = contain(&format!("strategy `{name}`: defaults"), || Ok(f.defaults()))?;
     Ok(Box::new(Guarded {
         name: name.to_string(),
         summary,
+        defaults,
         inner: f,
     }))
 }
@@ -93,6 +101,9 @@ pub(crate) fn strategy_factory(
 impl DatasetFactory for Guarded<dyn DatasetFactory> {
     fn summary(&self) -> &str {
         &self.summary
+    }
+    fn defaults(&self) -> Config {
+        self.defaults.clone()
     }
     fn build(&self, config: &Config) -> Result<Box<dyn Dataset>> {
         contain(&self.entry("dataset", "build"), || {
@@ -185,6 +196,9 @@ impl ModelFactory for Guarded<dyn ModelFactory> {
     fn summary(&self) -> &str {
         &self.summary
     }
+    fn defaults(&self) -> Config {
+        self.defaults.clone()
+    }
     fn build(&self, config: &Config, ctx: ModelContext<'_>) -> Result<Box<dyn Model>> {
         contain(&self.entry("model", "build"), || {
             let inner = self.inner.build(config, ctx)?;
@@ -224,6 +238,9 @@ impl Model for GuardedModel {
 impl StrategyFactory for Guarded<dyn StrategyFactory> {
     fn summary(&self) -> &str {
         &self.summary
+    }
+    fn defaults(&self) -> Config {
+        self.defaults.clone()
     }
     fn build(&self, config: &Config, ctx: StrategyContext<'_>) -> Result<Box<dyn Strategy>> {
         contain(&self.entry("strategy", "build"), || {

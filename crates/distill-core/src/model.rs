@@ -42,6 +42,11 @@ pub struct ModelContext<'a> {
 pub trait ModelFactory: Send + Sync {
     /// One line saying what the model is.
     fn summary(&self) -> &str;
+    /// The configuration keys with their default values (`null`: required, or derived from
+    /// other keys), for listings; `Config::Null` when the factory does not describe them.
+    fn defaults(&self) -> Config {
+        Config::Null
+    }
     /// Builds the model; unknown configuration keys are an error.
     fn build(&self, config: &Config, ctx: ModelContext<'_>) -> Result<Box<dyn Model>>;
 }

@@ -6,7 +6,7 @@ use crate::data::DatasetFactory;
 use crate::guard;
 use crate::model::ModelFactory;
 use crate::strategy::StrategyFactory;
-use crate::{Error, Result};
+use crate::{Config, Error, Result};
 
 /// Every dataset, model and strategy factory known to the process, by name.
 ///
@@ -37,6 +37,8 @@ pub struct Registered {
     pub summary: String,
     /// The plugin file (or `builtin`) it came from.
     pub origin: String,
+    /// Its configuration keys with their defaults (`Config::Null`: not described).
+    pub defaults: Config,
 }
 
 impl Registrar {
@@ -106,24 +108,49 @@ impl Registrar {
     pub fn list(&self) -> Vec<Registered> {
         let mut out = Vec::new();
         for (name, e) in &self.datasets {
-            out.push(registered("dataset", name, e.factory.summary(), &e.origin));
+            out.push(registered(
+                "dataset",
+                name,
+                e.factory.summary(),
+                e.factory.defaults(),
+                &e.origin,
+            ));
         }
         for (name, e) in &self.models {
-            out.push(registered("model", name, e.factory.summary(), &e.origin));
+            out.push(registered(
+                "model",
+                name,
+                e.factory.summary(),
+                e.factory.defaults(),
+                &e.origin,
+            ));
         }
         for (name, e) in &self.strategies {
-            out.push(registered("strategy", name, e.factory.summary(), &e.origin));
+            out.push(registered(
+                "strategy",
+                name,
+                e.factory.summary(),
+                e.factory.defaults(),
+                &e.origin,
+            ));
         }
         out
     }
 }
 
-fn registered(kind: &'static str, name: &str, summary: &str, origin: &str) -> Registered {
+fn registered(
+    kind: &'static str,
+    name: &str,
+    summary: &str,
+    defaults: Config,
+    origin: &str,
+) -> Registered {
     Registered {
         kind,
         name: name.into(),
         summary: summary.into(),
         origin: origin.into(),
+        defaults,
     }
 }
 

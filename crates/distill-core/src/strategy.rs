@@ -105,6 +105,11 @@ pub trait Strategy: Send {
 pub trait StrategyFactory: Send + Sync {
     /// One line saying what the strategy does.
     fn summary(&self) -> &str;
+    /// The configuration keys with their default values (`null`: required, or derived from
+    /// other keys), for listings; `Config::Null` when the factory does not describe them.
+    fn defaults(&self) -> Config {
+        Config::Null
+    }
     /// Builds the strategy; unknown configuration keys are an error.
     fn build(&self, config: &Config, ctx: StrategyContext<'_>) -> Result<Box<dyn Strategy>>;
 }

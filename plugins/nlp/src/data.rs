@@ -31,7 +31,7 @@ pub const PIECES: &str = "pieces";
 pub const PIECES_MASK: &str = "pieces_mask";
 
 /// Options every NLP dataset takes besides those of its source.
-#[derive(Deserialize)]
+#[derive(Deserialize, distill_rt::serde::Serialize)]
 #[serde(crate = "distill_rt::serde", deny_unknown_fields, default)]
 struct TextOptions {
     /// Longest sentence kept, in tokens of either tokenizer.
@@ -64,6 +64,16 @@ impl Default for TextOptions {
             max_train: None,
         }
     }
+}
+
+/// A source's defaults with those of the [`TextOptions`] every NLP dataset shares.
+fn with_text_options(mut own: Config) -> Config {
+    if let (Some(map), Config::Object(shared)) =
+        (own.as_object_mut(), config::defaults_of::<TextOptions>())
+    {
+        map.extend(shared);
+    }
+    own
 }
 
 /// Parses the source's own keys into `T` and the shared ones into [`TextOptions`]; each
@@ -245,7 +255,7 @@ impl Dataset for TextData {
 
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Deserialize)]
+#[derive(Deserialize, distill_rt::serde::Serialize)]
 #[serde(crate = "distill_rt::serde", deny_unknown_fields, default)]
 struct SyntheticConfig {
     train: usize,
@@ -275,6 +285,9 @@ impl DatasetFactory for SyntheticFactory {
     fn summary(&self) -> &str {
         "synthetic sentiment sentences with negation, intensifiers and `but` clauses (word order matters); `train` 2000, `validation` 400, `test` 400, `seed` 0, `label_noise` 0.1"
     }
+    fn defaults(&self) -> Config {
+        with_text_options(config::defaults_of::<SyntheticConfig>())
+    }
     fn build(&self, cfg: &Config) -> Result<Box<dyn Dataset>> {
         const OWNER: &str = "dataset nlp.synthetic";
         let (c, opts): (SyntheticConfig, _) = parse_config(OWNER, cfg)?;
@@ -294,7 +307,7 @@ impl DatasetFactory for SyntheticFactory {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, distill_rt::serde::Serialize)]
 #[serde(crate = "distill_rt::serde", deny_unknown_fields)]
 struct Sst2Config {
     /// Folder with `sentiment-train`, `sentiment-dev`, `sentiment-test`.
@@ -307,6 +320,12 @@ pub struct Sst2Factory;
 impl DatasetFactory for Sst2Factory {
     fn summary(&self) -> &str {
         "SST-2 (SentEval form, `sentence<TAB>label`): `path` holds sentiment-train, -dev (validation) and -test"
+    }
+    fn defaults(&self) -> Config {
+        with_text_options(config::defaults_with_required::<Sst2Config>(&[(
+            "path",
+            Config::String(String::new()),
+        )]))
     }
     fn build(&self, cfg: &Config) -> Result<Box<dyn Dataset>> {
         const OWNER: &str = "dataset nlp.sst2";
@@ -321,7 +340,7 @@ impl DatasetFactory for Sst2Factory {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, distill_rt::serde::Serialize)]
 #[serde(crate = "distill_rt::serde", deny_unknown_fields)]
 struct RtPolarityConfig {
     /// Folder with `rt-polarity.pos` and `rt-polarity.neg`.
@@ -364,6 +383,12 @@ impl DatasetFactory for RtPolarityFactory {
     fn summary(&self) -> &str {
         "Pang & Lee sentence polarity: `path` holds rt-polarity.pos and .neg; validation and test carved by a seeded split (`validation_fraction`, `test_fraction` 0.1, `split_seed` 0)"
     }
+    fn defaults(&self) -> Config {
+        with_text_options(config::defaults_with_required::<RtPolarityConfig>(&[(
+            "path",
+            Config::String(String::new()),
+        )]))
+    }
     fn build(&self, cfg: &Config) -> Result<Box<dyn Dataset>> {
         const OWNER: &str = "dataset nlp.rt-polarity";
         let (c, opts): (RtPolarityConfig, _) = parse_config(OWNER, cfg)?;
@@ -374,7 +399,7 @@ impl DatasetFactory for RtPolarityFactory {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, distill_rt::serde::Serialize)]
 #[serde(crate = "distill_rt::serde", deny_unknown_fields)]
 struct DelimitedConfig {
     train: PathBuf,
@@ -413,6 +438,12 @@ pub struct DelimitedFactory;
 impl DatasetFactory for DelimitedFactory {
     fn summary(&self) -> &str {
         "delimited text classification (no quoting): `train` file, optional `validation`/`test` files (else carved by `validation_fraction`, `test_fraction`), `delimiter` tab, `header` false, `text_column` 0, `label_column` 1 (index or header name), labels as integers or names (`classes` fixes their order)"
+    }
+    fn defaults(&self) -> Config {
+        with_text_options(config::defaults_with_required::<DelimitedConfig>(&[(
+            "train",
+            Config::String(String::new()),
+        )]))
     }
     fn build(&self, cfg: &Config) -> Result<Box<dyn Dataset>> {
         const OWNER: &str = "dataset nlp.delimited";

@@ -77,7 +77,7 @@ fn output(logits: Tensor, features: Vec<(String, Tensor)>) -> ModelOutput {
 
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Deserialize)]
+#[derive(Deserialize, distill_rt::serde::Serialize)]
 #[serde(crate = "distill_rt::serde", deny_unknown_fields)]
 struct BertConfig {
     /// Folder of `config.json` + `model.safetensors`, or `all-MiniLM-L6-v2`.
@@ -123,6 +123,9 @@ pub struct BertFactory;
 impl ModelFactory for BertFactory {
     fn summary(&self) -> &str {
         "BERT encoder, mean pooling, linear head: `pretrained = \"all-MiniLM-L6-v2\"` (or a folder) with `finetune` all | head | top k layers, else trained here on `input` words (`hidden` 128, `layers` 2, `heads` 4, `intermediate` 256)"
+    }
+    fn defaults(&self) -> Config {
+        config::defaults_with_required::<BertConfig>(&[])
     }
 
     fn build(&self, cfg: &Config, ctx: ModelContext<'_>) -> Result<Box<dyn Model>> {
@@ -262,7 +265,7 @@ impl Model for Bert {
 
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Deserialize)]
+#[derive(Deserialize, distill_rt::serde::Serialize)]
 #[serde(crate = "distill_rt::serde", deny_unknown_fields, default)]
 struct BiLstmConfig {
     embedding: usize,
@@ -355,6 +358,9 @@ impl ModelFactory for BiLstmFactory {
     fn summary(&self) -> &str {
         "BiLSTM student (Tang et al. 2019): embedding, bidirectional LSTM, final states concatenated, ReLU layer, head; `embedding` 128, `hidden` 150, `mlp` 200"
     }
+    fn defaults(&self) -> Config {
+        config::defaults_of::<BiLstmConfig>()
+    }
 
     fn build(&self, cfg: &Config, ctx: ModelContext<'_>) -> Result<Box<dyn Model>> {
         const OWNER: &str = "model nlp.bilstm";
@@ -413,7 +419,7 @@ impl Model for BiLstm {
 
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Deserialize)]
+#[derive(Deserialize, distill_rt::serde::Serialize)]
 #[serde(crate = "distill_rt::serde", deny_unknown_fields, default)]
 struct TextCnnConfig {
     embedding: usize,
@@ -444,6 +450,9 @@ pub struct TextCnnFactory;
 impl ModelFactory for TextCnnFactory {
     fn summary(&self) -> &str {
         "TextCNN (Kim 2014): embedding, convolutions of `widths` [3, 4, 5] with `filters` 100 each, ReLU, max over time, head; `embedding` 128"
+    }
+    fn defaults(&self) -> Config {
+        config::defaults_of::<TextCnnConfig>()
     }
 
     fn build(&self, cfg: &Config, ctx: ModelContext<'_>) -> Result<Box<dyn Model>> {

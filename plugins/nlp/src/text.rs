@@ -88,7 +88,7 @@ pub fn read_rt_polarity(dir: &Path) -> Result<Vec<Example>> {
 }
 
 /// A column of a delimited file: its 0-based position, or its name in the header.
-#[derive(Clone, Debug, distill_rt::serde::Deserialize)]
+#[derive(Clone, Debug, distill_rt::serde::Deserialize, distill_rt::serde::Serialize)]
 #[serde(crate = "distill_rt::serde", untagged)]
 pub enum Column {
     /// 0-based position.

@@ -30,7 +30,7 @@ use crate::ratings::{Format, Rating, read_ratings};
 use crate::synthetic;
 
 /// Options every recommender dataset shares.
-#[derive(Deserialize, Clone, Debug)]
+#[derive(Deserialize, distill_rt::serde::Serialize, Clone, Debug)]
 #[serde(crate = "distill_rt::serde", deny_unknown_fields, default)]
 pub struct Protocol {
     /// Training negatives drawn per positive, each epoch (NCF: 4).
@@ -245,6 +245,16 @@ const PROTOCOL_KEYS: [&str; 6] = [
     "seed",
 ];
 
+/// A dataset's defaults with those of the [`Protocol`] every recommender dataset shares.
+fn with_protocol(mut own: Config) -> Config {
+    if let (Some(map), Config::Object(shared)) =
+        (own.as_object_mut(), config::defaults_of::<Protocol>())
+    {
+        map.extend(shared);
+    }
+    own
+}
+
 fn default_format() -> Format {
     Format::Csv
 }
@@ -270,6 +280,16 @@ impl DatasetFactory for MovieLensFactory {
     fn summary(&self) -> &str {
         "MovieLens implicit feedback, NCF protocol: `path` to ratings.csv / u.data / ratings.dat (`format` csv, tab, dat); rating >= `threshold` (4) is a positive; items then users with fewer than `min_item_positives` (5) / `min_user_positives` (5) dropped; leave-one-out by time; `negatives` (4) per positive per epoch; `eval_negatives` (99) or `full_ranking`; `k` (10), `seed` (0)"
     }
+    fn defaults(&self) -> Config {
+        let rule = Implicit::default();
+        with_protocol(distill_rt::serde_json::json!({
+            "path": config::REQUIRED,
+            "format": default_format(),
+            "threshold": rule.threshold,
+            "min_item_positives": rule.min_item_positives,
+            "min_user_positives": rule.min_user_positives,
+        }))
+    }
     fn build(&self, cfg: &Config) -> Result<Box<dyn Dataset>> {
         const OWNER: &str = "dataset recsys.movielens";
         let (own, protocol): (MovieLensOwn, Protocol) =
@@ -287,7 +307,7 @@ impl DatasetFactory for MovieLensFactory {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, distill_rt::serde::Serialize)]
 #[serde(crate = "distill_rt::serde", deny_unknown_fields, default)]
 struct SyntheticOwn {
     users: usize,
@@ -320,6 +340,9 @@ pub struct SyntheticFactory;
 impl DatasetFactory for SyntheticFactory {
     fn summary(&self) -> &str {
         "synthetic implicit feedback: `users` (300) each pick `per_user` (30) of `items` (400) by latent `factors` (8) plus a Zipf `popularity` skew (1.0) and Gumbel `noise` (1.0), from `data_seed` (0); the NCF protocol keys of recsys.movielens"
+    }
+    fn defaults(&self) -> Config {
+        with_protocol(config::defaults_of::<SyntheticOwn>())
     }
     fn build(&self, cfg: &Config) -> Result<Box<dyn Dataset>> {
         const OWNER: &str = "dataset recsys.synthetic";

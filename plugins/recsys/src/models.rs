@@ -281,6 +281,17 @@ impl ModelFactory for RecFactory {
     fn summary(&self) -> &str {
         self.summary
     }
+    fn defaults(&self) -> Config {
+        let (dim, layers, init_std) = self.defaults;
+        let mut table = distill_rt::serde_json::json!({"dim": dim, "init_std": init_std});
+        if matches!(self.which, Which::Mlp | Which::NeuMf) {
+            table["layers"] = distill_rt::serde_json::json!(layers);
+        }
+        if matches!(self.which, Which::NeuMf) {
+            table["mlp_dim"] = distill_rt::serde_json::json!(dim);
+        }
+        table
+    }
 
     fn build(&self, cfg: &Config, ctx: ModelContext<'_>) -> Result<Box<dyn Model>> {
         let owner = self.owner;

@@ -22,7 +22,7 @@ pub struct Rating {
 }
 
 /// Which MovieLens file layout to read.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, distill_rt::serde::Serialize)]
 #[serde(crate = "distill_rt::serde", rename_all = "kebab-case")]
 pub enum Format {
     /// `ratings.csv`: comma-separated with a header line.

@@ -27,7 +27,7 @@ use distill_rt::{
 
 const OWNER: &str = "strategy at";
 
-#[derive(distill_rt::serde::Deserialize, Clone, Debug)]
+#[derive(distill_rt::serde::Deserialize, distill_rt::serde::Serialize, Clone, Debug)]
 #[serde(crate = "distill_rt::serde", deny_unknown_fields, default)]
 struct AtConfig {
     student_features: Vec<String>,
@@ -85,6 +85,9 @@ fn check_maps(key: &str, names: &[String], shapes: &BTreeMap<String, Vec<usize>>
 impl StrategyFactory for AtFactory {
     fn summary(&self) -> &str {
         "attention transfer (Zagoruyko & Komodakis): ce_weight*CE + feature_weight*sum over feature pairs of mean((a_s - a_t)^2), a = normalize(mean_c |F|^p); p 2, feature_weight 1000"
+    }
+    fn defaults(&self) -> Config {
+        config::defaults_of::<AtConfig>()
     }
 
     fn build(&self, cfg: &Config, ctx: StrategyContext<'_>) -> Result<Box<dyn Strategy>> {

@@ -20,6 +20,9 @@ impl StrategyFactory for BaselineFactory {
     fn summary(&self) -> &str {
         "student alone: the task's label loss (cross-entropy, or binary cross-entropy for ranking), no teacher"
     }
+    fn defaults(&self) -> Config {
+        Config::Object(Default::default())
+    }
     fn build(&self, cfg: &Config, _ctx: StrategyContext<'_>) -> Result<Box<dyn Strategy>> {
         let BaselineConfig {} = config::parse("strategy baseline", cfg)?;
         Ok(Box::new(Baseline))

@@ -37,7 +37,7 @@ use distill_rt::{
 
 const OWNER: &str = "strategy crd";
 
-#[derive(distill_rt::serde::Deserialize, Clone, Debug)]
+#[derive(distill_rt::serde::Deserialize, distill_rt::serde::Serialize, Clone, Debug)]
 #[serde(crate = "distill_rt::serde", deny_unknown_fields, default)]
 struct CrdConfig {
     student_feature: String,
@@ -89,6 +89,9 @@ fn width(
 impl StrategyFactory for CrdFactory {
     fn summary(&self) -> &str {
         "contrastive representation distillation (Tian et al.): ce_weight*CE + feature_weight*(NCE_s + NCE_t) against memory banks keyed by sample index; feat_dim 128, nce_k 16384, nce_t 0.07, nce_m 0.5, feature_weight 0.8"
+    }
+    fn defaults(&self) -> Config {
+        config::defaults_of::<CrdConfig>()
     }
 
     fn build(&self, cfg: &Config, ctx: StrategyContext<'_>) -> Result<Box<dyn Strategy>> {

@@ -21,7 +21,7 @@ use distill_rt::{
 
 const OWNER: &str = "strategy dist";
 
-#[derive(distill_rt::serde::Deserialize, Clone, Copy, Debug)]
+#[derive(distill_rt::serde::Deserialize, distill_rt::serde::Serialize, Clone, Copy, Debug)]
 #[serde(crate = "distill_rt::serde", deny_unknown_fields, default)]
 struct DistConfig {
     ce_weight: f64,
@@ -47,6 +47,9 @@ pub struct DistFactory;
 impl StrategyFactory for DistFactory {
     fn summary(&self) -> &str {
         "DIST (Huang et al. 2022): ce_weight*CE + tau^2*(beta*(1 - inter-class Pearson) + gamma*(1 - intra-class Pearson)) of softmax(z/tau); 1, 1, 1, 1"
+    }
+    fn defaults(&self) -> Config {
+        config::defaults_of::<DistConfig>()
     }
     fn build(&self, cfg: &Config, _ctx: StrategyContext<'_>) -> Result<Box<dyn Strategy>> {
         let c: DistConfig = config::parse(OWNER, cfg)?;

@@ -23,7 +23,7 @@ use distill_rt::{
 
 const OWNER: &str = "strategy dkd";
 
-#[derive(distill_rt::serde::Deserialize, Clone, Copy, Debug)]
+#[derive(distill_rt::serde::Deserialize, distill_rt::serde::Serialize, Clone, Copy, Debug)]
 #[serde(crate = "distill_rt::serde", deny_unknown_fields, default)]
 struct DkdConfig {
     ce_weight: f64,
@@ -51,6 +51,9 @@ pub struct DkdFactory;
 impl StrategyFactory for DkdFactory {
     fn summary(&self) -> &str {
         "decoupled KD (Zhao et al. 2022): ce_weight*CE + min(epoch/warmup, 1)*(alpha*TCKD + beta*NCKD), T^2-scaled; 1, 1, 8, T 4, warmup 20"
+    }
+    fn defaults(&self) -> Config {
+        config::defaults_of::<DkdConfig>()
     }
     fn build(&self, cfg: &Config, _ctx: StrategyContext<'_>) -> Result<Box<dyn Strategy>> {
         let c: DkdConfig = config::parse(OWNER, cfg)?;

@@ -29,7 +29,7 @@ use distill_rt::{
     StrategyFactory, TeacherNeeds, config,
 };
 
-#[derive(distill_rt::serde::Deserialize, Clone, Debug)]
+#[derive(distill_rt::serde::Deserialize, Clone, Debug, Default)]
 #[serde(crate = "distill_rt::serde", deny_unknown_fields)]
 struct MatchingConfig {
     student_feature: Option<String>,
@@ -57,12 +57,36 @@ impl Matching {
     }
 }
 
+#[derive(distill_rt::serde::Serialize)]
+#[serde(crate = "distill_rt::serde")]
 struct FeatureMseConfig {
     student_feature: String,
     teacher_feature: String,
     ce_weight: f64,
     feature_weight: f64,
-    hint_epochs: usize,
+    /// `fitnets` only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hint_epochs: Option<usize>,
+}
+
+impl Matching {
+    /// `raw` with this matching's defaults filled in.
+    fn resolve(self, raw: MatchingConfig) -> FeatureMseConfig {
+        const FITNETS_WEIGHT: f64 = 100.0;
+        FeatureMseConfig {
+            student_feature: raw.student_feature.unwrap_or_else(|| PENULTIMATE.into()),
+            teacher_feature: raw.teacher_feature.unwrap_or_else(|| PENULTIMATE.into()),
+            ce_weight: raw.ce_weight.unwrap_or(1.0),
+            feature_weight: raw.feature_weight.unwrap_or(match self {
+                Matching::HalfSquared => 1.0,
+                Matching::FitNets => FITNETS_WEIGHT,
+            }),
+            hint_epochs: match self {
+                Matching::HalfSquared => None,
+                Matching::FitNets => Some(raw.hint_epochs.unwrap_or(0)),
+            },
+        }
+    }
 }
 
 /// Builds [`FeatureMse`], creating the adapter when the feature widths differ.
@@ -80,8 +104,12 @@ impl StrategyFactory for FeatureMseFactory {
         }
     }
 
+    fn defaults(&self) -> Config {
+        distill_rt::serde_json::to_value(self.0.resolve(MatchingConfig::default()))
+            .unwrap_or(Config::Null)
+    }
+
     fn build(&self, cfg: &Config, ctx: StrategyContext<'_>) -> Result<Box<dyn Strategy>> {
-        const FITNETS_WEIGHT: f64 = 100.0;
         let owner = self.0.owner();
         let raw: MatchingConfig = config::parse(owner, cfg)?;
         if self.0 == Matching::HalfSquared && raw.hint_epochs.is_some() {
@@ -91,16 +119,7 @@ impl StrategyFactory for FeatureMseFactory {
                 "is a `fitnets` setting (a hint-only first stage)",
             ));
         }
-        let c = FeatureMseConfig {
-            student_feature: raw.student_feature.unwrap_or_else(|| PENULTIMATE.into()),
-            teacher_feature: raw.teacher_feature.unwrap_or_else(|| PENULTIMATE.into()),
-            ce_weight: raw.ce_weight.unwrap_or(1.0),
-            feature_weight: raw.feature_weight.unwrap_or(match self.0 {
-                Matching::HalfSquared => 1.0,
-                Matching::FitNets => FITNETS_WEIGHT,
-            }),
-            hint_epochs: raw.hint_epochs.unwrap_or(0),
-        };
+        let c = self.0.resolve(raw);
         config::require_weights(
             owner,
             &[
@@ -224,7 +243,7 @@ impl Strategy for FeatureMse {
                 h_t.dims()
             )));
         }
-        let hint_stage = step.epoch < self.config.hint_epochs;
+        let hint_stage = step.epoch < self.config.hint_epochs.unwrap_or(0);
         let ce_weight = if hint_stage {
             0.0
         } else {

@@ -61,6 +61,9 @@ impl StrategyFactory for KdFactory {
     fn summary(&self) -> &str {
         self.summary
     }
+    fn defaults(&self) -> Config {
+        distill_rt::serde_json::json!({"alpha": self.defaults.0, "temperature": self.defaults.1})
+    }
     fn build(&self, cfg: &Config, _ctx: StrategyContext<'_>) -> Result<Box<dyn Strategy>> {
         let c: KdConfig = config::parse(self.owner, cfg)?;
         let alpha = c.alpha.unwrap_or(self.defaults.0);

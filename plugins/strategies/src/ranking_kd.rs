@@ -36,7 +36,7 @@ use distill_rt::{
 const OWNER: &str = "strategy ranking-kd";
 
 /// How the teacher's top places are weighted.
-#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Deserialize, distill_rt::serde::Serialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(crate = "distill_rt::serde", rename_all = "lowercase")]
 enum Weighting {
     /// Position importance only.
@@ -45,7 +45,7 @@ enum Weighting {
     Hybrid,
 }
 
-#[derive(Deserialize, Clone, Copy, Debug)]
+#[derive(Deserialize, distill_rt::serde::Serialize, Clone, Copy, Debug)]
 #[serde(crate = "distill_rt::serde", deny_unknown_fields, default)]
 struct RankingKdConfig {
     k: usize,
@@ -73,6 +73,9 @@ pub struct RankingKdFactory;
 impl StrategyFactory for RankingKdFactory {
     fn summary(&self) -> &str {
         "ranking distillation (Tang & Wang 2018): BCE + alpha * weighted -log sigmoid on the teacher's top-k unobserved candidates; k 10, alpha 1, lambda 5, mu 0.1, hybrid weighting"
+    }
+    fn defaults(&self) -> Config {
+        config::defaults_of::<RankingKdConfig>()
     }
     fn build(&self, cfg: &Config, _ctx: StrategyContext<'_>) -> Result<Box<dyn Strategy>> {
         let c: RankingKdConfig = config::parse(OWNER, cfg)?;

@@ -112,6 +112,15 @@ impl StrategyFactory for RelationFactory {
         }
     }
 
+    fn defaults(&self) -> Config {
+        distill_rt::serde_json::json!({
+            "student_feature": PENULTIMATE,
+            "teacher_feature": PENULTIMATE,
+            "ce_weight": 1.0,
+            "feature_weight": self.0.default_weight(),
+        })
+    }
+
     fn build(&self, cfg: &Config, _ctx: StrategyContext<'_>) -> Result<Box<dyn Strategy>> {
         let owner = format!("strategy {}", self.0.name());
         let c: RelationConfig = config::parse(&owner, cfg)?;

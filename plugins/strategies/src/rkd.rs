@@ -23,7 +23,7 @@ use distill_rt::{
 
 const OWNER: &str = "strategy rkd";
 
-#[derive(distill_rt::serde::Deserialize, Clone, Debug)]
+#[derive(distill_rt::serde::Deserialize, distill_rt::serde::Serialize, Clone, Debug)]
 #[serde(crate = "distill_rt::serde", deny_unknown_fields, default)]
 struct RkdConfig {
     student_feature: String,
@@ -51,6 +51,9 @@ pub struct RkdFactory;
 impl StrategyFactory for RkdFactory {
     fn summary(&self) -> &str {
         "relational KD (Park et al.): ce_weight*CE + distance_weight*smoothL1(normalised pairwise distances) + angle_weight*smoothL1(triplet angles); 1, 25, 50"
+    }
+    fn defaults(&self) -> Config {
+        config::defaults_of::<RkdConfig>()
     }
     fn build(&self, cfg: &Config, _ctx: StrategyContext<'_>) -> Result<Box<dyn Strategy>> {
         let c: RkdConfig = config::parse(OWNER, cfg)?;

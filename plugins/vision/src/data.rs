@@ -195,7 +195,7 @@ fn default_true() -> bool {
     true
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, distill_rt::serde::Serialize)]
 #[serde(crate = "distill_rt::serde", deny_unknown_fields)]
 struct IdxConfig {
     /// Folder holding the IDX files.
@@ -244,6 +244,9 @@ impl DatasetFactory for IdxFactory {
     fn summary(&self) -> &str {
         "IDX image files (MNIST, Fashion-MNIST; raw or gzip) from `path`; validation carved from train"
     }
+    fn defaults(&self) -> Config {
+        config::defaults_with_required::<IdxConfig>(&[("path", Config::String(String::new()))])
+    }
     fn build(&self, cfg: &Config) -> Result<Box<dyn Dataset>> {
         const OWNER: &str = "dataset vision.idx";
         let c: IdxConfig = config::parse(OWNER, cfg)?;
@@ -268,7 +271,7 @@ impl DatasetFactory for IdxFactory {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, distill_rt::serde::Serialize)]
 #[serde(crate = "distill_rt::serde", deny_unknown_fields)]
 struct CifarConfig {
     path: PathBuf,
@@ -288,6 +291,9 @@ pub struct Cifar10Factory;
 impl DatasetFactory for Cifar10Factory {
     fn summary(&self) -> &str {
         "CIFAR-10 binary batches (data_batch_1..5.bin, test_batch.bin) from `path`"
+    }
+    fn defaults(&self) -> Config {
+        config::defaults_with_required::<CifarConfig>(&[("path", Config::String(String::new()))])
     }
     fn build(&self, cfg: &Config) -> Result<Box<dyn Dataset>> {
         const OWNER: &str = "dataset vision.cifar10";
@@ -316,7 +322,7 @@ impl DatasetFactory for Cifar10Factory {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, distill_rt::serde::Serialize)]
 #[serde(crate = "distill_rt::serde", deny_unknown_fields, default)]
 struct SyntheticConfig {
     classes: usize,
@@ -389,6 +395,9 @@ fn synthetic_split(
 impl DatasetFactory for SyntheticFactory {
     fn summary(&self) -> &str {
         "deterministic synthetic images (class prototypes of Gaussian blobs + shift + noise); no files"
+    }
+    fn defaults(&self) -> Config {
+        config::defaults_of::<SyntheticConfig>()
     }
     fn build(&self, cfg: &Config) -> Result<Box<dyn Dataset>> {
         const OWNER: &str = "dataset vision.synthetic";

@@ -50,7 +50,7 @@ fn output(logits: Tensor, features: Vec<(String, Tensor)>) -> ModelOutput {
 
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Deserialize)]
+#[derive(Deserialize, distill_rt::serde::Serialize)]
 #[serde(crate = "distill_rt::serde", deny_unknown_fields, default)]
 struct MlpConfig {
     hidden: Vec<usize>,
@@ -75,6 +75,9 @@ pub struct MlpFactory;
 impl ModelFactory for MlpFactory {
     fn summary(&self) -> &str {
         "MLP on the flattened image: `hidden` ReLU layers (default [256, 256]) and a linear head"
+    }
+    fn defaults(&self) -> Config {
+        config::defaults_of::<MlpConfig>()
     }
     fn build(&self, cfg: &Config, ctx: ModelContext<'_>) -> Result<Box<dyn Model>> {
         const OWNER: &str = "model vision.mlp";
@@ -120,7 +123,7 @@ impl Model for Mlp {
 
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Deserialize)]
+#[derive(Deserialize, distill_rt::serde::Serialize)]
 #[serde(crate = "distill_rt::serde", deny_unknown_fields, default)]
 struct LeNetConfig {
     channels: [usize; 2],
@@ -151,6 +154,9 @@ pub struct LeNetFactory;
 impl ModelFactory for LeNetFactory {
     fn summary(&self) -> &str {
         "LeNet-5-style CNN: conv5x5(pad 2)-pool-conv5x5-pool, two ReLU hidden layers; `channels` [6, 16], `hidden` [120, 84]"
+    }
+    fn defaults(&self) -> Config {
+        config::defaults_of::<LeNetConfig>()
     }
     fn build(&self, cfg: &Config, ctx: ModelContext<'_>) -> Result<Box<dyn Model>> {
         const OWNER: &str = "model vision.lenet5";
@@ -208,7 +214,7 @@ impl Model for LeNet {
 
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Deserialize)]
+#[derive(Deserialize, distill_rt::serde::Serialize)]
 #[serde(crate = "distill_rt::serde", deny_unknown_fields, default)]
 struct MobileNetConfig {
     /// Stem width.
@@ -251,6 +257,9 @@ pub struct MobileNetFactory;
 impl ModelFactory for MobileNetFactory {
     fn summary(&self) -> &str {
         "MobileNet-style CNN: conv3x3 stem, depthwise-separable blocks (dw3x3 + pw1x1, each with group norm and ReLU), global pool; `stem` 16, `channels` [32, 64, 128]"
+    }
+    fn defaults(&self) -> Config {
+        config::defaults_of::<MobileNetConfig>()
     }
     fn build(&self, cfg: &Config, ctx: ModelContext<'_>) -> Result<Box<dyn Model>> {
         const OWNER: &str = "model vision.mobilenet";
@@ -323,7 +332,7 @@ impl Model for MobileNet {
 
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Deserialize)]
+#[derive(Deserialize, distill_rt::serde::Serialize)]
 #[serde(crate = "distill_rt::serde", deny_unknown_fields, default)]
 struct ResNetConfig {
     /// Width of the first stage; the second and third are 2x and 4x.
@@ -381,6 +390,9 @@ pub struct ResNetFactory;
 impl ModelFactory for ResNetFactory {
     fn summary(&self) -> &str {
         "ResNet-style CNN: conv3x3 stem, 3 stages (width, 2x, 4x; stride 2 from stage 2) of `blocks` basic blocks with group norm; `width` 16, `blocks` 1, `groups` 8, `stem_stride` 1"
+    }
+    fn defaults(&self) -> Config {
+        config::defaults_of::<ResNetConfig>()
     }
     fn build(&self, cfg: &Config, ctx: ModelContext<'_>) -> Result<Box<dyn Model>> {
         const OWNER: &str = "model vision.resnet";

@@ -106,6 +106,13 @@ fn quick_experiment_writes_tables_that_read_back_and_repeat() -> Result<()> {
         text(&first)
     );
 
+    // summary.md: a table per pair, kd paired with baseline over the two seeds.
+    let summary = std::fs::read_to_string(a.join("summary.md"))?;
+    assert!(
+        summary.contains("| baseline | 2/2 |") && summary.contains("n 2)"),
+        "{summary}"
+    );
+
     let runs = read(&a.join("runs.parquet"))?;
     assert_eq!(runs.height(), 4, "2 strategies x 2 seeds");
     for (col, dtype) in [

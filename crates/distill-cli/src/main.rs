@@ -199,10 +199,14 @@ fn report(dir: &Path, git_revision: &str) -> Result<()> {
         .first()
         .map(|r| r.primary_metric.clone())
         .unwrap_or_else(|| "metric".into());
-    print!(
-        "{}",
-        distill_report::format_summary(&distill_report::summarize(&records), &metric)
-    );
+    let summary = distill_report::summarize(&records);
+    print!("{}", distill_report::format_summary(&summary, &metric));
+    let markdown = dir.join("summary.md");
+    std::fs::write(
+        &markdown,
+        distill_report::format_summary_markdown(&summary, &metric),
+    )
+    .with_context(|| format!("writing {}", markdown.display()))?;
     for r in records
         .iter()
         .filter(|r| r.status != distill_engine::job::Status::Ok)
@@ -220,7 +224,12 @@ fn report(dir: &Path, git_revision: &str) -> Result<()> {
             reason.lines().next().unwrap_or("")
         );
     }
-    println!("wrote {} and {}", runs.display(), metrics.display());
+    println!(
+        "wrote {}, {} and {}",
+        runs.display(),
+        metrics.display(),
+        markdown.display()
+    );
     Ok(())
 }
 

@@ -314,6 +314,44 @@ pub struct SummaryRow {
     pub std: f64,
     /// Mean teacher metric.
     pub teacher_metric: Option<f64>,
+    /// Mean and sample standard deviation of `final_metric` (the last epoch's) over ok runs.
+    pub final_mean: f64,
+    /// See [`SummaryRow::final_mean`].
+    pub final_std: f64,
+    /// The difference to `baseline` on the same dataset, teacher and student, paired by seed.
+    pub vs_baseline: Option<Paired>,
+    /// Teacher parameters / student parameters.
+    pub compression: Option<f64>,
+    /// Mean student latency, milliseconds per sample.
+    pub latency_ms: Option<f64>,
+}
+
+/// A paired comparison across seeds: `d_s = metric(strategy, s) - metric(baseline, s)`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Paired {
+    /// Seeds present in both.
+    pub n: usize,
+    /// Mean of the differences.
+    pub mean: f64,
+    /// Their sample standard deviation.
+    pub std: f64,
+    /// The paired t statistic, `mean / (std / sqrt(n))` (`None` for one pair or no spread).
+    pub t: Option<f64>,
+}
+
+/// The paired comparison of `metric` by seed (`None` without a common seed).
+pub fn paired(metric: &BTreeMap<u64, f64>, baseline: &BTreeMap<u64, f64>) -> Option<Paired> {
+    let diffs: Vec<f64> = metric
+        .iter()
+        .filter_map(|(seed, v)| baseline.get(seed).map(|b| v - b))
+        .collect();
+    if diffs.is_empty() {
+        return None;
+    }
+    let (mean, std) = mean_std(&diffs);
+    let n = diffs.len();
+    let t = (n > 1 && std > 0.0).then(|| mean / (std / (n as f64).sqrt()));
+    Some(Paired { n, mean, std, t })
 }
 
 /// Mean ± std of the best test metric per dataset / teacher / student / strategy cell.
@@ -340,29 +378,104 @@ pub fn summarize(records: &[JobRecord]) -> Vec<SummaryRow> {
         );
         cells.entry(key).or_default().push(r);
     }
+    let by_seed = |runs: &[&JobRecord]| -> BTreeMap<u64, f64> {
+        runs.iter()
+            .filter(|r| r.status == Status::Ok)
+            .filter_map(|r| r.best_metric.map(|m| (r.seed, m)))
+            .collect()
+    };
+    let baselines: BTreeMap<(String, String, String), BTreeMap<u64, f64>> = cells
+        .iter()
+        .filter(|((_, _, _, strategy), _)| strategy == "baseline")
+        .map(|((d, t, s, _), runs)| ((d.clone(), t.clone(), s.clone()), by_seed(runs)))
+        .collect();
     cells
         .into_iter()
         .map(|((dataset, teacher, student, strategy), runs)| {
-            let values: Vec<f64> = runs
-                .iter()
-                .filter(|r| r.status == Status::Ok)
-                .filter_map(|r| r.best_metric)
-                .collect();
+            let ok: Vec<&&JobRecord> = runs.iter().filter(|r| r.status == Status::Ok).collect();
+            let values: Vec<f64> = ok.iter().filter_map(|r| r.best_metric).collect();
+            let finals: Vec<f64> = ok.iter().filter_map(|r| r.final_metric).collect();
             let (mean, std) = mean_std(&values);
+            let (final_mean, final_std) = mean_std(&finals);
             let teachers: Vec<f64> = runs.iter().filter_map(|r| r.teacher_metric).collect();
+            let vs_baseline = (strategy != "baseline")
+                .then(|| baselines.get(&(dataset.clone(), teacher.clone(), student.clone())))
+                .flatten()
+                .and_then(|b| paired(&by_seed(&runs), b));
+            let compression = ok.first().and_then(|r| {
+                r.teacher_parameters
+                    .filter(|_| r.parameters > 0)
+                    .map(|t| t as f64 / r.parameters as f64)
+            });
+            let latencies: Vec<f64> = ok.iter().filter_map(|r| r.latency_ms_per_sample).collect();
             SummaryRow {
                 dataset,
                 teacher,
                 student,
                 strategy,
-                ok: runs.iter().filter(|r| r.status == Status::Ok).count(),
+                ok: ok.len(),
                 runs: runs.len(),
                 mean,
                 std,
                 teacher_metric: (!teachers.is_empty()).then(|| mean_std(&teachers).0),
+                final_mean,
+                final_std,
+                vs_baseline,
+                compression,
+                latency_ms: (!latencies.is_empty()).then(|| mean_std(&latencies).0),
             }
         })
         .collect()
+}
+
+/// `+0.0123 ± 0.0045 (t 2.71, n 3)`.
+fn format_paired(p: &Paired) -> String {
+    let t = p.t.map(|t| format!("t {t:.2}, ")).unwrap_or_default();
+    format!("{:+.4} ± {:.4} ({t}n {})", p.mean, p.std, p.n)
+}
+
+/// The summary as a Markdown document: one table per dataset / teacher / student, strategies
+/// as rows, with best and final metric, the paired difference to `baseline`, the teacher's
+/// metric, the compression ratio and the student's latency.
+pub fn format_summary_markdown(rows: &[SummaryRow], metric: &str) -> String {
+    let mut out = format!(
+        "# Summary\n\nPrimary metric: `{metric}` (test split, at the best validation epoch for \"best\", at the last epoch for \"final\"); mean ± sample std over seeds; the difference to `baseline` is paired by seed, with its t statistic.\n"
+    );
+    let mut group = None;
+    for r in rows {
+        let key = (&r.dataset, &r.teacher, &r.student);
+        if group != Some(key) {
+            group = Some(key);
+            out.push_str(&format!(
+                "\n## {} · teacher {} · student {}\n\n| strategy | ok/runs | best | final | vs baseline | teacher | compression | latency (ms/sample) |\n|---|---|---|---|---|---|---|---|\n",
+                r.dataset,
+                if r.teacher.is_empty() { "none" } else { &r.teacher },
+                r.student
+            ));
+        }
+        out.push_str(&format!(
+            "| {} | {}/{} | {:.4} ± {:.4} | {:.4} ± {:.4} | {} | {} | {} | {} |\n",
+            r.strategy.replace('|', "\\|"),
+            r.ok,
+            r.runs,
+            r.mean,
+            r.std,
+            r.final_mean,
+            r.final_std,
+            r.vs_baseline
+                .as_ref()
+                .map(format_paired)
+                .unwrap_or_default(),
+            r.teacher_metric
+                .map(|t| format!("{t:.4}"))
+                .unwrap_or_default(),
+            r.compression
+                .map(|c| format!("{c:.1}x"))
+                .unwrap_or_default(),
+            r.latency_ms.map(|l| format!("{l:.2e}")).unwrap_or_default(),
+        ));
+    }
+    out
 }
 
 /// Mean and sample standard deviation (`n - 1`; 0 for fewer than two values).
@@ -388,9 +501,10 @@ pub fn format_summary(rows: &[SummaryRow], metric: &str) -> String {
         "strategy",
         "ok/runs",
         &format!("{metric} (mean ± std)"),
+        "vs baseline (paired)",
         "teacher",
     ];
-    let body: Vec<[String; 7]> = rows
+    let body: Vec<[String; 8]> = rows
         .iter()
         .map(|r| {
             [
@@ -400,13 +514,17 @@ pub fn format_summary(rows: &[SummaryRow], metric: &str) -> String {
                 r.strategy.clone(),
                 format!("{}/{}", r.ok, r.runs),
                 format!("{:.4} ± {:.4}", r.mean, r.std),
+                r.vs_baseline
+                    .as_ref()
+                    .map(format_paired)
+                    .unwrap_or_default(),
                 r.teacher_metric
                     .map(|t| format!("{t:.4}"))
                     .unwrap_or_default(),
             ]
         })
         .collect();
-    let widths: Vec<usize> = (0..7)
+    let widths: Vec<usize> = (0..8)
         .map(|i| {
             body.iter()
                 .map(|r| r[i].chars().count())
@@ -520,6 +638,58 @@ mod tests {
         assert!((summary[0].std - (0.005f64).sqrt()).abs() < 1e-12);
         assert!(format_summary(&summary, "accuracy").contains("0.8500 ± 0.0707"));
         Ok(())
+    }
+
+    /// A run of `strategy` (no parameters) with best metric `best` and final metric `last`.
+    fn run(id: &str, strategy: &str, seed: u64, best: f64, last: f64) -> JobRecord {
+        let mut r = student(id, seed, best, 0.0);
+        r.strategy = Some(strategy.into());
+        r.params["strategy"] = serde_json::json!({});
+        r.final_metric = Some(last);
+        r.latency_ms_per_sample = Some(0.5);
+        r
+    }
+
+    #[test]
+    fn paired_differences_to_baseline_by_hand() {
+        // Seeds 0, 1, 2: kd - baseline = 0.02, 0.04, 0.03 -> mean 0.03, std 0.01,
+        // t = 0.03 / (0.01 / sqrt 3) = 5.196. Seed 3 has no baseline: not paired.
+        let records = vec![
+            run("b0", "baseline", 0, 0.80, 0.79),
+            run("b1", "baseline", 1, 0.82, 0.80),
+            run("b2", "baseline", 2, 0.81, 0.81),
+            run("k0", "kd", 0, 0.82, 0.80),
+            run("k1", "kd", 1, 0.86, 0.85),
+            run("k2", "kd", 2, 0.84, 0.84),
+            run("k3", "kd", 3, 0.99, 0.99),
+        ];
+        let summary = summarize(&records);
+        let kd = summary
+            .iter()
+            .find(|r| r.strategy == "kd")
+            .cloned()
+            .unwrap_or_else(|| panic!("no kd row in {summary:?}"));
+        let p = kd
+            .vs_baseline
+            .clone()
+            .unwrap_or_else(|| panic!("no pairing"));
+        assert_eq!(p.n, 3);
+        assert!((p.mean - 0.03).abs() < 1e-12 && (p.std - 0.01).abs() < 1e-12);
+        assert!((p.t.unwrap_or(0.0) - 0.03 / (0.01 / 3f64.sqrt())).abs() < 1e-9);
+        // Final metric over all four kd runs: (0.80 + 0.85 + 0.84 + 0.99) / 4.
+        assert!((kd.final_mean - 0.87).abs() < 1e-12);
+        assert_eq!(kd.compression, Some(10.0));
+        assert_eq!(kd.latency_ms, Some(0.5));
+        let baseline = summary.iter().find(|r| r.strategy == "baseline");
+        assert!(baseline.is_some_and(|b| b.vs_baseline.is_none()));
+        let markdown = format_summary_markdown(&summary, "accuracy");
+        assert!(
+            markdown.contains(
+                "| kd | 4/4 | 0.8775 ± 0.0768 | 0.8700 ± 0.0829 | +0.0300 ± 0.0100 (t 5.20, n 3) |"
+            ),
+            "{markdown}"
+        );
+        assert!(format_summary(&summary, "accuracy").contains("+0.0300 ± 0.0100 (t 5.20, n 3)"));
     }
 
     #[test]

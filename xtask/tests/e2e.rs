@@ -113,6 +113,17 @@ fn quick_experiment_writes_tables_that_read_back_and_repeat() -> Result<()> {
         "{summary}"
     );
 
+    // The tables as polars, pandas and DuckDB read them, and docs/results.md's analysis.
+    let python = Command::new("python3")
+        .arg(root().join("tests/python/check_results.py"))
+        .arg(&a)
+        .output()?;
+    assert!(
+        python.status.success(),
+        "{}\n(needs `python3 -m pip install polars pandas pyarrow duckdb`, as .ci/run does)",
+        text(&python)
+    );
+
     let runs = read(&a.join("runs.parquet"))?;
     assert_eq!(runs.height(), 4, "2 strategies x 2 seeds");
     for (col, dtype) in [

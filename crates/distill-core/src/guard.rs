@@ -39,8 +39,6 @@ pub fn contain<R>(entry: &str, f: impl FnOnce() -> Result<R>) -> Result<R> {
 pub(crate) struct Guarded<T: ?Sized> {
     name: String,
     summary: String,
-    /// Asked once, at registration.
-    defaults: Config,
     inner: Box<T>,
 }
 
@@ -58,11 +56,9 @@ pub(crate) fn dataset_factory(
     let summary = contain(&format!("dataset `{name}`: summary"), || {
         Ok(f.summary().to_string())
     })?;
-    let defaults = contain(&format!("dataset `{name}`: defaults"), || Ok(f.defaults()))?;
     Ok(Box::new(Guarded {
         name: name.to_string(),
         summary,
-        defaults,
         inner: f,
     }))
 }
@@ -72,11 +68,9 @@ pub(crate) fn model_factory(name: &str, f: Box<dyn ModelFactory>) -> Result<Box<
     let summary = contain(&format!("model `{name}`: summary"), || {
         Ok(f.summary().to_string())
     })?;
-    let defaults = contain(&format!("model `{name}`: defaults"), || Ok(f.defaults()))?;
     Ok(Box::new(Guarded {
         name: name.to_string(),
         summary,
-        defaults,
         inner: f,
     }))
 }
@@ -89,11 +83,9 @@ pub(crate) fn strategy_factory(
     let summary = contain(&format!("strategy `{name}`: summary"), || {
         Ok(f.summary().to_string())
     })?;
-    let defaults = contain(&format!("strategy `{name}`: defaults"), || Ok(f.defaults()))?;
     Ok(Box::new(Guarded {
         name: name.to_string(),
         summary,
-        defaults,
         inner: f,
     }))
 }
@@ -102,8 +94,12 @@ impl DatasetFactory for Guarded<dyn DatasetFactory> {
     fn summary(&self) -> &str {
         &self.summary
     }
+    /// Asked when listed, not at registration: every worker registers every plugin.
     fn defaults(&self) -> Config {
-        self.defaults.clone()
+        contain(&self.entry("dataset", "defaults"), || {
+            Ok(self.inner.defaults())
+        })
+        .unwrap_or(Config::Null)
     }
     fn build(&self, config: &Config) -> Result<Box<dyn Dataset>> {
         contain(&self.entry("dataset", "build"), || {
@@ -196,8 +192,12 @@ impl ModelFactory for Guarded<dyn ModelFactory> {
     fn summary(&self) -> &str {
         &self.summary
     }
+    /// Asked when listed, not at registration: every worker registers every plugin.
     fn defaults(&self) -> Config {
-        self.defaults.clone()
+        contain(&self.entry("model", "defaults"), || {
+            Ok(self.inner.defaults())
+        })
+        .unwrap_or(Config::Null)
     }
     fn build(&self, config: &Config, ctx: ModelContext<'_>) -> Result<Box<dyn Model>> {
         contain(&self.entry("model", "build"), || {
@@ -239,8 +239,12 @@ impl StrategyFactory for Guarded<dyn StrategyFactory> {
     fn summary(&self) -> &str {
         &self.summary
     }
+    /// Asked when listed, not at registration: every worker registers every plugin.
     fn defaults(&self) -> Config {
-        self.defaults.clone()
+        contain(&self.entry("strategy", "defaults"), || {
+            Ok(self.inner.defaults())
+        })
+        .unwrap_or(Config::Null)
     }
     fn build(&self, config: &Config, ctx: StrategyContext<'_>) -> Result<Box<dyn Strategy>> {
         contain(&self.entry("strategy", "build"), || {

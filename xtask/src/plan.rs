@@ -85,11 +85,87 @@ fn train_origin(own: &Value, key: &str) -> String {
     }
 }
 
+/// Where the jobs of one experiment go, and what every job spec names.
+struct Jobs<'a> {
+    experiment: &'a str,
+    dir: PathBuf,
+    list: Vec<PlannedJob>,
+}
+
+impl Jobs<'_> {
+    /// Adds a job whose id is the hash of `content` and whose spec runs `job`.
+    fn push(
+        &mut self,
+        content: &Value,
+        job: Value,
+        depends_on: Option<String>,
+        origin: BTreeMap<String, String>,
+        label: String,
+    ) -> (String, PathBuf) {
+        let id = content_id(content);
+        let dir = self.dir.join(&id);
+        if !self.list.iter().any(|j| j.id == id) {
+            self.list.push(PlannedJob {
+                id: id.clone(),
+                spec: json!({"id": id, "experiment": self.experiment, "out_dir": dir, "job": job}),
+                depends_on,
+                origin,
+                label,
+                dir: dir.clone(),
+            });
+        }
+        (id, dir)
+    }
+
+    /// Adds a teacher job; returns its id and folder.
+    fn teacher(
+        &mut self,
+        job: Value,
+        origin: BTreeMap<String, String>,
+        label: String,
+    ) -> (String, PathBuf) {
+        self.push(&job, job.clone(), None, origin, label)
+    }
+
+    /// Adds a student job taught by `teacher` (its id, model component and folder): the id is
+    /// hashed into the content, the folder written into the spec, and the job waits for it.
+    fn student(
+        &mut self,
+        mut content: Value,
+        teacher: Option<(&str, &Value, &Path)>,
+        origin: BTreeMap<String, String>,
+        label: String,
+    ) -> (String, PathBuf) {
+        content["teacher"] = teacher.map_or(
+            Value::Null,
+            |(id, model, _)| json!({"model": model, "id": id}),
+        );
+        let mut job = content.clone();
+        job["teacher"] = teacher.map_or(
+            Value::Null,
+            |(_, model, dir)| json!({"model": model, "dir": dir}),
+        );
+        let depends_on = teacher.map(|(id, _, _)| id.to_string());
+        self.push(&content, job, depends_on, origin, label)
+    }
+}
+
+/// Which key of the experiment file each part of a job comes from.
+fn origins(pairs: &[(&str, String)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
+}
+
 /// All jobs of experiment `x` named `name`, teachers first; folders under `out/jobs/`.
 pub fn plan(x: &Experiment, name: &str, out: &Path) -> Vec<PlannedJob> {
-    let jobs_dir = out.join("jobs");
+    let mut jobs = Jobs {
+        experiment: name,
+        dir: out.join("jobs"),
+        list: Vec::new(),
+    };
     let shared_train = table(&x.train);
-    let mut jobs = Vec::new();
     // (dataset index, teacher index) -> (teacher id, model component, folder)
     let mut teachers: BTreeMap<(usize, usize), (String, Value, PathBuf)> = BTreeMap::new();
     for (di, d) in x.datasets.iter().enumerate() {
@@ -105,24 +181,16 @@ pub fn plan(x: &Experiment, name: &str, out: &Path) -> Vec<PlannedJob> {
                 "cache_features": t.cache_features.clone().unwrap_or_else(|| vec!["penultimate".into()]),
                 "weights": t.weights,
             });
-            let id = content_id(&job);
-            let dir = jobs_dir.join(&id);
-            let origin = BTreeMap::from([
-                ("dataset".to_string(), format!("datasets[{di}]")),
-                ("model".to_string(), format!("teachers[{ti}]")),
+            let origin = origins(&[
+                ("dataset", format!("datasets[{di}]")),
+                ("model", format!("teachers[{ti}]")),
                 (
-                    "train".to_string(),
+                    "train",
                     train_origin(&t.train, &format!("teachers[{ti}].train")),
                 ),
             ]);
-            jobs.push(PlannedJob {
-                id: id.clone(),
-                spec: json!({"id": id, "experiment": name, "out_dir": dir, "job": job}),
-                depends_on: None,
-                origin,
-                label: format!("teacher {} on {}", t.model, d.name),
-                dir: dir.clone(),
-            });
+            let label = format!("teacher {} on {}", t.model, d.name);
+            let (id, dir) = jobs.teacher(job, origin, label);
             teachers.insert((di, ti), (id, model, dir));
         }
     }
@@ -143,29 +211,23 @@ pub fn plan(x: &Experiment, name: &str, out: &Path) -> Vec<PlannedJob> {
                         let strategy =
                             json!({"name": k.name, "config": merge(&table(&k.config), &point)});
                         for &seed in &x.seeds {
-                            let teacher = ti.map(|ti| &teachers[&(di, ti)]);
+                            let teacher = ti
+                                .map(|ti| &teachers[&(di, ti)])
+                                .map(|(id, model, dir)| (id.as_str(), model, dir.as_path()));
                             let content = json!({
                                 "kind": "student",
                                 "dataset": dataset,
                                 "model": {"name": s.model, "config": table(&s.config)},
                                 "strategy": strategy,
-                                "teacher": teacher.map(|(id, model, _)| json!({"model": model, "id": id})),
                                 "train": merge(&shared_train, &s.train),
                                 "seed": seed,
                             });
-                            let id = content_id(&content);
-                            let mut job = content.clone();
-                            job["teacher"] = match teacher {
-                                Some((_, model, dir)) => json!({"model": model, "dir": dir}),
-                                None => Value::Null,
-                            };
-                            let dir = jobs_dir.join(&id);
-                            let mut origin = BTreeMap::from([
-                                ("dataset".to_string(), format!("datasets[{di}]")),
-                                ("model".to_string(), format!("students[{si}]")),
-                                ("strategy".to_string(), format!("strategies[{ki}]")),
+                            let mut origin = origins(&[
+                                ("dataset", format!("datasets[{di}]")),
+                                ("model", format!("students[{si}]")),
+                                ("strategy", format!("strategies[{ki}]")),
                                 (
-                                    "train".to_string(),
+                                    "train",
                                     train_origin(&s.train, &format!("students[{si}].train")),
                                 ),
                             ]);
@@ -177,34 +239,25 @@ pub fn plan(x: &Experiment, name: &str, out: &Path) -> Vec<PlannedJob> {
                             } else {
                                 format!(" {point}")
                             };
-                            jobs.push(PlannedJob {
-                                id: id.clone(),
-                                spec: json!({"id": id, "experiment": name, "out_dir": dir, "job": job}),
-                                depends_on: teacher.map(|(id, _, _)| id.clone()),
-                                origin,
-                                label: format!("{} <- {}{point_text} seed {seed} on {}", s.model, k.name, d.name),
-                                dir,
-                            });
+                            let label = format!(
+                                "{} <- {}{point_text} seed {seed} on {}",
+                                s.model, k.name, d.name
+                            );
+                            jobs.student(content, teacher, origin, label);
                         }
                     }
                 }
             }
         }
     }
-    plan_chains(x, name, &jobs_dir, &shared_train, &mut jobs);
-    jobs
+    plan_chains(x, &shared_train, &mut jobs);
+    jobs.list
 }
 
 /// Born-again chains: for each strategy entry with `generations = N`, dataset, student, grid
 /// point and seed, a teacher job of the student's own architecture (trained alone, with the
 /// student's settings and that seed), then N student jobs, each taught by the one before.
-fn plan_chains(
-    x: &Experiment,
-    name: &str,
-    jobs_dir: &Path,
-    shared_train: &Value,
-    jobs: &mut Vec<PlannedJob>,
-) {
+fn plan_chains(x: &Experiment, shared_train: &Value, jobs: &mut Jobs<'_>) {
     for (di, d) in x.datasets.iter().enumerate() {
         let dataset = json!({"name": d.name, "config": table(&d.config)});
         for (si, s) in x.students.iter().enumerate() {
@@ -228,55 +281,37 @@ fn plan_chains(
                             "cache_features": ["penultimate"],
                             "weights": null,
                         });
-                        let mut prev_id = content_id(&first);
-                        let mut prev_dir = jobs_dir.join(&prev_id);
-                        if !jobs.iter().any(|j| j.id == prev_id) {
-                            jobs.push(PlannedJob {
-                                id: prev_id.clone(),
-                                spec: json!({"id": prev_id, "experiment": name, "out_dir": prev_dir, "job": first}),
-                                depends_on: None,
-                                origin: BTreeMap::from([
-                                    ("dataset".to_string(), format!("datasets[{di}]")),
-                                    ("model".to_string(), format!("students[{si}]")),
-                                    ("train".to_string(), train_key.clone()),
-                                ]),
-                                label: format!("born-again teacher {} seed {seed} on {}", s.model, d.name),
-                                dir: prev_dir.clone(),
-                            });
-                        }
+                        let origin = origins(&[
+                            ("dataset", format!("datasets[{di}]")),
+                            ("model", format!("students[{si}]")),
+                            ("train", train_key.clone()),
+                        ]);
+                        let label =
+                            format!("born-again teacher {} seed {seed} on {}", s.model, d.name);
+                        let mut previous = jobs.teacher(first, origin, label);
                         for generation in 1..=generations {
                             let content = json!({
                                 "kind": "student",
                                 "dataset": dataset,
                                 "model": model,
                                 "strategy": strategy,
-                                "teacher": {"model": model, "id": prev_id},
                                 "train": train,
                                 "seed": seed,
                                 "generation": generation,
                             });
-                            let id = content_id(&content);
-                            let mut job = content.clone();
-                            job["teacher"] = json!({"model": model, "dir": prev_dir});
-                            let dir = jobs_dir.join(&id);
-                            jobs.push(PlannedJob {
-                                id: id.clone(),
-                                spec: json!({"id": id, "experiment": name, "out_dir": dir, "job": job}),
-                                depends_on: Some(prev_id.clone()),
-                                origin: BTreeMap::from([
-                                    ("dataset".to_string(), format!("datasets[{di}]")),
-                                    ("model".to_string(), format!("students[{si}]")),
-                                    ("strategy".to_string(), format!("strategies[{ki}]")),
-                                    ("teacher".to_string(), format!("students[{si}]")),
-                                    ("train".to_string(), train_key.clone()),
-                                ]),
-                                label: format!(
-                                    "{} <- {} generation {generation} seed {seed} on {}",
-                                    s.model, k.name, d.name
-                                ),
-                                dir: dir.clone(),
-                            });
-                            (prev_id, prev_dir) = (id, dir);
+                            let origin = origins(&[
+                                ("dataset", format!("datasets[{di}]")),
+                                ("model", format!("students[{si}]")),
+                                ("strategy", format!("strategies[{ki}]")),
+                                ("teacher", format!("students[{si}]")),
+                                ("train", train_key.clone()),
+                            ]);
+                            let label = format!(
+                                "{} <- {} generation {generation} seed {seed} on {}",
+                                s.model, k.name, d.name
+                            );
+                            let teacher = (previous.0.as_str(), &model, previous.1.as_path());
+                            previous = jobs.student(content, Some(teacher), origin, label);
                         }
                     }
                 }

@@ -96,19 +96,16 @@ impl RecData {
                 format!("`{primary}` is not one of {}", known.join(", ")),
             ));
         }
-        let sorted = |v: &[u32]| {
-            let mut v = v.to_vec();
-            v.sort_unstable();
-            v
-        };
-        let train_sorted: Vec<Vec<u32>> = data.train.iter().map(|t| sorted(t)).collect();
-        let known_sorted: Vec<Vec<u32>> = (0..data.users)
-            .map(|u| {
-                let mut all = data.train[u].clone();
-                all.extend([data.validation[u], data.test[u]]);
-                sorted(&all)
+        let train_sorted: Vec<Vec<u32>> = data
+            .train
+            .iter()
+            .map(|t| {
+                let mut t = t.clone();
+                t.sort_unstable();
+                t
             })
             .collect();
+        let known_sorted: Vec<Vec<u32>> = (0..data.users).map(|u| data.positives(u)).collect();
         let eval_negatives = if protocol.full_ranking {
             [Vec::new(), Vec::new()]
         } else {

@@ -114,11 +114,11 @@ pub fn leave_one_out(ratings: &[Rating], rule: Implicit) -> Result<Interactions>
 }
 
 impl Interactions {
-    /// Every positive of `user` (train, validation and test).
-    pub fn positives(&self, user: usize) -> HashSet<u32> {
-        let mut all: HashSet<u32> = self.train[user].iter().copied().collect();
-        all.insert(self.validation[user]);
-        all.insert(self.test[user]);
+    /// Every positive of `user` (train, validation and test), sorted: what samplers exclude.
+    pub fn positives(&self, user: usize) -> Vec<u32> {
+        let mut all = self.train[user].clone();
+        all.extend([self.validation[user], self.test[user]]);
+        all.sort_unstable();
         all
     }
 
@@ -140,10 +140,8 @@ impl Interactions {
                         self.items
                     )));
                 }
-                let mut known: Vec<u32> = positives.into_iter().collect();
-                known.sort_unstable();
                 let mut rng = Rng::derive(seed, &format!("{purpose}/{u}"));
-                Ok(sample_excluding(self.items, &known, count, &mut rng))
+                Ok(sample_excluding(self.items, &positives, count, &mut rng))
             })
             .collect()
     }

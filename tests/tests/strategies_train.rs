@@ -6,7 +6,9 @@
 
 use std::collections::BTreeMap;
 
-use distill_engine::train::{FitInputs, StopReason, TeacherSignal, TrainConfig, fit};
+use distill_engine::train::{
+    FitInputs, Outcome, StopReason, Supervised, TeacherSignal, TrainConfig, fit,
+};
 use distill_host::PluginHost;
 use distill_rt::candle::{DType, Device};
 use distill_rt::candle_nn::VarMap;
@@ -16,6 +18,28 @@ use distill_rt::serde_json::json;
 use distill_rt::testing::{check_gradient_coverage, named_vars};
 use distill_rt::{ModelContext, Result, Split, StrategyContext};
 use distill_tests::plugin_path;
+
+/// Trains `model` (its variables in `vars`) on the labels alone, as a teacher job does.
+fn train_alone(
+    data: &dyn distill_rt::Dataset,
+    model: &dyn distill_rt::Model,
+    vars: &VarMap,
+    config: &TrainConfig,
+) -> Result<Outcome> {
+    fit(
+        FitInputs {
+            dataset: data,
+            model,
+            strategy: &mut Supervised,
+            teacher: TeacherSignal::None,
+            vars: named_vars(vars).into_iter().map(|(_, v)| v).collect(),
+            teacher_metric: None,
+            seed: 0,
+            device: &Device::Cpu,
+        },
+        config,
+    )
+}
 
 /// Strategies that need a ranking task (relevance targets).
 const RANKING_ONLY: [&str; 1] = ["ranking-kd"];
@@ -60,7 +84,7 @@ fn pair_for(strategy: &str) -> (Pair, distill_rt::Config) {
 }
 
 /// The validation accuracy after the last epoch.
-fn accuracy(outcome: &distill_engine::train::Outcome) -> f64 {
+fn accuracy(outcome: &Outcome) -> f64 {
     last_validation(outcome, "accuracy")
 }
 
@@ -108,33 +132,7 @@ fn every_strategy_trains_a_student_without_nan() -> Result<()> {
             let teacher = r
                 .get_model(pair.model)?
                 .build(&pair.teacher, context(&teacher_vars, 0))?;
-            let mut supervised = r.get_strategy("baseline")?.build(
-                &json!({}),
-                StrategyContext {
-                    num_classes: 4,
-                    student_features: &BTreeMap::new(),
-                    teacher_features: &BTreeMap::new(),
-                    train_samples: data.info().len(Split::Train),
-                    seed: 0,
-                    vb: seeded_var_builder(&VarMap::new(), 2, DType::F32, &dev),
-                },
-            )?;
-            let trained = fit(
-                FitInputs {
-                    dataset: data.as_ref(),
-                    model: teacher.as_ref(),
-                    strategy: supervised.as_mut(),
-                    teacher: TeacherSignal::None,
-                    vars: named_vars(&teacher_vars)
-                        .into_iter()
-                        .map(|(_, v)| v)
-                        .collect(),
-                    teacher_metric: None,
-                    seed: 0,
-                    device: &dev,
-                },
-                &config,
-            )?;
+            let trained = train_alone(data.as_ref(), teacher.as_ref(), &teacher_vars, &config)?;
             assert_eq!(trained.stop, StopReason::Completed);
             let teacher_accuracy = accuracy(&trained);
             assert!(
@@ -200,7 +198,7 @@ fn every_strategy_trains_a_student_without_nan() -> Result<()> {
 }
 
 /// The validation value of `metric` after the last epoch.
-fn last_validation(outcome: &distill_engine::train::Outcome, metric: &str) -> f64 {
+fn last_validation(outcome: &Outcome, metric: &str) -> f64 {
     outcome
         .epochs
         .last()
@@ -247,25 +245,7 @@ fn ranking_strategies_train_a_recommender_and_reach_every_variable() -> Result<(
         &json!({"dim": 16, "layers": [32, 16]}),
         context(&teacher_vars, 0),
     )?;
-    let mut supervised = r
-        .get_strategy("baseline")?
-        .build(&json!({}), strategy_context(&VarMap::new()))?;
-    fit(
-        FitInputs {
-            dataset: data.as_ref(),
-            model: teacher.as_ref(),
-            strategy: supervised.as_mut(),
-            teacher: TeacherSignal::None,
-            vars: named_vars(&teacher_vars)
-                .into_iter()
-                .map(|(_, v)| v)
-                .collect(),
-            teacher_metric: None,
-            seed: 0,
-            device: &dev,
-        },
-        &config,
-    )?;
+    train_alone(data.as_ref(), teacher.as_ref(), &teacher_vars, &config)?;
     let users: Vec<usize> = (0..16).collect();
     let mut probe = data.batch(Split::Train, &users, &dev)?;
     if let Some(t) = data.epoch_targets(0, 0, &users, &dev)? {

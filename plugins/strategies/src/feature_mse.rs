@@ -273,7 +273,7 @@ mod tests {
         assert!(
             cases
                 .iter()
-                .any(|c| c.inputs.contains_key("adapter.weight")),
+                .any(|c| c.inputs.contains_key("var.adapter.weight")),
             "an unequal-width case"
         );
         for case in &cases {

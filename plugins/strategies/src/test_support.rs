@@ -29,7 +29,8 @@ pub struct Case {
     strategy: String,
     name: String,
     config: distill_rt::Config,
-    /// Named inputs (`s_logits`, `t_logits`, `targets`, `s_feat`, `t_feat`, adapter weights).
+    /// Named inputs, as the loss probe names them (`s_logits`, `t_logits`, `targets`, `s_feat`,
+    /// `t_feat`, `var.<variable>`).
     pub inputs: HashMap<String, Stored>,
     expected: BTreeMap<String, f64>,
     /// The training-set size the strategy is told (default: the batch size).
@@ -73,19 +74,12 @@ fn tensor(s: &Stored, dtype: DType) -> Result<Tensor> {
     })
 }
 
-/// The case's tensors in `dtype`, named as the loss probe reads them (`adapter.*` values set
-/// the strategy's variables of that name).
+/// The case's tensors in `dtype`, named as the loss probe reads them (`var.*` set the
+/// strategy's variables).
 fn inputs(case: &Case, dtype: DType) -> Result<TensorMap> {
     case.inputs
         .iter()
-        .map(|(name, stored)| {
-            let key = if name.starts_with("adapter.") {
-                format!("var.{name}")
-            } else {
-                name.clone()
-            };
-            Ok((key, tensor(stored, dtype)?))
-        })
+        .map(|(name, stored)| Ok((name.clone(), tensor(stored, dtype)?)))
         .collect()
 }
 

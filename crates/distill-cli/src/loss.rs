@@ -13,22 +13,31 @@ use distill_rt::{Registrar, TensorMap};
 use serde_json::{Map, Value, json};
 
 /// What `distill loss` was asked.
+#[derive(clap::Args)]
 pub struct LossArgs {
     /// Registered strategy name.
     pub strategy: String,
     /// The safetensors file.
+    #[arg(long)]
     pub inputs: PathBuf,
-    /// `key=value` configuration overrides (`value` as JSON, else a string; dotted keys nest).
+    /// A configuration key (repeatable): `--set alpha=0.5`; the value is read as JSON when it
+    /// parses, else as a string; dotted keys nest.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
-    /// Where to write the gradients.
+    /// Writes d total / d each student tensor here (safetensors, named like the inputs).
+    #[arg(long)]
     pub grad: Option<PathBuf>,
-    /// Compute in f64 instead of f32.
+    /// Computes in f64 (default f32, as training does).
+    #[arg(long)]
     pub f64: bool,
-    /// Zero-based epoch the loss sees.
+    /// The zero-based epoch the strategy sees (warm-ups, schedules).
+    #[arg(long, default_value_t = 0)]
     pub epoch: usize,
-    /// Training-set size the strategy is told.
+    /// The training-set size the strategy is told (default: the batch size).
+    #[arg(long)]
     pub train_samples: Option<usize>,
-    /// Steps taken on the same tensors before the one reported.
+    /// Steps (loss, then end_step) on the same tensors before the one reported.
+    #[arg(long, default_value_t = 0)]
     pub warmup_steps: usize,
 }
 

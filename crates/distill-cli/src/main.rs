@@ -48,32 +48,7 @@ enum Command {
     /// Evaluates one strategy on the tensors of a safetensors file (`s_logits`, `t_logits`,
     /// `targets`, `s_feat`, `t_feat`, `s_emb`, `t_emb`, `s.<feature>`, `t.<feature>`,
     /// `indices`, `var.<variable>`) and prints every loss term as JSON.
-    Loss {
-        /// Registered strategy name.
-        strategy: String,
-        /// The safetensors file.
-        #[arg(long)]
-        inputs: PathBuf,
-        /// A configuration key (repeatable): `--set alpha=0.5`; the value is read as JSON
-        /// when it parses, else as a string; dotted keys nest.
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        sets: Vec<String>,
-        /// Writes d total / d each student tensor here (safetensors, named like the inputs).
-        #[arg(long)]
-        grad: Option<PathBuf>,
-        /// Computes in f64 (default f32, as training does).
-        #[arg(long)]
-        f64: bool,
-        /// The zero-based epoch the strategy sees (warm-ups, schedules).
-        #[arg(long, default_value_t = 0)]
-        epoch: usize,
-        /// The training-set size the strategy is told (default: the batch size).
-        #[arg(long)]
-        train_samples: Option<usize>,
-        /// Steps (loss, then end_step) on the same tensors before the one reported.
-        #[arg(long, default_value_t = 0)]
-        warmup_steps: usize,
-    },
+    Loss(loss::LossArgs),
     /// Collects the job records of an experiment folder into runs.parquet and metrics.parquet
     /// and prints the summary.
     Report {
@@ -118,28 +93,7 @@ fn main() -> Result<()> {
         Command::RunJob { job } => run(&host, &job),
         Command::Check { plan } => check_plan(&host, &plan),
         Command::Report { dir, git_revision } => report(&dir, &git_revision),
-        Command::Loss {
-            strategy,
-            inputs,
-            sets,
-            grad,
-            f64,
-            epoch,
-            train_samples,
-            warmup_steps,
-        } => loss::run(
-            host.registrar(),
-            &loss::LossArgs {
-                strategy,
-                inputs,
-                sets,
-                grad,
-                f64,
-                epoch,
-                train_samples,
-                warmup_steps,
-            },
-        ),
+        Command::Loss(args) => loss::run(host.registrar(), &args),
     }
 }
 

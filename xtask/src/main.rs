@@ -103,7 +103,7 @@ fn main() -> Result<()> {
         }
         Task::Report { dir } => {
             build_workspace()?;
-            report(&dir)
+            report(&distill()?, &dir)
         }
     }
 }
@@ -168,11 +168,11 @@ fn run_experiment(
         "ran {} jobs, skipped {} finished, {} failed",
         counts.ran, counts.skipped, counts.failed
     );
-    report(&out)
+    report(&distill, &out)
 }
 
-fn report(dir: &Path) -> Result<()> {
-    run(Command::new(distill()?)
+fn report(distill: &Path, dir: &Path) -> Result<()> {
+    run(Command::new(distill)
         .arg("report")
         .arg(dir)
         .arg("--git-revision")

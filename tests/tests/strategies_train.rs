@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use distill_engine::train::{
-    FitInputs, Outcome, StopReason, Supervised, TeacherSignal, TrainConfig, fit,
+    FitInputs, Outcome, StopReason, Supervised, TeacherSource, TrainConfig, fit,
 };
 use distill_host::PluginHost;
 use distill_rt::candle::{DType, Device};
@@ -15,6 +15,7 @@ use distill_rt::candle_nn::VarMap;
 use distill_rt::init::seeded_var_builder;
 use distill_rt::model::PENULTIMATE;
 use distill_rt::serde_json::json;
+use distill_rt::strategy::combine_teachers;
 use distill_rt::testing::{check_gradient_coverage, named_vars};
 use distill_rt::{ModelContext, Result, Split, StrategyContext};
 use distill_tests::plugin_path;
@@ -31,7 +32,7 @@ fn train_alone(
             dataset: data,
             model,
             strategy: &mut Supervised,
-            teacher: TeacherSignal::None,
+            teachers: Vec::new(),
             vars: named_vars(vars).into_iter().map(|(_, v)| v).collect(),
             teacher_metric: None,
             seed: 0,
@@ -123,15 +124,20 @@ fn every_strategy_trains_a_student_without_nan() -> Result<()> {
         .map(|e| e.name)
         .collect();
     assert!(strategies.len() >= 5, "{strategies:?}");
-    // One trained teacher per family, so that its logits and relations carry the labels.
-    let mut teachers: BTreeMap<&str, Box<dyn distill_rt::Model>> = BTreeMap::new();
+    // Trained teachers per family (seed 0, and seed 1 for the second of several), so that their
+    // logits and relations carry the labels.
+    let mut teachers: BTreeMap<(&str, u64), Box<dyn distill_rt::Model>> = BTreeMap::new();
     for name in strategies {
         let (pair, strategy_config) = pair_for(&name);
-        if !teachers.contains_key(pair.model) {
+        let count = if name == "multi-teacher" { 2 } else { 1 };
+        for index in 0..count {
+            if teachers.contains_key(&(pair.model, index)) {
+                continue;
+            }
             let teacher_vars = VarMap::new();
             let teacher = r
                 .get_model(pair.model)?
-                .build(&pair.teacher, context(&teacher_vars, 0))?;
+                .build(&pair.teacher, context(&teacher_vars, index))?;
             let trained = train_alone(data.as_ref(), teacher.as_ref(), &teacher_vars, &config)?;
             assert_eq!(trained.stop, StopReason::Completed);
             let teacher_accuracy = accuracy(&trained);
@@ -140,12 +146,21 @@ fn every_strategy_trains_a_student_without_nan() -> Result<()> {
                 "{} teacher accuracy {teacher_accuracy}",
                 pair.model
             );
-            teachers.insert(pair.model, teacher);
+            teachers.insert((pair.model, index), teacher);
         }
-        let teacher = teachers
-            .get(pair.model)
-            .ok_or_else(|| distill_rt::Error::Invalid("no teacher".into()))?;
-        let teacher_features = shapes(&teacher.forward(&probe.inputs, false)?);
+        let family = (0..count)
+            .map(|i| {
+                teachers
+                    .get(&(pair.model, i))
+                    .map(|t| t.as_ref())
+                    .ok_or_else(|| distill_rt::Error::Invalid("no teacher".into()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let outputs = family
+            .iter()
+            .map(|t| t.forward(&probe.inputs, false))
+            .collect::<Result<Vec<_>>>()?;
+        let teacher_features = shapes(&combine_teachers(outputs)?);
         let varmap = VarMap::new();
         let student = r
             .get_model(pair.model)?
@@ -174,7 +189,7 @@ fn every_strategy_trains_a_student_without_nan() -> Result<()> {
                 dataset: data.as_ref(),
                 model: student.as_ref(),
                 strategy: strategy.as_mut(),
-                teacher: TeacherSignal::Live(teacher.as_ref()),
+                teachers: family.iter().map(|t| TeacherSource::Live(*t)).collect(),
                 vars,
                 teacher_metric: None,
                 seed: 0,
@@ -276,7 +291,7 @@ fn ranking_strategies_train_a_recommender_and_reach_every_variable() -> Result<(
                     dataset: data.as_ref(),
                     model: student.as_ref(),
                     strategy: strategy.as_mut(),
-                    teacher: TeacherSignal::Live(teacher.as_ref()),
+                    teachers: vec![TeacherSource::Live(teacher.as_ref())],
                     vars: named_vars(&varmap).into_iter().map(|(_, v)| v).collect(),
                     teacher_metric: None,
                     seed: 0,

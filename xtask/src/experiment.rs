@@ -73,6 +73,14 @@ pub struct TeacherEntry {
     /// Teacher features to cache besides logits (default: `penultimate`).
     #[serde(default)]
     pub cache_features: Option<Vec<String>>,
+    /// Whether it teaches every strategy entry in turn (default); `false` for a teacher that only
+    /// the strategy entries naming it in their `teachers` use.
+    #[serde(default = "yes")]
+    pub in_grid: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// `[[students]]`.
@@ -105,6 +113,10 @@ pub struct StrategyEntry {
     /// student's own architecture trained alone teaches generation 1, which teaches 2, ...
     #[serde(default)]
     pub generations: Option<usize>,
+    /// The teachers (indices into `[[teachers]]`) that teach this entry's jobs together, instead of
+    /// each teacher of the grid in turn; the strategy receives their outputs combined.
+    #[serde(default)]
+    pub teachers: Option<Vec<usize>>,
 }
 
 /// Reads `path`, then `DISTILL_*` variables (`DISTILL_TRAIN__EPOCHS=2`; `DISTILL_LOG` and
@@ -200,6 +212,33 @@ fn validate(path: &Path, x: &Experiment) -> Result<()> {
                 "{file}: key `strategies[{i}].generations`: must be at least 1"
             ));
         }
+        if let Some(list) = &s.teachers {
+            let key = format!("{file}: key `strategies[{i}].teachers`");
+            if list.is_empty() {
+                problems.push(format!(
+                    "{key}: empty; leave it out for each teacher in turn"
+                ));
+            }
+            if s.generations.is_some() {
+                problems.push(format!(
+                    "{key}: a born-again chain (`generations`) makes its own teachers"
+                ));
+            }
+            for &t in list {
+                if t >= x.teachers.len() {
+                    problems.push(format!(
+                        "{key}: no teacher {t}: the file has {} [[teachers]] (indices from 0)",
+                        x.teachers.len()
+                    ));
+                }
+            }
+            let mut unique = list.clone();
+            unique.sort_unstable();
+            unique.dedup();
+            if unique.len() != list.len() {
+                problems.push(format!("{key}: names a teacher twice"));
+            }
+        }
         for (k, values) in &s.grid {
             if values.is_empty() {
                 problems.push(format!(
@@ -291,5 +330,10 @@ name = "baseline"
         assert!(e.contains("key `seeds`"), "{e}");
         let e = err(&GOOD.replace("seeds = [0, 1]", "seeds = []"));
         assert!(e.contains("key `seeds`") && e.contains("no runs"), "{e}");
+        let e = err(&GOOD.replace("name = \"baseline\"", "name = \"kd\"\nteachers = [0, 2]"));
+        assert!(
+            e.contains("key `strategies[0].teachers`") && e.contains("no teacher 0"),
+            "{e}"
+        );
     }
 }

@@ -18,8 +18,8 @@ pub struct PlannedJob {
     pub id: String,
     /// The job file's content (the engine's `JobSpec`).
     pub spec: Value,
-    /// The teacher job it waits for.
-    pub depends_on: Option<String>,
+    /// The teacher jobs it waits for.
+    pub depends_on: Vec<String>,
     /// Where in the experiment file each part comes from (`dataset` -> `datasets[0]`), so that
     /// `distill check` can name the key of a bad value.
     pub origin: BTreeMap<String, String>,
@@ -98,7 +98,7 @@ impl Jobs<'_> {
         &mut self,
         content: &Value,
         job: Value,
-        depends_on: Option<String>,
+        depends_on: Vec<String>,
         origin: BTreeMap<String, String>,
         label: String,
     ) -> (String, PathBuf) {
@@ -124,30 +124,47 @@ impl Jobs<'_> {
         origin: BTreeMap<String, String>,
         label: String,
     ) -> (String, PathBuf) {
-        self.push(&job, job.clone(), None, origin, label)
+        self.push(&job, job.clone(), Vec::new(), origin, label)
     }
 
-    /// Adds a student job taught by `teacher` (its id, model component and folder): the id is
-    /// hashed into the content, the folder written into the spec, and the job waits for it.
+    /// Adds a student job taught by `teachers` (each one's id, model component and folder): the
+    /// ids are hashed into the content (`teacher`: null, one, or a list for several), the
+    /// folders written into the spec, and the job waits for them.
     fn student(
         &mut self,
         mut content: Value,
-        teacher: Option<(&str, &Value, &Path)>,
+        teachers: &[&TeacherJob],
         origin: BTreeMap<String, String>,
         label: String,
     ) -> (String, PathBuf) {
-        content["teacher"] = teacher.map_or(
-            Value::Null,
-            |(id, model, _)| json!({"model": model, "id": id}),
-        );
+        let hashed: Vec<Value> = teachers
+            .iter()
+            .map(|t| json!({"model": t.model, "id": t.id}))
+            .collect();
+        content["teacher"] = match hashed.as_slice() {
+            [] => Value::Null,
+            [one] => one.clone(),
+            _ => Value::Array(hashed),
+        };
         let mut job = content.clone();
-        job["teacher"] = teacher.map_or(
-            Value::Null,
-            |(_, model, dir)| json!({"model": model, "dir": dir}),
-        );
-        let depends_on = teacher.map(|(id, _, _)| id.to_string());
+        if let Some(o) = job.as_object_mut() {
+            o.remove("teacher");
+        }
+        job["teachers"] = teachers
+            .iter()
+            .map(|t| json!({"model": t.model, "dir": t.dir}))
+            .collect();
+        let depends_on = teachers.iter().map(|t| t.id.clone()).collect();
         self.push(&content, job, depends_on, origin, label)
     }
+}
+
+/// A planned teacher job, as its students refer to it.
+struct TeacherJob {
+    id: String,
+    /// Its model component.
+    model: Value,
+    dir: PathBuf,
 }
 
 /// Which key of the experiment file each part of a job comes from.
@@ -166,8 +183,8 @@ pub fn plan(x: &Experiment, name: &str, out: &Path) -> Vec<PlannedJob> {
         list: Vec::new(),
     };
     let shared_train = table(&x.train);
-    // (dataset index, teacher index) -> (teacher id, model component, folder)
-    let mut teachers: BTreeMap<(usize, usize), (String, Value, PathBuf)> = BTreeMap::new();
+    // (dataset index, teacher index) -> the teacher job
+    let mut teachers: BTreeMap<(usize, usize), TeacherJob> = BTreeMap::new();
     for (di, d) in x.datasets.iter().enumerate() {
         let dataset = json!({"name": d.name, "config": table(&d.config)});
         for (ti, t) in x.teachers.iter().enumerate() {
@@ -191,29 +208,39 @@ pub fn plan(x: &Experiment, name: &str, out: &Path) -> Vec<PlannedJob> {
             ]);
             let label = format!("teacher {} on {}", t.model, d.name);
             let (id, dir) = jobs.teacher(job, origin, label);
-            teachers.insert((di, ti), (id, model, dir));
+            teachers.insert((di, ti), TeacherJob { id, model, dir });
         }
     }
+    // Each teacher of the grid in turn, or none when the grid has none.
+    let in_grid: Vec<Vec<usize>> = match x
+        .teachers
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| t.in_grid)
+        .map(|(ti, _)| vec![ti])
+        .collect::<Vec<_>>()
+    {
+        none if none.is_empty() => vec![Vec::new()],
+        each => each,
+    };
     for (di, d) in x.datasets.iter().enumerate() {
         let dataset = json!({"name": d.name, "config": table(&d.config)});
-        let teacher_choices: Vec<Option<usize>> = if x.teachers.is_empty() {
-            vec![None]
-        } else {
-            (0..x.teachers.len()).map(Some).collect()
-        };
-        for ti in teacher_choices {
-            for (si, s) in x.students.iter().enumerate() {
-                for (ki, k) in x.strategies.iter().enumerate() {
-                    if k.generations.is_some() {
-                        continue; // a born-again chain, planned below
-                    }
+        for (si, s) in x.students.iter().enumerate() {
+            for (ki, k) in x.strategies.iter().enumerate() {
+                if k.generations.is_some() {
+                    continue; // a born-again chain, planned below
+                }
+                let teacher_sets = match &k.teachers {
+                    Some(together) => vec![together.clone()],
+                    None => in_grid.clone(),
+                };
+                for set in teacher_sets {
+                    let taught_by: Vec<&TeacherJob> =
+                        set.iter().map(|ti| &teachers[&(di, *ti)]).collect();
                     for point in grid_points(&k.grid) {
                         let strategy =
                             json!({"name": k.name, "config": merge(&table(&k.config), &point)});
                         for &seed in &x.seeds {
-                            let teacher = ti
-                                .map(|ti| &teachers[&(di, ti)])
-                                .map(|(id, model, dir)| (id.as_str(), model, dir.as_path()));
                             let content = json!({
                                 "kind": "student",
                                 "dataset": dataset,
@@ -231,8 +258,17 @@ pub fn plan(x: &Experiment, name: &str, out: &Path) -> Vec<PlannedJob> {
                                     train_origin(&s.train, &format!("students[{si}].train")),
                                 ),
                             ]);
-                            if let Some(ti) = ti {
-                                origin.insert("teacher".into(), format!("teachers[{ti}]"));
+                            match set.as_slice() {
+                                [] => {}
+                                [ti] => {
+                                    origin.insert("teacher".into(), format!("teachers[{ti}]"));
+                                }
+                                _ => {
+                                    origin.insert(
+                                        "teacher".into(),
+                                        format!("strategies[{ki}].teachers"),
+                                    );
+                                }
                             }
                             let point_text = if point.as_object().is_some_and(|o| o.is_empty()) {
                                 String::new()
@@ -243,7 +279,7 @@ pub fn plan(x: &Experiment, name: &str, out: &Path) -> Vec<PlannedJob> {
                                 "{} <- {}{point_text} seed {seed} on {}",
                                 s.model, k.name, d.name
                             );
-                            jobs.student(content, teacher, origin, label);
+                            jobs.student(content, &taught_by, origin, label);
                         }
                     }
                 }
@@ -288,7 +324,12 @@ fn plan_chains(x: &Experiment, shared_train: &Value, jobs: &mut Jobs<'_>) {
                         ]);
                         let label =
                             format!("born-again teacher {} seed {seed} on {}", s.model, d.name);
-                        let mut previous = jobs.teacher(first, origin, label);
+                        let (id, dir) = jobs.teacher(first, origin, label);
+                        let mut previous = TeacherJob {
+                            id,
+                            model: model.clone(),
+                            dir,
+                        };
                         for generation in 1..=generations {
                             let content = json!({
                                 "kind": "student",
@@ -310,8 +351,12 @@ fn plan_chains(x: &Experiment, shared_train: &Value, jobs: &mut Jobs<'_>) {
                                 "{} <- {} generation {generation} seed {seed} on {}",
                                 s.model, k.name, d.name
                             );
-                            let teacher = (previous.0.as_str(), &model, previous.1.as_path());
-                            previous = jobs.student(content, Some(teacher), origin, label);
+                            let (id, dir) = jobs.student(content, &[&previous], origin, label);
+                            previous = TeacherJob {
+                                id,
+                                model: model.clone(),
+                                dir,
+                            };
                         }
                     }
                 }
@@ -345,6 +390,54 @@ mod tests {
         assert_eq!(points.len(), 4);
         assert!(points.contains(&json!({"a": 2, "b": "y"})));
         assert_eq!(grid_points(&BTreeMap::new()), vec![json!({})]);
+    }
+
+    #[test]
+    fn teachers_named_on_an_entry_teach_together() -> anyhow::Result<()> {
+        let path = std::env::temp_dir().join(format!("xtask-plan-{}.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            r#"
+seeds = [0, 1]
+[[datasets]]
+name = "vision.synthetic"
+[[teachers]]
+model = "vision.resnet"
+[[teachers]]
+model = "vision.mlp"
+in_grid = false
+[[students]]
+model = "vision.mlp"
+[[strategies]]
+name = "kd"
+[[strategies]]
+name = "multi-teacher"
+teachers = [0, 1]
+"#,
+        )?;
+        let (x, name) = crate::experiment::load(&path, &[])?;
+        let jobs = plan(&x, &name, Path::new("/out"));
+        let _ = std::fs::remove_file(&path);
+        let (t0, t1) = (&jobs[0].id, &jobs[1].id);
+        // The second teacher only teaches the entry that names it.
+        let kd: Vec<&PlannedJob> = jobs
+            .iter()
+            .filter(|j| j.spec["job"]["strategy"]["name"] == "kd")
+            .collect();
+        assert_eq!(kd.len(), 2);
+        assert!(kd.iter().all(|j| j.depends_on == [t0.clone()]));
+        let multi: Vec<&PlannedJob> = jobs
+            .iter()
+            .filter(|j| j.spec["job"]["strategy"]["name"] == "multi-teacher")
+            .collect();
+        assert_eq!((jobs.len(), multi.len()), (6, 2));
+        for j in multi {
+            assert_eq!(j.depends_on, [t0.clone(), t1.clone()]);
+            let teachers = j.spec["job"]["teachers"].as_array().map_or(0, Vec::len);
+            assert_eq!(teachers, 2);
+            assert_eq!(j.origin["teacher"], "strategies[1].teachers");
+        }
+        Ok(())
     }
 
     #[test]

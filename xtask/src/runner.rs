@@ -134,8 +134,8 @@ pub fn run(plan: &[PlannedJob], opts: &RunOptions) -> Result<RunCounts> {
             .filter(|j| state[j.id.as_str()].is_none() && !running.contains_key(j.id.as_str()))
             .filter(|j| {
                 j.depends_on
-                    .as_ref()
-                    .is_none_or(|d| state.get(d.as_str()).is_some_and(Option::is_some))
+                    .iter()
+                    .all(|d| state.get(d.as_str()).is_some_and(Option::is_some))
             })
             .count();
         let sharing = opts.jobs.min(running.len() + ready).max(1);
@@ -148,18 +148,20 @@ pub fn run(plan: &[PlannedJob], opts: &RunOptions) -> Result<RunCounts> {
             if state[job.id.as_str()].is_some() || running.contains_key(job.id.as_str()) {
                 continue;
             }
-            if let Some(dep) = &job.depends_on {
-                match state.get(dep.as_str()).cloned().flatten() {
-                    None => continue,
-                    Some(s) if s != "ok" => {
-                        write_failed(&job.dir, &format!("its teacher job {dep} ended as {s}"))?;
-                        state.insert(&job.id, Some("failed".into()));
-                        counts.failed += 1;
-                        bar.inc(1);
-                        continue;
-                    }
-                    Some(_) => {}
-                }
+            let deps: Vec<(&String, Option<String>)> = job
+                .depends_on
+                .iter()
+                .map(|d| (d, state.get(d.as_str()).cloned().flatten()))
+                .collect();
+            if deps.iter().any(|(_, s)| s.is_none()) {
+                continue;
+            }
+            if let Some((dep, Some(s))) = deps.iter().find(|(_, s)| s.as_deref() != Some("ok")) {
+                write_failed(&job.dir, &format!("its teacher job {dep} ended as {s}"))?;
+                state.insert(&job.id, Some("failed".into()));
+                counts.failed += 1;
+                bar.inc(1);
+                continue;
             }
             std::fs::create_dir_all(&job.dir)
                 .with_context(|| format!("creating {}", job.dir.display()))?;

@@ -10,6 +10,7 @@ use distill_engine::train::TrainConfig;
 use distill_rt::candle::{DType, Device};
 use distill_rt::candle_nn::VarMap;
 use distill_rt::init::seeded_var_builder;
+use distill_rt::strategy::combine_teachers;
 use distill_rt::{Config, Dataset, Error, ModelContext, Registrar, Split, StrategyContext, config};
 use serde::Deserialize;
 
@@ -74,19 +75,19 @@ pub fn check(registrar: &Registrar, plan: &Plan) -> Vec<String> {
                 continue;
             }
         };
-        let (dataset, model, strategy, teacher) = match &spec.job {
-            Job::Teacher { dataset, model, .. } => (dataset, model, None, None),
+        let (dataset, model, strategy, teachers) = match &spec.job {
+            Job::Teacher { dataset, model, .. } => (dataset, model, None, Vec::new()),
             Job::Student {
                 dataset,
                 model,
                 strategy,
-                teacher,
+                teachers,
                 ..
             } => (
                 dataset,
                 model,
                 Some(strategy),
-                teacher.as_ref().map(|t| &t.model),
+                teachers.iter().map(|t| &t.model).collect(),
             ),
         };
         let key = format!("{}{}", dataset.name, dataset.config);
@@ -116,7 +117,11 @@ pub fn check(registrar: &Registrar, plan: &Plan) -> Vec<String> {
             }
         };
         let Some(strategy) = strategy else { continue };
-        let teacher_model = match teacher.map(&build).transpose() {
+        let teacher_models = match teachers
+            .into_iter()
+            .map(&build)
+            .collect::<Result<Vec<_>, _>>()
+        {
             Ok(t) => t,
             Err(e) => {
                 problems.insert(locate(file, origin, "teacher", &e));
@@ -126,18 +131,21 @@ pub fn check(registrar: &Registrar, plan: &Plan) -> Vec<String> {
         let probe = (|| -> distill_rt::Result<_> {
             let n = data.info().len(Split::Train);
             let batch = data.batch(Split::Train, &[0, 1.min(n.saturating_sub(1))], &device)?;
-            let shapes =
-                |m: &dyn distill_rt::Model| -> distill_rt::Result<BTreeMap<String, Vec<usize>>> {
-                    Ok(m.forward(&batch.inputs, false)?
-                        .features
-                        .iter()
-                        .map(|(k, v)| (k.clone(), v.dims()[1..].to_vec()))
-                        .collect())
-                };
-            let s = shapes(&*student.0)?;
-            let t = match &teacher_model {
-                Some((m, _)) => shapes(&**m)?,
-                None => BTreeMap::new(),
+            let shapes = |out: distill_rt::ModelOutput| -> BTreeMap<String, Vec<usize>> {
+                out.features
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.dims()[1..].to_vec()))
+                    .collect()
+            };
+            let s = shapes(student.0.forward(&batch.inputs, false)?);
+            let t = if teacher_models.is_empty() {
+                BTreeMap::new()
+            } else {
+                let outputs = teacher_models
+                    .iter()
+                    .map(|(m, _)| m.forward(&batch.inputs, false))
+                    .collect::<distill_rt::Result<Vec<_>>>()?;
+                shapes(combine_teachers(outputs)?)
             };
             Ok((s, t))
         })();
@@ -161,7 +169,7 @@ pub fn check(registrar: &Registrar, plan: &Plan) -> Vec<String> {
             .get_strategy(&strategy.name)
             .and_then(|f| f.build(&strategy.config, ctx))
         {
-            Ok(s) if s.teacher_needs().teacher && teacher.is_none() => {
+            Ok(s) if s.teacher_needs().teacher && teacher_models.is_empty() => {
                 problems.insert(format!(
                     "{file}: key `{}`: strategy `{}` needs a teacher; add a [[teachers]] entry",
                     origin.get("strategy").map_or("strategies", String::as_str),

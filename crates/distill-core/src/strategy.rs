@@ -47,6 +47,79 @@ impl TeacherNeeds {
     }
 }
 
+impl TeacherNeeds {
+    /// The features teacher `i` of `teachers` must provide: all of them for a single teacher;
+    /// with several, those named under its prefix ([`teacher_prefix`]), without the prefix and
+    /// without `logits` (always there).
+    pub fn of_teacher(&self, i: usize, teachers: usize) -> Vec<String> {
+        if teachers <= 1 {
+            return self.features.clone();
+        }
+        let prefix = teacher_prefix(i);
+        self.features
+            .iter()
+            .filter_map(|f| f.strip_prefix(&prefix))
+            .filter(|f| *f != TEACHER_LOGITS)
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// The feature name of a teacher's logits in a combined output (`teacher0.logits`).
+pub const TEACHER_LOGITS: &str = "logits";
+
+/// Prefix of teacher `i`'s outputs when several teachers teach one student: `teacher<i>.`.
+pub fn teacher_prefix(i: usize) -> String {
+    format!("teacher{i}.")
+}
+
+/// Several teachers' outputs as the one output a strategy receives. One teacher's output passes
+/// unchanged. With several, the logits are the teachers' mean (so a single-teacher logit
+/// strategy such as `kd` learns from the plain ensemble), and each teacher's logits and features
+/// appear as features under its prefix: `teacher0.logits`, `teacher1.penultimate`, ...
+pub fn combine_teachers(mut outputs: Vec<ModelOutput>) -> Result<ModelOutput> {
+    if outputs.len() <= 1 {
+        return outputs
+            .pop()
+            .ok_or_else(|| Error::Invalid("no teacher output to combine".into()));
+    }
+    let n = outputs.len() as f64;
+    let mut sum = outputs[0].logits.zeros_like()?;
+    let mut features = crate::TensorMap::new();
+    for (i, out) in outputs.into_iter().enumerate() {
+        if out.logits.dims() != sum.dims() {
+            return Err(Error::Invalid(format!(
+                "teacher {i}'s logits are {:?}, teacher 0's {:?}: teachers that teach together must score the same classes",
+                out.logits.dims(),
+                sum.dims()
+            )));
+        }
+        sum = (sum + &out.logits)?;
+        let prefix = teacher_prefix(i);
+        features.insert(format!("{prefix}{TEACHER_LOGITS}"), out.logits);
+        for (name, t) in out.features {
+            features.insert(format!("{prefix}{name}"), t);
+        }
+    }
+    Ok(ModelOutput {
+        logits: (sum / n)?,
+        features,
+    })
+}
+
+/// How many teachers a combined output's features (or their shapes) come from: the number of
+/// `teacher<i>.logits` entries, 0 for a single teacher's own output.
+pub fn teacher_count<'a>(names: impl IntoIterator<Item = &'a String>) -> usize {
+    names
+        .into_iter()
+        .filter(|k| {
+            k.strip_prefix("teacher")
+                .and_then(|r| r.strip_suffix(&format!(".{TEACHER_LOGITS}")))
+                .is_some_and(|i| i.parse::<usize>().is_ok())
+        })
+        .count()
+}
+
 /// Named loss terms of one batch: the total that is minimised and its components, all logged.
 #[derive(Clone, Debug)]
 pub struct LossTerms {
@@ -137,6 +210,25 @@ pub fn feature<'a>(
         })
 }
 
+/// The shape of feature `name` in a factory's `shapes` ([`StrategyContext`]), or an error
+/// naming the strategy and what exists.
+pub fn feature_shape<'a>(
+    owner: &str,
+    side: &'static str,
+    shapes: &'a BTreeMap<String, Vec<usize>>,
+    name: &str,
+) -> Result<&'a [usize]> {
+    shapes
+        .get(name)
+        .map(Vec::as_slice)
+        .ok_or_else(|| Error::MissingFeature {
+            owner: owner.to_string(),
+            side,
+            name: name.to_string(),
+            available: shapes.keys().cloned().collect::<Vec<_>>().join(", "),
+        })
+}
+
 /// The teacher output, or an error saying the strategy needs one.
 pub fn require_teacher<'a>(
     owner: &str,
@@ -147,4 +239,67 @@ pub fn require_teacher<'a>(
             "{owner} needs a teacher output, but none was given"
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn output(logits: &[f32], feature: f32) -> Result<ModelOutput> {
+        let dev = Device::Cpu;
+        Ok(ModelOutput {
+            logits: Tensor::new(logits, &dev)?.reshape((1, logits.len()))?,
+            features: crate::TensorMap::from([(
+                "penultimate".to_string(),
+                Tensor::new(&[[feature]], &dev)?,
+            )]),
+        })
+    }
+
+    #[test]
+    fn several_teachers_combine_under_prefixes_with_mean_logits() -> Result<()> {
+        let combined =
+            combine_teachers(vec![output(&[1.0, 3.0], 5.0)?, output(&[3.0, -1.0], 7.0)?])?;
+        assert_eq!(combined.logits.to_vec2::<f32>()?, [[2.0, 1.0]]);
+        let names: Vec<&str> = combined.features.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "teacher0.logits",
+                "teacher0.penultimate",
+                "teacher1.logits",
+                "teacher1.penultimate"
+            ]
+        );
+        assert_eq!(
+            combined.features["teacher1.logits"].to_vec2::<f32>()?,
+            [[3.0, -1.0]]
+        );
+        assert_eq!(
+            combined.features["teacher1.penultimate"].to_vec2::<f32>()?,
+            [[7.0]]
+        );
+        assert_eq!(teacher_count(combined.features.keys()), 2);
+
+        let single = combine_teachers(vec![output(&[1.0, 3.0], 5.0)?])?;
+        assert_eq!(single.logits.to_vec2::<f32>()?, [[1.0, 3.0]]);
+        assert_eq!(teacher_count(single.features.keys()), 0);
+
+        let err = combine_teachers(vec![output(&[1.0, 3.0], 5.0)?, output(&[1.0], 5.0)?]);
+        assert!(err.is_err_and(|e| e.to_string().contains("same classes")));
+        Ok(())
+    }
+
+    #[test]
+    fn each_teacher_is_asked_for_its_own_features() {
+        let needs = TeacherNeeds::features(vec![
+            "teacher0.penultimate".into(),
+            "teacher1.logits".into(),
+            "teacher1.stage3".into(),
+        ]);
+        assert_eq!(needs.of_teacher(0, 2), ["penultimate"]);
+        assert_eq!(needs.of_teacher(1, 2), ["stage3"]);
+        assert_eq!(needs.of_teacher(0, 1), needs.features);
+    }
 }

@@ -10,6 +10,7 @@ use distill_rt::candle::{DType, Device, Tensor, Var};
 use distill_rt::candle_nn::VarMap;
 use distill_rt::init::seeded_var_builder;
 use distill_rt::serde::{Deserialize, Serialize};
+use distill_rt::strategy::combine_teachers;
 use distill_rt::testing::{named_vars, split_frozen};
 use distill_rt::{
     Config, Dataset, Error, Model, ModelContext, Registrar, Result, Split, StrategyContext,
@@ -18,7 +19,7 @@ use distill_rt::{
 
 use crate::cache::TeacherCache;
 use crate::train::{
-    EpochRecord, FitInputs, StopReason, Supervised, TeacherSignal, TrainConfig, evaluate, fit,
+    EpochRecord, FitInputs, StopReason, Supervised, TeacherSource, TrainConfig, evaluate, fit,
 };
 
 /// A registered name with its configuration table.
@@ -75,8 +76,10 @@ pub enum Job {
         model: Component,
         /// The strategy.
         strategy: Component,
-        /// The teacher, when the strategy uses one.
-        teacher: Option<TeacherInput>,
+        /// The teachers: none, one, or several that teach together (the strategy receives
+        /// their outputs combined, [`distill_rt::strategy::combine_teachers`]).
+        #[serde(default)]
+        teachers: Vec<TeacherInput>,
         /// How to train.
         train: TrainConfig,
         /// Seed of initialisation and shuffling.
@@ -130,7 +133,7 @@ pub struct JobRecord {
     pub model: String,
     /// Strategy name (student jobs).
     pub strategy: Option<String>,
-    /// Teacher model name (student jobs with a teacher).
+    /// Teacher model name (student jobs with a teacher; several joined by ` + `).
     pub teacher: Option<String>,
     /// The resolved configuration: dataset, model, strategy and train tables.
     pub params: serde_json::Value,
@@ -152,13 +155,14 @@ pub struct JobRecord {
     pub best_validation: Option<f64>,
     /// The epoch of `best_validation`.
     pub best_epoch: Option<usize>,
-    /// The teacher's test primary metric (`best_metric` of its job).
+    /// The teacher's test primary metric (`best_metric` of its job; the best of several).
     pub teacher_metric: Option<f64>,
-    /// Where the student's teacher outputs came from: `cache`, `live` or `none`.
+    /// Where the student's teacher outputs came from: `cache`, `live` or `none` (per teacher,
+    /// joined by ` + `, for several).
     pub teacher_outputs: Option<String>,
     /// Trainable and frozen parameters of the model.
     pub parameters: u64,
-    /// Parameters of the teacher.
+    /// Parameters of the teacher (of all teachers together, for several).
     pub teacher_parameters: Option<u64>,
     /// Multiply-accumulates of one forward pass per sample.
     pub flops_per_sample: u64,
@@ -230,7 +234,7 @@ pub fn empty_record(spec: &JobSpec) -> JobRecord {
             dataset,
             model,
             strategy,
-            teacher,
+            teachers,
             train,
             seed,
             generation,
@@ -239,11 +243,21 @@ pub fn empty_record(spec: &JobSpec) -> JobRecord {
             dataset,
             model,
             Some(strategy.name.clone()),
-            teacher.as_ref().map(|t| t.model.name.clone()),
+            (!teachers.is_empty()).then(|| {
+                teachers
+                    .iter()
+                    .map(|t| t.model.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" + ")
+            }),
             *seed,
             serde_json::json!({"dataset": dataset.config, "model": model.config, "strategy": strategy.config,
-                               "teacher": teacher.as_ref().map(|t| &t.model.config), "train": train,
-                               "generation": generation}),
+                               "teacher": match teachers.as_slice() {
+                                   [] => serde_json::Value::Null,
+                                   [t] => t.model.config.clone(),
+                                   several => several.iter().map(|t| t.model.config.clone()).collect(),
+                               },
+                               "train": train, "generation": generation}),
         ),
     };
     JobRecord {
@@ -347,6 +361,52 @@ fn latency_ms(model: &dyn Model, dataset: &dyn Dataset, device: &Device) -> Resu
     Ok(times[2])
 }
 
+/// The largest of the known values (several teachers: the strongest one's metric).
+fn best(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    values.flatten().reduce(f64::max)
+}
+
+/// A finished teacher job's model with its weights, and its record.
+fn load_teacher(
+    registrar: &Registrar,
+    t: &TeacherInput,
+    data: &dyn Dataset,
+    device: &Device,
+) -> Result<(Built, JobRecord)> {
+    let teacher_record = read_record(&t.dir)?;
+    if teacher_record.status != Status::Ok {
+        return Err(Error::Invalid(format!(
+            "teacher job {} ended as {:?}",
+            teacher_record.id, teacher_record.status
+        )));
+    }
+    let tb = build_model(registrar, &t.model, data, 0, device)?;
+    let path = t.dir.join(WEIGHTS_FILE);
+    tb.varmap
+        .clone()
+        .load(&path)
+        .map_err(|e| Error::data(&path, e.to_string()))?;
+    Ok((tb, teacher_record))
+}
+
+/// The teacher job's cache in `dir` when it holds `features` for all `n_train` training samples
+/// (a student that teaches the next born-again generation leaves weights and no cache).
+fn usable_cache(
+    dir: &Path,
+    features: &[String],
+    n_train: usize,
+    device: &Device,
+) -> Result<Option<TeacherCache>> {
+    let path = dir.join(CACHE_FILE);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let cache = TeacherCache::load(&path, device)?;
+    let probe = cache.outputs_for(&Tensor::new(&[0u32], device)?)?;
+    let has_all = features.iter().all(|f| probe.features.contains_key(f));
+    Ok((has_all && cache.samples()? == n_train).then_some(cache))
+}
+
 fn metric(metrics: &[(String, f64)], name: &str) -> Option<f64> {
     metrics.iter().find(|(k, _)| k == name).map(|(_, v)| *v)
 }
@@ -438,7 +498,7 @@ fn run_job_inner(
                         dataset: &*data,
                         model: &*built.model,
                         strategy: &mut Supervised,
-                        teacher: TeacherSignal::None,
+                        teachers: Vec::new(),
                         vars: trainable.into_iter().map(|(_, v)| v).collect(),
                         teacher_metric: None,
                         seed: *seed,
@@ -468,7 +528,7 @@ fn run_job_inner(
             dataset,
             model,
             strategy,
-            teacher,
+            teachers,
             train,
             seed,
             ..
@@ -487,30 +547,23 @@ fn run_job_inner(
                     .collect()
             };
             let student_features = shapes(&built.model.forward(&probe_batch.inputs, false)?);
-            let teacher_model = match teacher {
-                Some(t) => {
-                    let teacher_record = read_record(&t.dir)?;
-                    if teacher_record.status != Status::Ok {
-                        return Err(Error::Invalid(format!(
-                            "teacher job {} ended as {:?}",
-                            teacher_record.id, teacher_record.status
-                        )));
-                    }
-                    record.teacher_metric = teacher_record.best_metric;
-                    record.teacher_parameters = Some(teacher_record.parameters);
-                    let tb = build_model(registrar, &t.model, &*data, 0, device)?;
-                    let path = t.dir.join(WEIGHTS_FILE);
-                    tb.varmap
-                        .clone()
-                        .load(&path)
-                        .map_err(|e| Error::data(&path, e.to_string()))?;
-                    Some((tb, teacher_record.best_validation))
-                }
-                None => None,
-            };
-            let teacher_features = match &teacher_model {
-                Some((tb, _)) => shapes(&tb.model.forward(&probe_batch.inputs, false)?),
-                None => BTreeMap::new(),
+            let teacher_models = teachers
+                .iter()
+                .map(|t| load_teacher(registrar, t, &*data, device))
+                .collect::<Result<Vec<_>>>()?;
+            if !teacher_models.is_empty() {
+                record.teacher_metric = best(teacher_models.iter().map(|(_, r)| r.best_metric));
+                record.teacher_parameters =
+                    Some(teacher_models.iter().map(|(_, r)| r.parameters).sum());
+            }
+            let teacher_features = if teacher_models.is_empty() {
+                BTreeMap::new()
+            } else {
+                let outputs = teacher_models
+                    .iter()
+                    .map(|(tb, _)| tb.model.forward(&probe_batch.inputs, false))
+                    .collect::<Result<Vec<_>>>()?;
+                shapes(&combine_teachers(outputs)?)
             };
             let strategy_vars = VarMap::new();
             let ctx = StrategyContext {
@@ -525,43 +578,50 @@ fn run_job_inner(
                 .get_strategy(&strategy.name)?
                 .build(&strategy.config, ctx)?;
             let needs = strat.teacher_needs();
-            if needs.teacher && teacher_model.is_none() {
+            if needs.teacher && teacher_models.is_empty() {
                 return Err(Error::Invalid(format!(
                     "strategy `{}` needs a teacher, and the job has none",
                     strategy.name
                 )));
             }
-            // A student that teaches the next born-again generation leaves weights, no cache.
-            let cache = match (&teacher, needs.teacher && !needs.live) {
-                (Some(t), true) if t.dir.join(CACHE_FILE).is_file() => {
-                    let cache = TeacherCache::load(&t.dir.join(CACHE_FILE), device)?;
-                    let probe = cache.outputs_for(&Tensor::new(&[0u32], device)?)?;
-                    let has_all = needs
-                        .features
-                        .iter()
-                        .all(|f| probe.features.contains_key(f));
-                    let n_train = data.info().len(Split::Train);
-                    if has_all && cache.samples()? == n_train {
-                        Some(cache)
+            let n_train = data.info().len(Split::Train);
+            let caches = teachers
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    if needs.teacher && !needs.live {
+                        usable_cache(
+                            &t.dir,
+                            &needs.of_teacher(i, teachers.len()),
+                            n_train,
+                            device,
+                        )
                     } else {
-                        None
+                        Ok(None)
                     }
-                }
-                _ => None,
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let sources: Vec<TeacherSource<'_>> = if needs.teacher {
+                teacher_models
+                    .iter()
+                    .zip(&caches)
+                    .map(|((tb, _), cache)| match cache {
+                        Some(c) => TeacherSource::Cached(c),
+                        None => TeacherSource::Live(&*tb.model),
+                    })
+                    .collect()
+            } else {
+                Vec::new()
             };
-            let signal = match (&cache, &teacher_model) {
-                (Some(c), _) => TeacherSignal::Cached(c),
-                (None, Some((tb, _))) if needs.teacher => TeacherSignal::Live(&*tb.model),
-                _ => TeacherSignal::None,
-            };
-            record.teacher_outputs = Some(
-                match signal {
-                    TeacherSignal::Cached(_) => "cache",
-                    TeacherSignal::Live(_) => "live",
-                    TeacherSignal::None => "none",
-                }
-                .into(),
-            );
+            record.teacher_outputs = Some(if sources.is_empty() {
+                "none".into()
+            } else {
+                sources
+                    .iter()
+                    .map(TeacherSource::name)
+                    .collect::<Vec<_>>()
+                    .join(" + ")
+            });
             let (trainable, _) =
                 split_frozen(named_vars(&built.varmap), &built.model.frozen_prefixes());
             let mut vars: Vec<Var> = trainable.into_iter().map(|(_, v)| v).collect();
@@ -570,9 +630,9 @@ fn run_job_inner(
                 dataset: &*data,
                 model: &*built.model,
                 strategy: &mut *strat,
-                teacher: signal,
+                teachers: sources,
                 vars,
-                teacher_metric: teacher_model.as_ref().and_then(|(_, v)| *v),
+                teacher_metric: best(teacher_models.iter().map(|(_, r)| r.best_validation)),
                 seed: *seed,
                 device,
             };
@@ -665,10 +725,10 @@ mod tests {
                 dataset: component("toy.blobs"),
                 model: component("toy.linear"),
                 strategy: component("toy.match"),
-                teacher: Some(TeacherInput {
+                teachers: vec![TeacherInput {
                     model: component("toy.mlp"),
                     dir: root.join("t1"),
-                }),
+                }],
                 train: train(),
                 seed: 0,
                 generation: None,
@@ -686,6 +746,39 @@ mod tests {
         // Same spec, same record values (determinism through the whole job).
         let again = run_job(&r, &student_spec, &Device::Cpu);
         assert_eq!(again.epochs, s.epochs);
+
+        // Two teachers together: a second, linear teacher; the strategy sees their mean logits.
+        let mut second = teacher_spec.clone();
+        second.id = "t2".into();
+        second.out_dir = root.join("t2");
+        if let Job::Teacher { model, seed, .. } = &mut second.job {
+            *model = component("toy.linear");
+            *seed = 1;
+        }
+        let t2 = run_job(&r, &second, &Device::Cpu);
+        assert_eq!((t2.status, t2.error.as_deref()), (Status::Ok, None));
+        write_json_atomic(&root.join("t2").join(RECORD_FILE), &t2)?;
+        let mut both = student_spec.clone();
+        both.out_dir = root.join("s2");
+        if let Job::Student { teachers, .. } = &mut both.job {
+            teachers.push(TeacherInput {
+                model: component("toy.linear"),
+                dir: root.join("t2"),
+            });
+        }
+        let s2 = run_job(&r, &both, &Device::Cpu);
+        assert_eq!((s2.status, s2.error.as_deref()), (Status::Ok, None));
+        assert_eq!(s2.teacher.as_deref(), Some("toy.mlp + toy.linear"));
+        assert_eq!(s2.teacher_outputs.as_deref(), Some("cache + cache"));
+        assert_eq!(s2.teacher_parameters, Some(t.parameters + t2.parameters));
+        assert_eq!(
+            s2.teacher_metric,
+            t.best_metric.zip(t2.best_metric).map(|(a, b)| a.max(b))
+        );
+        assert_ne!(
+            s2.epochs, s.epochs,
+            "the second teacher changes the matched logits"
+        );
         let _ = std::fs::remove_dir_all(&root);
         Ok(())
     }
@@ -701,7 +794,7 @@ mod tests {
                 dataset: component("toy.blobs"),
                 model: component("toy.linear"),
                 strategy: component("toy.match"),
-                teacher: None,
+                teachers: Vec::new(),
                 train: train(),
                 seed: 0,
                 generation: None,

@@ -8,6 +8,9 @@
 //! - `s_feat`, `t_feat`: the student's and teacher's `penultimate` feature (the default feature
 //!   of every standard strategy); `s_emb`, `t_emb`: their `embedding` feature;
 //!   `s.<name>`, `t.<name>`: any other named feature;
+//! - several teachers: `t0_logits`, `t0_feat`, `t0.<name>`, `t1_logits`, ... (instead of the
+//!   `t_` names), combined as the engine combines them (`teacher0.logits`, `teacher0.penultimate`,
+//!   ...; [`distill_rt::strategy::combine_teachers`]);
 //! - `indices`: the samples' indices in the training set (default `0..batch`);
 //! - `var.<name>`: a value for the strategy's own variable `<name>` (an adapter's weight).
 //!
@@ -18,7 +21,7 @@ use std::collections::BTreeMap;
 use distill_rt::candle::{DType, Device, Tensor, Var};
 use distill_rt::candle_nn::{VarBuilder, VarMap};
 use distill_rt::model::PENULTIMATE;
-use distill_rt::strategy::StepInfo;
+use distill_rt::strategy::{StepInfo, combine_teachers};
 use distill_rt::{
     Batch, Config, Error, ModelOutput, Registrar, Result, Strategy, StrategyContext, TensorMap,
 };
@@ -113,7 +116,25 @@ fn call(inputs: &TensorMap, dtype: DType) -> Result<Call> {
     let mut vars = BTreeMap::new();
     let student = side(inputs, "s", dtype, &mut vars)?
         .ok_or_else(|| Error::Invalid("the inputs have no `s_logits`".into()))?;
-    let teacher = side(inputs, "t", dtype, &mut BTreeMap::new())?;
+    let teacher = match side(inputs, "t", dtype, &mut BTreeMap::new())? {
+        Some(t) => Some(t),
+        None => {
+            let mut several = Vec::new();
+            while let Some(t) = side(
+                inputs,
+                &format!("t{}", several.len()),
+                dtype,
+                &mut BTreeMap::new(),
+            )? {
+                several.push(t);
+            }
+            if several.is_empty() {
+                None
+            } else {
+                Some(combine_teachers(several)?)
+            }
+        }
+    };
     let targets = inputs
         .get("targets")
         .ok_or_else(|| Error::Invalid("the inputs have no `targets`".into()))?;

@@ -7,7 +7,7 @@ use std::time::Instant;
 use distill_rt::candle::{DType, Device, Tensor, Var};
 use distill_rt::rng::Rng;
 use distill_rt::serde::{Deserialize, Serialize};
-use distill_rt::strategy::StepInfo;
+use distill_rt::strategy::{StepInfo, combine_teachers};
 use distill_rt::{
     Batch, Dataset, Error, LossTerms, Model, ModelOutput, Result, Split, Strategy, TeacherNeeds,
     ops, tracing,
@@ -126,14 +126,30 @@ pub struct Outcome {
     pub best_epoch: Option<usize>,
 }
 
-/// Where a student's teacher outputs come from.
-pub enum TeacherSignal<'a> {
-    /// No teacher (the strategy needs none).
-    None,
+/// Where one teacher's outputs come from.
+pub enum TeacherSource<'a> {
     /// Outputs computed once on the training split.
     Cached(&'a TeacherCache),
     /// The teacher runs on every batch.
     Live(&'a dyn Model),
+}
+
+impl TeacherSource<'_> {
+    /// `cache` or `live`, as job records name it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            TeacherSource::Cached(_) => "cache",
+            TeacherSource::Live(_) => "live",
+        }
+    }
+
+    /// The teacher's outputs for `batch`.
+    pub fn outputs(&self, batch: &Batch) -> Result<ModelOutput> {
+        match self {
+            TeacherSource::Cached(cache) => cache.outputs_for(&batch.indices),
+            TeacherSource::Live(t) => t.forward(&batch.inputs, false),
+        }
+    }
 }
 
 /// The task's label loss ([`ops::label_loss`]): how a teacher (or any model without a strategy)
@@ -167,8 +183,9 @@ pub struct FitInputs<'a> {
     pub model: &'a dyn Model,
     /// The loss.
     pub strategy: &'a mut dyn Strategy,
-    /// Teacher outputs for the strategy.
-    pub teacher: TeacherSignal<'a>,
+    /// The teachers whose outputs the strategy receives, combined when there are several
+    /// ([`combine_teachers`]); empty when the strategy needs none.
+    pub teachers: Vec<TeacherSource<'a>>,
     /// The variables the optimizer updates (the model's trainable ones and the strategy's).
     pub vars: Vec<Var>,
     /// The teacher's validation primary metric, for the gap rule.
@@ -216,7 +233,7 @@ pub fn fit(inputs: FitInputs<'_>, config: &TrainConfig) -> Result<Outcome> {
         dataset,
         model,
         strategy,
-        teacher,
+        teachers,
         vars,
         teacher_metric,
         seed,
@@ -249,10 +266,14 @@ pub fn fit(inputs: FitInputs<'_>, config: &TrainConfig) -> Result<Outcome> {
                 batch.targets = targets;
             }
             let student = model.forward(&batch.inputs, true)?;
-            let teacher_out = match &teacher {
-                TeacherSignal::None => None,
-                TeacherSignal::Cached(cache) => Some(cache.outputs_for(&batch.indices)?),
-                TeacherSignal::Live(t) => Some(t.forward(&batch.inputs, false)?),
+            let teacher_out = if teachers.is_empty() {
+                None
+            } else {
+                let outputs = teachers
+                    .iter()
+                    .map(|t| t.outputs(&batch))
+                    .collect::<Result<Vec<_>>>()?;
+                Some(combine_teachers(outputs)?)
             };
             let info = StepInfo {
                 epoch,
@@ -423,7 +444,7 @@ mod tests {
             dataset: &*s.data,
             model: &*s.model,
             strategy,
-            teacher: TeacherSignal::None,
+            teachers: Vec::new(),
             vars,
             teacher_metric,
             seed,

@@ -398,8 +398,18 @@ pub fn summarize(records: &[JobRecord]) -> Vec<SummaryRow> {
             let (mean, std) = mean_std(&values);
             let (final_mean, final_std) = mean_std(&finals);
             let teachers: Vec<f64> = runs.iter().filter_map(|r| r.teacher_metric).collect();
+            // `baseline` learns from no teacher, so a cell without a baseline under its own
+            // teacher(s) (several teachers together) compares with one under another teacher.
+            let baseline = baselines
+                .get(&(dataset.clone(), teacher.clone(), student.clone()))
+                .or_else(|| {
+                    baselines
+                        .iter()
+                        .find(|((d, _, s), _)| *d == dataset && *s == student)
+                        .map(|(_, b)| b)
+                });
             let vs_baseline = (strategy != "baseline")
-                .then(|| baselines.get(&(dataset.clone(), teacher.clone(), student.clone())))
+                .then_some(baseline)
                 .flatten()
                 .and_then(|b| paired(&by_seed(&runs), b));
             let compression = ok.first().and_then(|r| {
@@ -576,7 +586,7 @@ mod tests {
                     name: "kd".into(),
                     config: serde_json::json!({"alpha": alpha}),
                 },
-                teacher: None,
+                teachers: Vec::new(),
                 train: TrainConfig::default(),
                 seed,
                 generation: None,
@@ -690,6 +700,25 @@ mod tests {
             "{markdown}"
         );
         assert!(format_summary(&summary, "accuracy").contains("+0.0300 ± 0.0100 (t 5.20, n 3)"));
+
+        // Several teachers together form their own cell and still pair with the baseline:
+        // 0.81 - 0.80, 0.85 - 0.82 -> mean 0.02, std sqrt(0.0002).
+        let mut with_two = records;
+        for (id, seed, best) in [("m0", 0, 0.81), ("m1", 1, 0.85)] {
+            let mut r = run(id, "multi-teacher", seed, best, best);
+            r.teacher = Some("t + t".into());
+            with_two.push(r);
+        }
+        let summary = summarize(&with_two);
+        let multi = summary.iter().find(|r| r.strategy == "multi-teacher");
+        let p = multi.and_then(|r| r.vs_baseline.clone());
+        assert!(
+            p.as_ref().is_some_and(|p| p.n == 2
+                && (p.mean - 0.02).abs() < 1e-12
+                && (p.std - 0.0002f64.sqrt()).abs() < 1e-12),
+            "{p:?}"
+        );
+        assert_eq!(multi.map(|r| r.teacher.as_str()), Some("t + t"));
     }
 
     #[test]

@@ -386,7 +386,7 @@ impl DatasetFactory for SyntheticFactory {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use distill_engine::train::{FitInputs, Supervised, TeacherSignal, TrainConfig, evaluate, fit};
+    use distill_engine::train::{FitInputs, Supervised, TrainConfig, evaluate, fit};
     use distill_rt::candle::DType;
     use distill_rt::candle_nn::VarMap;
     use distill_rt::init::seeded_var_builder;
@@ -545,7 +545,7 @@ mod tests {
                 dataset: &*data,
                 model: &*model,
                 strategy: &mut Supervised,
-                teacher: TeacherSignal::None,
+                teachers: Vec::new(),
                 vars: named_vars(&varmap).into_iter().map(|(_, v)| v).collect(),
                 teacher_metric: None,
                 seed: 0,

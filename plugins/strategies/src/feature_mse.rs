@@ -20,10 +20,10 @@
 //! contract has no place for). Terms `ce`, `hint`.
 
 use distill_rt::candle::Tensor;
-use distill_rt::candle_nn::Init;
+use distill_rt::candle_nn::{Init, VarBuilder};
 use distill_rt::model::PENULTIMATE;
 use distill_rt::ops::label_loss;
-use distill_rt::strategy::{StepInfo, feature, require_teacher};
+use distill_rt::strategy::{StepInfo, feature, feature_shape, require_teacher};
 use distill_rt::{
     Batch, Config, Error, LossTerms, ModelOutput, Result, Strategy, StrategyContext,
     StrategyFactory, TeacherNeeds, config,
@@ -127,34 +127,17 @@ impl StrategyFactory for FeatureMseFactory {
                 ("feature_weight", c.feature_weight),
             ],
         )?;
-        let shape = |side: &'static str,
-                     shapes: &std::collections::BTreeMap<String, Vec<usize>>,
-                     name: &str| {
-            shapes
-                .get(name)
-                .cloned()
-                .ok_or_else(|| Error::MissingFeature {
-                    owner: owner.into(),
-                    side,
-                    name: name.into(),
-                    available: shapes.keys().cloned().collect::<Vec<_>>().join(", "),
-                })
-        };
-        let s = shape("student", ctx.student_features, &c.student_feature)?;
-        let t = shape("teacher", ctx.teacher_features, &c.teacher_feature)?;
-        let adapter = match (s.as_slice(), t.as_slice()) {
-            (a, b) if a == b => None,
-            ([ds], [dt]) => Some(Adapter::new(*ds, *dt, false, &ctx)?),
-            ([cs, hs, ws], [ct, ht, wt]) if (hs, ws) == (ht, wt) => {
-                Some(Adapter::new(*cs, *ct, true, &ctx)?)
-            }
-            _ => {
-                return Err(Error::Invalid(format!(
-                    "{owner}: student feature `{}` {s:?} cannot be mapped to teacher feature `{}` {t:?}: \
-                     only the width (last dim of [d], channels of [c, h, w]) may differ",
-                    c.student_feature, c.teacher_feature
-                )));
-            }
+        let s = feature_shape(owner, "student", ctx.student_features, &c.student_feature)?;
+        let t = feature_shape(owner, "teacher", ctx.teacher_features, &c.teacher_feature)?;
+        let adapter = if s == t {
+            None
+        } else {
+            Some(Adapter::between(
+                owner,
+                (&c.student_feature, s),
+                (&c.teacher_feature, t),
+                ctx.vb.pp("adapter"),
+            )?)
         };
         Ok(Box::new(FeatureMse {
             matching: self.0,
@@ -164,8 +147,10 @@ impl StrategyFactory for FeatureMseFactory {
     }
 }
 
-/// A linear map of the feature width (a 1x1 convolution for `[c, h, w]` features).
-struct Adapter {
+/// A learned linear map of a feature's width: a linear layer for `[batch, d]` features, a 1x1
+/// convolution for `[batch, c, h, w]` ones; initialised as PyTorch initialises
+/// `nn.Linear`/`nn.Conv2d` (weight and bias uniform in `±1/sqrt(fan_in)`).
+pub struct Adapter {
     /// `[out, in]`, or `[out, in, 1, 1]` for the convolution.
     weight: Tensor,
     bias: Tensor,
@@ -173,13 +158,29 @@ struct Adapter {
 }
 
 impl Adapter {
-    fn new(input: usize, output: usize, conv: bool, ctx: &StrategyContext<'_>) -> Result<Self> {
+    /// The adapter from the student feature `(name, shape)` to the teacher's, with its variables
+    /// `weight` and `bias` in `vb`; an error when more than the width differs.
+    pub fn between(
+        owner: &str,
+        (s_name, s): (&str, &[usize]),
+        (t_name, t): (&str, &[usize]),
+        vb: VarBuilder<'_>,
+    ) -> Result<Self> {
+        let (input, output, conv) = match (s, t) {
+            ([ds], [dt]) => (*ds, *dt, false),
+            ([cs, hs, ws], [ct, ht, wt]) if (hs, ws) == (ht, wt) => (*cs, *ct, true),
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "{owner}: student feature `{s_name}` {s:?} cannot be mapped to teacher feature `{t_name}` {t:?}: \
+                     only the width (last dim of [d], channels of [c, h, w]) may differ"
+                )));
+            }
+        };
         let bound = 1.0 / (input as f64).sqrt();
         let init = Init::Uniform {
             lo: -bound,
             up: bound,
         };
-        let vb = ctx.vb.pp("adapter");
         let weight = if conv {
             vb.get_with_hints((output, input, 1, 1), "weight", init)?
         } else {
@@ -189,7 +190,8 @@ impl Adapter {
         Ok(Self { weight, bias, conv })
     }
 
-    fn forward(&self, h: &Tensor) -> Result<Tensor> {
+    /// Maps a batch of student features.
+    pub fn forward(&self, h: &Tensor) -> Result<Tensor> {
         if !self.conv {
             return Ok(h.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?);
         }

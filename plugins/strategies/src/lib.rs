@@ -1,5 +1,5 @@
 //! The standard distillation strategies: `baseline`, `kd`, `feature-mse`, `fitnets` and `at`, the relation-based
-//! `sp`, `pkt`, `rkd` and the contrastive `crd`, the logit-based `dist` and `dkd`, and `ranking-kd` for ranking tasks
+//! `sp`, `pkt`, `rkd` and the contrastive `crd`, the logit-based `dist` and `dkd`, `multi-teacher`, and `ranking-kd` for ranking tasks
 //! (`kd` works on those too, pointwise).
 //!
 //! Every loss documents its formula, reduction and defaults next to its code; golden values from
@@ -13,6 +13,7 @@ mod dist;
 mod dkd;
 mod feature_mse;
 mod kd;
+mod multi_teacher;
 mod ranking_kd;
 mod relations;
 mod rkd;
@@ -47,6 +48,7 @@ fn register(r: &mut Registrar) -> Result<()> {
     r.strategy("ranking-kd", ranking_kd::RankingKdFactory)?;
     r.strategy("at", at::AtFactory)?;
     r.strategy("crd", crd::CrdFactory)?;
+    r.strategy("multi-teacher", multi_teacher::MultiTeacherFactory)?;
     Ok(())
 }
 

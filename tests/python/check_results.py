@@ -26,7 +26,11 @@ expected = {
 }
 for column, dtype in expected.items():
     assert runs.schema[column] == dtype, (column, runs.schema[column])
-assert isinstance(runs.schema["started_at"], pl.Datetime), runs.schema["started_at"]
+for column in ("started_at", "finished_at"):
+    dtype = runs.schema[column]
+    assert isinstance(dtype, pl.Datetime) and dtype.time_zone == "UTC", (column, dtype)
+for column in ("latency_ms_batch1", "latency_ms_batch64"):
+    assert runs.schema[column] == pl.Float64 and runs[column].min() > 0, (column, runs[column])
 assert metrics.schema["epoch"] == pl.UInt32 and metrics.schema["value"] == pl.Float64, metrics.schema
 
 # The example analysis, three ways.
@@ -36,6 +40,9 @@ by_polars = (runs.filter(pl.col("status") == "ok")
                  .sort("strategy"))
 frame = pd.read_parquet(runs_path)
 assert str(frame["seed"].dtype) == "uint64" and str(frame["best_metric"].dtype) == "float64", frame.dtypes
+assert str(frame["started_at"].dtype).startswith("datetime64") and str(frame["started_at"].dt.tz) == "UTC", frame["started_at"].dtype
+zone = duckdb.sql(f"SELECT typeof(started_at) FROM '{runs_path}' LIMIT 1").fetchall()[0][0]
+assert zone == "TIMESTAMP WITH TIME ZONE", zone
 by_pandas = frame[frame.status == "ok"].groupby("strategy")["best_metric"].agg(["mean", "std"])
 by_duckdb = duckdb.sql(
     f"SELECT strategy, avg(best_metric) AS mean, stddev_samp(best_metric) AS std "

@@ -44,6 +44,10 @@ enum Task {
         /// Skip `cargo build` (the workspace is already built).
         #[arg(long)]
         no_build: bool,
+        /// The format of each worker's `worker.log` (its stderr): `pretty` or `json` (one
+        /// object per event). Every job also writes `log.jsonl` in its folder.
+        #[arg(long, default_value = "pretty", value_parser = ["pretty", "json"])]
+        log_format: String,
     },
     /// Creates a plugin crate under plugins/<name> (a strategy, or a task with a dataset and a
     /// model), adds it to the workspace, and says what to do next.
@@ -83,7 +87,8 @@ fn main() -> Result<()> {
             sets,
             out,
             no_build,
-        } => run_experiment(&experiment, jobs, &sets, out, no_build),
+            log_format,
+        } => run_experiment(&experiment, jobs, &sets, out, no_build, &log_format),
         Task::NewPlugin { kind, name } => {
             let root = workspace_root()?;
             let dir = scaffold::new_plugin(&root, kind, &name)?;
@@ -114,6 +119,7 @@ fn run_experiment(
     sets: &[String],
     out: Option<PathBuf>,
     no_build: bool,
+    log_format: &str,
 ) -> Result<()> {
     let (x, name) = experiment::load(file, sets)?;
     let out = out.unwrap_or_else(|| PathBuf::from("reports").join(&name));
@@ -162,6 +168,7 @@ fn run_experiment(
         timeout: x.timeout_minutes.map(|m| Duration::from_secs_f64(m * 60.0)),
         distill: distill.clone(),
         cores,
+        log_format: log_format.to_string(),
     };
     let counts = runner::run(&planned, &opts)?;
     eprintln!(

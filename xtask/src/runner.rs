@@ -28,6 +28,8 @@ pub struct RunOptions {
     /// Cores to divide between the running workers (each gets rayon and candle's element-wise
     /// pool sized to its share).
     pub cores: usize,
+    /// `distill --log-format` of the workers: `pretty` or `json`.
+    pub log_format: String,
 }
 
 /// What the run did.
@@ -171,7 +173,7 @@ pub fn run(plan: &[PlannedJob], opts: &RunOptions) -> Result<RunCounts> {
             let log =
                 File::create(job.dir.join("worker.log")).context("creating the worker log")?;
             let child = Command::new(&opts.distill)
-                .arg("run-job")
+                .args(["--log-format", &opts.log_format, "run-job"])
                 .arg(&job_file)
                 .env("RAYON_NUM_THREADS", &threads)
                 .env("CANDLE_NUM_THREADS", &threads)

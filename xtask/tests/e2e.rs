@@ -113,6 +113,20 @@ fn quick_experiment_writes_tables_that_read_back_and_repeat() -> Result<()> {
         "{summary}"
     );
 
+    // report.md: the tables and the plots, each plot as SVG and PNG.
+    let report = std::fs::read_to_string(a.join("report.md"))?;
+    assert!(report.starts_with(&summary), "{report}");
+    let images: Vec<&str> = report
+        .lines()
+        .filter_map(|l| l.strip_prefix("![").and_then(|l| l.split("](").nth(1)))
+        .filter_map(|l| l.split(')').next())
+        .collect();
+    assert_eq!(images.len(), 3, "curves, loss terms, Pareto: {report}");
+    for svg in images {
+        let png = a.join(svg).with_extension("png");
+        assert!(a.join(svg).is_file() && png.is_file(), "{svg}");
+    }
+
     // The tables as polars, pandas and DuckDB read them, and docs/results.md's analysis.
     let python = Command::new("python3")
         .arg(root().join("tests/python/check_results.py"))
@@ -135,8 +149,10 @@ fn quick_experiment_writes_tables_that_read_back_and_repeat() -> Result<()> {
         ("flops_per_sample", DataType::UInt64),
         (
             "started_at",
-            DataType::Datetime(TimeUnit::Microseconds, None),
+            DataType::Datetime(TimeUnit::Microseconds, Some(TimeZone::UTC)),
         ),
+        ("latency_ms_batch1", DataType::Float64),
+        ("latency_ms_batch64", DataType::Float64),
     ] {
         assert_eq!(runs.column(col)?.dtype(), &dtype, "{col}");
     }
@@ -263,8 +279,27 @@ fn nlp_quick_experiment_runs_a_teacher_and_two_students() -> Result<()> {
 fn recsys_quick_experiment_ranks_with_a_cached_teacher() -> Result<()> {
     let file = root().join("experiments/recsys-quick.toml");
     let out = temp("recsys-quick");
-    let run = run_experiment(&file, &out, &[])?;
+    let run = run_experiment(&file, &out, &["--log-format", "json"])?;
     assert!(run.status.success(), "{}", text(&run));
+    // Every job logs JSON lines to log.jsonl, and with `--log-format json` its stderr
+    // (worker.log) is JSON lines too; both carry the engine's per-epoch events.
+    for entry in std::fs::read_dir(out.join("jobs"))? {
+        let dir = entry?.path();
+        for file in ["log.jsonl", "worker.log"] {
+            let log = std::fs::read_to_string(dir.join(file))?;
+            let events = log
+                .lines()
+                .map(serde_json::from_str::<serde_json::Value>)
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| format!("{}: not JSON lines: {e}\n{log}", dir.join(file).display()))?;
+            assert!(
+                events.iter().any(|e| e["level"] == "INFO"
+                    && e["fields"]["message"] == "epoch done"
+                    && e["fields"]["validation"].is_number()),
+                "{file}: {log}"
+            );
+        }
+    }
     let runs = read(&out.join("runs.parquet"))?;
     assert_eq!(runs.height(), 3, "1 student x 3 strategies x 1 seed");
     let mut strategies = strings(&runs, "strategy")?;

@@ -23,8 +23,65 @@ struct Cli {
     /// can be listed, colon-separated, in `DISTILL_EXTRA_PLUGINS`.
     #[arg(long, global = true)]
     plugins: Option<PathBuf>,
+    /// How log events reach stderr (the filter is `DISTILL_LOG`, default `warn`). `run-job`
+    /// also writes every event at `info` and above as JSON lines to `log.jsonl` in the job's
+    /// folder, whatever this says.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Pretty)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The format of the log on stderr.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object per event (timestamp, level, target, fields, spans).
+    Json,
+}
+
+/// The job log file in a job's folder: JSON lines, one per event.
+const JOB_LOG_FILE: &str = "log.jsonl";
+
+/// Installs the subscriber: stderr in `format`, filtered by `DISTILL_LOG` (default `warn`), and
+/// with `job_log`, JSON lines at `DISTILL_LOG` (default `info`) into that file.
+fn init_logging(format: LogFormat, job_log: Option<&Path>) -> Result<()> {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{EnvFilter, fmt};
+    let filter = |default: &str| {
+        EnvFilter::try_from_env("DISTILL_LOG").unwrap_or_else(|_| EnvFilter::new(default))
+    };
+    let stderr = match format {
+        LogFormat::Pretty => fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .boxed(),
+        LogFormat::Json => fmt::layer().json().with_writer(std::io::stderr).boxed(),
+    }
+    .with_filter(filter("warn"));
+    let file = match job_log {
+        Some(path) => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            let file = std::fs::File::create(path)
+                .with_context(|| format!("creating the job log {}", path.display()))?;
+            Some(
+                fmt::layer()
+                    .json()
+                    .with_writer(std::sync::Mutex::new(file))
+                    .with_filter(filter("info")),
+            )
+        }
+        None => None,
+    };
+    tracing_subscriber::registry()
+        .with(stderr)
+        .with(file)
+        .try_init()
+        .context("installing the log subscriber")
 }
 
 #[derive(Subcommand)]
@@ -61,15 +118,18 @@ enum Command {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("DISTILL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
+    // A job's spec is read before anything else, so that its log goes into its folder.
+    let job = match &cli.command {
+        Command::RunJob { job } => Some(read_job(job)?),
+        _ => None,
+    };
+    init_logging(
+        cli.log_format,
+        job.as_ref()
+            .map(|spec| spec.out_dir.join(JOB_LOG_FILE))
+            .as_deref(),
+    )?;
     let dir = match cli.plugins {
         Some(dir) => dir,
         None => default_plugin_dir()?,
@@ -90,7 +150,10 @@ fn main() -> Result<()> {
     }
     match cli.command {
         Command::Plugins { json } => list(&host, json),
-        Command::RunJob { job } => run(&host, &job),
+        Command::RunJob { .. } => match job {
+            Some(spec) => run(&host, &spec),
+            None => bail!("run-job without its job spec"),
+        },
         Command::Check { plan } => check_plan(&host, &plan),
         Command::Report { dir, git_revision } => report(&dir, &git_revision),
         Command::Loss(args) => loss::run(host.registrar(), &args),
@@ -155,12 +218,21 @@ fn report(dir: &Path, git_revision: &str) -> Result<()> {
         .unwrap_or_else(|| "metric".into());
     let summary = distill_report::summarize(&records);
     print!("{}", distill_report::format_summary(&summary, &metric));
+    let tables = distill_report::format_summary_markdown(&summary, &metric);
     let markdown = dir.join("summary.md");
-    std::fs::write(
-        &markdown,
-        distill_report::format_summary_markdown(&summary, &metric),
-    )
-    .with_context(|| format!("writing {}", markdown.display()))?;
+    std::fs::write(&markdown, &tables)
+        .with_context(|| format!("writing {}", markdown.display()))?;
+    // The tables are written first: a plot that cannot be drawn loses nothing else.
+    let plots = match distill_report::plots::write_plots(&dir.join("plots"), &records, &metric) {
+        Ok(plots) => distill_report::plots::plots_markdown(&plots, dir),
+        Err(e) => {
+            distill_rt::tracing::warn!(error = %e, "no plots");
+            format!("\n## Plots\n\nNot drawn: {e}\n")
+        }
+    };
+    let report_md = dir.join("report.md");
+    std::fs::write(&report_md, format!("{tables}{plots}"))
+        .with_context(|| format!("writing {}", report_md.display()))?;
     for r in records
         .iter()
         .filter(|r| r.status != distill_engine::job::Status::Ok)
@@ -179,10 +251,11 @@ fn report(dir: &Path, git_revision: &str) -> Result<()> {
         );
     }
     println!(
-        "wrote {}, {} and {}",
+        "wrote {}, {}, {} and {} (tables and plots)",
         runs.display(),
         metrics.display(),
-        markdown.display()
+        markdown.display(),
+        report_md.display()
     );
     Ok(())
 }
@@ -262,12 +335,15 @@ fn describe_key(name: &str, default: &serde_json::Value) -> String {
     format!("{name}: {kind} = {default}")
 }
 
-fn run(host: &PluginHost, job: &Path) -> Result<()> {
+/// Reads a job file.
+fn read_job(job: &Path) -> Result<JobSpec> {
     let text = std::fs::read_to_string(job)
         .with_context(|| format!("reading job file {}", job.display()))?;
-    let spec: JobSpec = serde_json::from_str(&text)
-        .with_context(|| format!("parsing job file {}", job.display()))?;
-    let record = run_job(host.registrar(), &spec, &Device::Cpu);
+    serde_json::from_str(&text).with_context(|| format!("parsing job file {}", job.display()))
+}
+
+fn run(host: &PluginHost, spec: &JobSpec) -> Result<()> {
+    let record = run_job(host.registrar(), spec, &Device::Cpu);
     let path = spec.out_dir.join(RECORD_FILE);
     write_json_atomic(&path, &record).with_context(|| format!("writing {}", path.display()))?;
     Ok(())

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use distill_engine::job::{JobRecord, JobSpec, RECORD_FILE, Status, empty_record};
 use polars::prelude::*;
 
+pub mod plots;
+
 /// What can go wrong while collecting or writing results.
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
@@ -26,6 +28,14 @@ pub enum ReportError {
         /// The file.
         path: PathBuf,
         /// What is wrong.
+        message: String,
+    },
+    /// A plot could not be drawn or written.
+    #[error("{path}: {message}")]
+    Plot {
+        /// The file (or what was missing).
+        path: PathBuf,
+        /// What went wrong.
         message: String,
     },
     /// Polars failed to build or write a table.
@@ -144,7 +154,7 @@ fn param_columns(students: &[&JobRecord]) -> Vec<Column> {
 fn datetime(name: &str, seconds: Vec<f64>) -> Column {
     let micros: Vec<i64> = seconds.iter().map(|s| (s * 1e6).round() as i64).collect();
     Int64Chunked::new(name.into(), &micros)
-        .into_datetime(TimeUnit::Microseconds, None)
+        .into_datetime(TimeUnit::Microseconds, Some(TimeZone::UTC))
         .into_series()
         .into()
 }
@@ -201,7 +211,8 @@ pub fn runs_frame(records: &[JobRecord], git_revision: &str) -> Result<DataFrame
                 .map(|t| t as f64 / r.parameters.max(1) as f64)
         }),
         u64_col("flops_per_sample", &|r| Some(r.flops_per_sample)),
-        f64_col("latency_ms_per_sample", &|r| r.latency_ms_per_sample),
+        f64_col("latency_ms_batch1", &|r| r.latency_ms_batch1),
+        f64_col("latency_ms_batch64", &|r| r.latency_ms_batch64),
         u64_col("model_bytes", &|r| Some(r.model_bytes)),
         u64_col("epochs_run", &|r| Some(r.epochs_run as u64)),
         f64_col("lr", &|r| {
@@ -322,8 +333,10 @@ pub struct SummaryRow {
     pub vs_baseline: Option<Paired>,
     /// Teacher parameters / student parameters.
     pub compression: Option<f64>,
-    /// Mean student latency, milliseconds per sample.
-    pub latency_ms: Option<f64>,
+    /// Mean student latency at batch 1, milliseconds per sample.
+    pub latency_ms_batch1: Option<f64>,
+    /// Mean student latency at batch 64, milliseconds per sample.
+    pub latency_ms_batch64: Option<f64>,
 }
 
 /// A paired comparison across seeds: `d_s = metric(strategy, s) - metric(baseline, s)`.
@@ -354,9 +367,13 @@ pub fn paired(metric: &BTreeMap<u64, f64>, baseline: &BTreeMap<u64, f64>) -> Opt
     Some(Paired { n, mean, std, t })
 }
 
-/// Mean ± std of the best test metric per dataset / teacher / student / strategy cell.
-pub fn summarize(records: &[JobRecord]) -> Vec<SummaryRow> {
-    let mut cells: BTreeMap<(String, String, String, String), Vec<&JobRecord>> = BTreeMap::new();
+/// Dataset, teacher (empty without one), student and strategy (with its parameters, e.g.
+/// `kd {"alpha":0.5}`, and its born-again generation): the runs of one cell differ only in seed.
+pub type CellKey = (String, String, String, String);
+
+/// The student runs of `records` by cell.
+pub fn cells(records: &[JobRecord]) -> BTreeMap<CellKey, Vec<&JobRecord>> {
+    let mut cells: BTreeMap<CellKey, Vec<&JobRecord>> = BTreeMap::new();
     for r in records.iter().filter(|r| r.kind == "student") {
         let params = r
             .params
@@ -378,6 +395,12 @@ pub fn summarize(records: &[JobRecord]) -> Vec<SummaryRow> {
         );
         cells.entry(key).or_default().push(r);
     }
+    cells
+}
+
+/// Mean ± std of the best test metric per dataset / teacher / student / strategy cell.
+pub fn summarize(records: &[JobRecord]) -> Vec<SummaryRow> {
+    let cells = cells(records);
     let by_seed = |runs: &[&JobRecord]| -> BTreeMap<u64, f64> {
         runs.iter()
             .filter(|r| r.status == Status::Ok)
@@ -417,7 +440,10 @@ pub fn summarize(records: &[JobRecord]) -> Vec<SummaryRow> {
                     .filter(|_| r.parameters > 0)
                     .map(|t| t as f64 / r.parameters as f64)
             });
-            let latencies: Vec<f64> = ok.iter().filter_map(|r| r.latency_ms_per_sample).collect();
+            let latency = |pick: fn(&JobRecord) -> Option<f64>| {
+                let values: Vec<f64> = ok.iter().filter_map(|r| pick(r)).collect();
+                (!values.is_empty()).then(|| mean_std(&values).0)
+            };
             SummaryRow {
                 dataset,
                 teacher,
@@ -432,7 +458,8 @@ pub fn summarize(records: &[JobRecord]) -> Vec<SummaryRow> {
                 final_std,
                 vs_baseline,
                 compression,
-                latency_ms: (!latencies.is_empty()).then(|| mean_std(&latencies).0),
+                latency_ms_batch1: latency(|r| r.latency_ms_batch1),
+                latency_ms_batch64: latency(|r| r.latency_ms_batch64),
             }
         })
         .collect()
@@ -457,7 +484,7 @@ pub fn format_summary_markdown(rows: &[SummaryRow], metric: &str) -> String {
         if group != Some(key) {
             group = Some(key);
             out.push_str(&format!(
-                "\n## {} · teacher {} · student {}\n\n| strategy | ok/runs | best | final | vs baseline | teacher | compression | latency (ms/sample) |\n|---|---|---|---|---|---|---|---|\n",
+                "\n## {} · teacher {} · student {}\n\n| strategy | ok/runs | best | final | vs baseline | teacher | compression | latency b1 / b64 (ms/sample) |\n|---|---|---|---|---|---|---|---|\n",
                 r.dataset,
                 if r.teacher.is_empty() { "none" } else { &r.teacher },
                 r.student
@@ -482,7 +509,14 @@ pub fn format_summary_markdown(rows: &[SummaryRow], metric: &str) -> String {
             r.compression
                 .map(|c| format!("{c:.1}x"))
                 .unwrap_or_default(),
-            r.latency_ms.map(|l| format!("{l:.2e}")).unwrap_or_default(),
+            match (r.latency_ms_batch1, r.latency_ms_batch64) {
+                (None, None) => String::new(),
+                (b1, b64) => format!(
+                    "{} / {}",
+                    b1.map_or("-".into(), |l| format!("{l:.2e}")),
+                    b64.map_or("-".into(), |l| format!("{l:.2e}"))
+                ),
+            },
         ));
     }
     out
@@ -627,7 +661,7 @@ mod tests {
         assert_eq!(runs.column("best_metric")?.dtype(), &DataType::Float64);
         assert_eq!(
             runs.column("started_at")?.dtype(),
-            &DataType::Datetime(TimeUnit::Microseconds, None)
+            &DataType::Datetime(TimeUnit::Microseconds, Some(TimeZone::UTC))
         );
         assert_eq!(runs.column("param.alpha")?.f64()?.get(2), Some(0.5));
         assert_eq!(runs.column("compression")?.f64()?.get(0), Some(10.0));
@@ -656,7 +690,8 @@ mod tests {
         r.strategy = Some(strategy.into());
         r.params["strategy"] = serde_json::json!({});
         r.final_metric = Some(last);
-        r.latency_ms_per_sample = Some(0.5);
+        r.latency_ms_batch1 = Some(0.5);
+        r.latency_ms_batch64 = Some(0.25);
         r
     }
 
@@ -689,7 +724,10 @@ mod tests {
         // Final metric over all four kd runs: (0.80 + 0.85 + 0.84 + 0.99) / 4.
         assert!((kd.final_mean - 0.87).abs() < 1e-12);
         assert_eq!(kd.compression, Some(10.0));
-        assert_eq!(kd.latency_ms, Some(0.5));
+        assert_eq!(
+            (kd.latency_ms_batch1, kd.latency_ms_batch64),
+            (Some(0.5), Some(0.25))
+        );
         let baseline = summary.iter().find(|r| r.strategy == "baseline");
         assert!(baseline.is_some_and(|b| b.vs_baseline.is_none()));
         let markdown = format_summary_markdown(&summary, "accuracy");

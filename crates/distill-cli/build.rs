@@ -1,4 +1,4 @@
-//! Embeds a run path so that `distill` finds the shared runtime (`libdistill_rt.so`, next to it or
+//! Embeds a run path so that `distill` (and `bench-step`, whose package uses this file too) finds the shared runtime (`libdistill_rt.so`, next to it or
 //! in `deps/`) and the toolchain's `libstd` without `LD_LIBRARY_PATH` (DESIGN.md, "The plugin
 //! boundary").
 

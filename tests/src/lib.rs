@@ -1,6 +1,8 @@
 //! Helpers for the workspace-level integration tests: where the built plugins are, and small
 //! deterministic inputs.
 
+pub mod steps;
+
 use std::path::PathBuf;
 
 use distill_host::PluginHost;

@@ -2,6 +2,7 @@
 //! links the runtime: it builds the workspace in one cargo invocation and runs the `distill`
 //! binary for everything that needs the plugins.
 
+mod bench;
 mod experiment;
 mod plan;
 mod runner;
@@ -48,6 +49,28 @@ enum Task {
         /// object per event). Every job also writes `log.jsonl` in its folder.
         #[arg(long, default_value = "pretty", value_parser = ["pretty", "json"])]
         log_format: String,
+    },
+    /// Times one training step of every model family (`tests/src/steps.rs`), each in its own
+    /// process; with `--compare`, alternately with the PyTorch reference
+    /// (`benches/reference/steps.py`) on the same shapes and threads.
+    Bench {
+        /// Steps to time (default: all; `bench-step --list` names them).
+        steps: Vec<String>,
+        /// Also run the PyTorch reference, round by round (ours, then theirs).
+        #[arg(long)]
+        compare: bool,
+        /// Rounds per step.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Seconds each measurement trains for, after three untimed steps.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Threads for every pool, ours and the reference's (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Skip `cargo build` (the workspace is already built).
+        #[arg(long)]
+        no_build: bool,
     },
     /// Creates a plugin crate under plugins/<name> (a strategy, or a task with a dataset and a
     /// model), adds it to the workspace, and says what to do next.
@@ -105,6 +128,33 @@ fn main() -> Result<()> {
                 build_workspace()?;
             }
             run(Command::new(distill()?).arg("loss").args(&args))
+        }
+        Task::Bench {
+            steps,
+            compare,
+            rounds,
+            seconds,
+            threads,
+            no_build,
+        } => {
+            if !no_build {
+                build_workspace()?;
+            }
+            let ours = distill()?.with_file_name("bench-step");
+            let threads = threads.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            });
+            let opts = bench::BenchOptions {
+                ours: &ours,
+                steps,
+                rounds: rounds.max(1),
+                seconds,
+                threads,
+                compare,
+            };
+            bench::run(&workspace_root()?, &opts, &runner::malloc_tunables())
         }
         Task::Report { dir } => {
             build_workspace()?;

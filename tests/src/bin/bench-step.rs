@@ -1,0 +1,64 @@
+//! `bench-step <step> [--seconds S]`: times one training step of `distill_tests::steps` in this
+//! process and prints one JSON line: steps per second, the steps and seconds timed, peak resident
+//! memory (VmHWM) and the last loss. `bench-step --list` lists the steps. Threads come from
+//! `RAYON_NUM_THREADS` and `CANDLE_NUM_THREADS`; `cargo xtask bench` sets both, and the
+//! allocator thresholds, as it does for workers.
+
+use std::time::Instant;
+
+use distill_host::PluginHost;
+use distill_tests::plugin_path;
+use distill_tests::steps::{PLUGINS, STEPS, build};
+
+/// Peak resident set size of this process in MiB (Linux; `None` elsewhere).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--list") {
+        for (name, what) in STEPS {
+            println!("{name}\t{what}");
+        }
+        return Ok(());
+    }
+    let usage = "usage: bench-step <step> [--seconds S] | --list";
+    let name = args.first().ok_or(usage)?;
+    let seconds: f64 = match args.get(1).map(String::as_str) {
+        Some("--seconds") => args.get(2).ok_or(usage)?.parse()?,
+        Some(other) => return Err(format!("unknown argument {other}; {usage}").into()),
+        None => 5.0,
+    };
+    let mut host = PluginHost::new();
+    for plugin in PLUGINS {
+        host.load(&plugin_path(plugin))?;
+    }
+    let mut step = build(host.registrar(), name)?;
+    for _ in 0..3 {
+        step.run()?;
+    }
+    let started = Instant::now();
+    let mut steps = 0u64;
+    let mut loss = f32::NAN;
+    while steps < 5 || started.elapsed().as_secs_f64() < seconds {
+        loss = step.run()?;
+        steps += 1;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({
+            "step": name,
+            "steps_per_s": steps as f64 / elapsed,
+            "steps": steps,
+            "seconds": elapsed,
+            "peak_rss_mib": peak_rss_mib(),
+            "loss": loss,
+        })
+    );
+    Ok(())
+}

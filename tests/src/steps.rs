@@ -1,0 +1,367 @@
+//! One training step of every model family we ship, on synthetic inputs of fixed shapes: the
+//! student's forward pass, the strategy's loss (with the teacher run live, read from a cache, or
+//! absent), backward, and an AdamW update. The criterion bench `steps` and the `bench-step`
+//! binary (behind `cargo xtask bench --compare`) time these; `benches/reference/steps.py` runs
+//! the same steps in PyTorch on the same shapes.
+
+use std::collections::BTreeMap;
+
+use distill_engine::optim::{Optimizer, OptimizerConfig};
+use distill_rt::candle::{DType, Device, Tensor};
+use distill_rt::candle_nn::VarMap;
+use distill_rt::init::seeded_var_builder;
+use distill_rt::rng::Rng;
+use distill_rt::serde_json::json;
+use distill_rt::strategy::StepInfo;
+use distill_rt::testing::named_vars;
+use distill_rt::{
+    Batch, Config, DatasetInfo, Error, Model, ModelContext, ModelOutput, Registrar, Result,
+    StrategyContext, TaskKind, TensorMap,
+};
+
+/// Every step: its name and what it runs.
+pub const STEPS: [(&str, &str); 10] = [
+    (
+        "mlp-kd",
+        "MLP KD: teacher 784-1200-1200-10 live, student 784-256-256-10, batch 128",
+    ),
+    (
+        "mlp-kd-cached",
+        "the same student, teacher logits cached, batch 128",
+    ),
+    (
+        "mlp-alone",
+        "the same student on labels alone (CE), batch 128",
+    ),
+    (
+        "cnn-kd",
+        "LeNet-5 KD on 1x28x28: teacher LeNet (32, 64 channels; 256, 128 hidden) live, student LeNet-5 (6, 16; 120, 84), batch 128",
+    ),
+    (
+        "mobilenet-kd-cached",
+        "MobileNet-style student (16; 32, 64, 128; group norm), teacher logits cached, 1x28x28, batch 128",
+    ),
+    (
+        "transformer-kd-cached",
+        "2-layer transformer (d 128, 4 heads, FFN 256), seq 64, batch 32, vocabulary 5000, teacher logits cached",
+    ),
+    (
+        "bilstm-kd-cached",
+        "BiLSTM (embedding 128, hidden 150, MLP 200), seq 64, batch 64, teacher logits cached",
+    ),
+    (
+        "textcnn-kd-cached",
+        "TextCNN (embedding 128, widths 3, 4, 5, 100 filters), seq 64, batch 64, teacher logits cached",
+    ),
+    (
+        "neumf-mf-kd",
+        "NeuMF teacher (dim 16, MLP 32-16) live -> MF student (dim 8), 1024 users x 2000 items, batch 128 users scoring every item, 1 positive + 4 negatives each",
+    ),
+    (
+        "resnet-alone",
+        "ResNet teacher (width 16, one block per stage, group norm) on labels alone, 1x28x28, batch 128: a teacher epoch's step",
+    ),
+];
+
+/// Where a step's teacher outputs come from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Teacher {
+    /// No teacher: the `baseline` strategy.
+    None,
+    /// The teacher runs on every step.
+    Live,
+    /// Its logits, computed once.
+    Cached,
+}
+
+/// A runnable step: each call trains once and returns the loss.
+pub struct Step {
+    run: Box<dyn FnMut() -> Result<f32>>,
+}
+
+impl Step {
+    /// One training step; returns the total loss.
+    pub fn run(&mut self) -> Result<f32> {
+        (self.run)()
+    }
+}
+
+/// Synthetic inputs of one task with the dataset description models are built for.
+struct Inputs {
+    info: DatasetInfo,
+    batch: Batch,
+}
+
+fn classification(
+    inputs: BTreeMap<String, Vec<usize>>,
+    cardinality: BTreeMap<String, usize>,
+    classes: usize,
+    batch: usize,
+) -> DatasetInfo {
+    DatasetInfo {
+        task: TaskKind::Classification,
+        num_classes: classes,
+        inputs,
+        cardinality,
+        split_sizes: [batch, 0, 0],
+        primary_metric: "accuracy".into(),
+    }
+}
+
+fn labels(rng: &mut Rng, batch: usize, classes: usize, dev: &Device) -> Result<Tensor> {
+    let y: Vec<u32> = (0..batch).map(|_| rng.below(classes) as u32).collect();
+    Ok(Tensor::new(y, dev)?)
+}
+
+fn indices(batch: usize, dev: &Device) -> Result<Tensor> {
+    Ok(Tensor::arange(0u32, batch as u32, dev)?)
+}
+
+/// `batch` grey 28x28 images with pixels uniform in [0, 1] and 10 classes.
+fn images(batch: usize, dev: &Device) -> Result<Inputs> {
+    let mut rng = Rng::derive(1, "bench/images");
+    let pixels: Vec<f32> = (0..batch * 28 * 28).map(|_| rng.uniform() as f32).collect();
+    let image = Tensor::from_vec(pixels, (batch, 1, 28, 28), dev)?;
+    Ok(Inputs {
+        info: classification(
+            [("image".to_string(), vec![1, 28, 28])].into(),
+            BTreeMap::new(),
+            10,
+            batch,
+        ),
+        batch: Batch {
+            inputs: [("image".to_string(), image)].into(),
+            targets: labels(&mut rng, batch, 10, dev)?,
+            indices: indices(batch, dev)?,
+        },
+    })
+}
+
+/// `batch` sentences of `len` word ids from a vocabulary of 5000 (no padding), 2 classes.
+fn sentences(batch: usize, len: usize, dev: &Device) -> Result<Inputs> {
+    const VOCABULARY: usize = 5000;
+    let mut rng = Rng::derive(1, "bench/sentences");
+    let ids: Vec<u32> = (0..batch * len)
+        .map(|_| 1 + rng.below(VOCABULARY - 1) as u32)
+        .collect();
+    let inputs: TensorMap = [
+        (
+            "words".to_string(),
+            Tensor::from_vec(ids, (batch, len), dev)?,
+        ),
+        (
+            "words_mask".to_string(),
+            Tensor::ones((batch, len), DType::F32, dev)?,
+        ),
+    ]
+    .into();
+    Ok(Inputs {
+        info: classification(
+            [
+                ("words".to_string(), vec![len]),
+                ("words_mask".to_string(), vec![len]),
+            ]
+            .into(),
+            [("words".to_string(), VOCABULARY)].into(),
+            2,
+            batch,
+        ),
+        batch: Batch {
+            inputs,
+            targets: labels(&mut rng, batch, 2, dev)?,
+            indices: indices(batch, dev)?,
+        },
+    })
+}
+
+/// `batch` of `users` users scoring `items` items: per row one positive and four negatives
+/// (relevance 1 and 0), every other item unlabelled.
+fn interactions(users: usize, items: usize, batch: usize, dev: &Device) -> Result<Inputs> {
+    let mut rng = Rng::derive(1, "bench/interactions");
+    let ids: Vec<u32> = (0..batch).map(|_| rng.below(users) as u32).collect();
+    let mut relevance = vec![distill_rt::data::UNLABELLED; batch * items];
+    for row in relevance.chunks_mut(items) {
+        for k in 0..5 {
+            row[rng.below(items)] = if k == 0 { 1.0 } else { 0.0 };
+        }
+    }
+    Ok(Inputs {
+        info: DatasetInfo {
+            task: TaskKind::Ranking,
+            num_classes: items,
+            inputs: [("user".to_string(), Vec::new())].into(),
+            cardinality: [("user".to_string(), users)].into(),
+            split_sizes: [users, 0, 0],
+            primary_metric: "ndcg@10".into(),
+        },
+        batch: Batch {
+            inputs: [("user".to_string(), Tensor::new(ids, dev)?)].into(),
+            targets: Tensor::from_vec(relevance, (batch, items), dev)?,
+            indices: indices(batch, dev)?,
+        },
+    })
+}
+
+fn build_model(
+    r: &Registrar,
+    info: &DatasetInfo,
+    name: &str,
+    config: Config,
+    seed: u64,
+) -> Result<(Box<dyn Model>, VarMap)> {
+    let varmap = VarMap::new();
+    let ctx = ModelContext {
+        dataset: info,
+        vb: seeded_var_builder(&varmap, seed, DType::F32, &Device::Cpu),
+    };
+    Ok((r.get_model(name)?.build(&config, ctx)?, varmap))
+}
+
+/// A step of `student` with `strategy` (`kd` when there is a teacher, `baseline` without).
+fn step(
+    r: &Registrar,
+    inputs: Inputs,
+    student: (&str, Config),
+    teacher: Option<(&str, Config)>,
+    mode: Teacher,
+    lr: f64,
+) -> Result<Step> {
+    let (model, varmap) = build_model(r, &inputs.info, student.0, student.1, 1)?;
+    let teacher = match teacher {
+        Some((name, config)) => Some(build_model(r, &inputs.info, name, config, 0)?.0),
+        None => None,
+    };
+    let cached = match (&teacher, mode) {
+        (Some(t), Teacher::Cached) => Some(ModelOutput {
+            logits: t.forward(&inputs.batch.inputs, false)?.logits.detach(),
+            features: BTreeMap::new(),
+        }),
+        _ => None,
+    };
+    let empty = BTreeMap::new();
+    let ctx = StrategyContext {
+        num_classes: inputs.info.num_classes,
+        student_features: &empty,
+        teacher_features: &empty,
+        train_samples: inputs.info.split_sizes[0],
+        seed: 0,
+        vb: seeded_var_builder(&VarMap::new(), 2, DType::F32, &Device::Cpu),
+    };
+    let (strategy, config) = match mode {
+        Teacher::None => ("baseline", json!({})),
+        _ => ("kd", json!({"alpha": 0.1, "temperature": 4.0})),
+    };
+    let strategy = r.get_strategy(strategy)?.build(&config, ctx)?;
+    let vars = named_vars(&varmap).into_iter().map(|(_, v)| v).collect();
+    let mut optimizer = Optimizer::new(
+        OptimizerConfig::AdamW {
+            lr,
+            weight_decay: 0.0,
+        },
+        vars,
+    )?;
+    let batch = inputs.batch;
+    Ok(Step {
+        run: Box::new(move || {
+            let s = model.forward(&batch.inputs, true)?;
+            let live;
+            let t = match (&teacher, mode, &cached) {
+                (Some(t), Teacher::Live, _) => {
+                    live = t.forward(&batch.inputs, false)?;
+                    Some(&live)
+                }
+                (_, Teacher::Cached, Some(c)) => Some(c),
+                _ => None,
+            };
+            let loss = strategy.loss(&s, t, &batch, &StepInfo::default())?;
+            optimizer.step(&loss.total.backward()?, lr)?;
+            Ok(loss.total.to_dtype(DType::F32)?.to_scalar::<f32>()?)
+        }),
+    })
+}
+
+/// The step `name` of [`STEPS`], built with the models `r` registers.
+pub fn build(r: &Registrar, name: &str) -> Result<Step> {
+    let dev = Device::Cpu;
+    let mlp = |hidden: &[usize]| json!({ "hidden": hidden });
+    match name {
+        "mlp-kd" | "mlp-kd-cached" | "mlp-alone" => {
+            let mode = match name {
+                "mlp-kd" => Teacher::Live,
+                "mlp-kd-cached" => Teacher::Cached,
+                _ => Teacher::None,
+            };
+            let teacher = (mode != Teacher::None).then(|| ("vision.mlp", mlp(&[1200, 1200])));
+            step(
+                r,
+                images(128, &dev)?,
+                ("vision.mlp", mlp(&[256, 256])),
+                teacher,
+                mode,
+                1e-3,
+            )
+        }
+        "cnn-kd" => step(
+            r,
+            images(128, &dev)?,
+            ("vision.lenet5", json!({})),
+            Some((
+                "vision.lenet5",
+                json!({"channels": [32, 64], "hidden": [256, 128]}),
+            )),
+            Teacher::Live,
+            1e-3,
+        ),
+        "mobilenet-kd-cached" => step(
+            r,
+            images(128, &dev)?,
+            ("vision.mobilenet", json!({})),
+            Some(("vision.mlp", mlp(&[64]))),
+            Teacher::Cached,
+            1e-3,
+        ),
+        "resnet-alone" => step(
+            r,
+            images(128, &dev)?,
+            ("vision.resnet", json!({"width": 16, "blocks": 1})),
+            None,
+            Teacher::None,
+            1e-3,
+        ),
+        "transformer-kd-cached" | "bilstm-kd-cached" | "textcnn-kd-cached" => {
+            let (model, batch) = match name {
+                "transformer-kd-cached" => ("nlp.bert", 32),
+                "bilstm-kd-cached" => ("nlp.bilstm", 64),
+                _ => ("nlp.textcnn", 64),
+            };
+            step(
+                r,
+                sentences(batch, 64, &dev)?,
+                (model, json!({})),
+                Some(("nlp.textcnn", json!({"filters": 16}))),
+                Teacher::Cached,
+                1e-3,
+            )
+        }
+        "neumf-mf-kd" => step(
+            r,
+            interactions(1024, 2000, 128, &dev)?,
+            ("recsys.mf", json!({"dim": 8, "init_std": 0.1})),
+            Some(("recsys.neumf", json!({"dim": 16, "layers": [32, 16]}))),
+            Teacher::Live,
+            1e-2,
+        ),
+        other => Err(Error::Invalid(format!(
+            "no bench step `{other}`; the steps: {}",
+            STEPS.map(|(n, _)| n).join(", ")
+        ))),
+    }
+}
+
+/// The plugin crates the steps need.
+pub const PLUGINS: [&str; 4] = [
+    "distill_plugin_vision",
+    "distill_plugin_nlp",
+    "distill_plugin_recsys",
+    "distill_plugin_strategies",
+];

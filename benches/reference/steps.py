@@ -243,8 +243,53 @@ STEPS = {
 }
 
 
-def build(name):
-    """The step `name`: a function that trains once and returns the loss."""
+def our_names(module):
+    """`module`'s parameters under the names our models give them (for the weight export)."""
+    sd = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    if isinstance(module, MLP):
+        return {(f"hidden{int(k.split('.')[1]) + 1}.{k.split('.')[2]}" if k.startswith("hidden.")
+                 else k): v for k, v in sd.items()}
+    if isinstance(module, LeNet):
+        return sd
+    if isinstance(module, TextCNN):
+        out = {"embedding.weight": sd["embedding.weight"],
+               "classifier.weight": sd["head.weight"], "classifier.bias": sd["head.bias"]}
+        for conv in module.convs:
+            i = list(module.convs).index(conv)
+            w = sd[f"convs.{i}.weight"]  # [filters, embedding, k]; ours reads window j's embedding
+            k = w.shape[2]              # at j * embedding + e
+            out[f"conv{k}.weight"] = w.permute(0, 2, 1).reshape(w.shape[0], -1).contiguous()
+            out[f"conv{k}.bias"] = sd[f"convs.{i}.bias"]
+        return out
+    if isinstance(module, Bert):
+        e = "embeddings."
+        out = {e + "word_embeddings.weight": sd["words.weight"],
+               e + "position_embeddings.weight": sd["positions.weight"],
+               e + "token_type_embeddings.weight": sd["segments.weight"],
+               e + "LayerNorm.weight": sd["norm.weight"], e + "LayerNorm.bias": sd["norm.bias"],
+               "classifier.weight": sd["head.weight"], "classifier.bias": sd["head.bias"]}
+        for i in range(len(module.layers)):
+            src, dst = f"layers.{i}.", f"encoder.layer.{i}."
+            w, b = sd[src + "self_attn.in_proj_weight"], sd[src + "self_attn.in_proj_bias"]
+            for j, part in enumerate(("query", "key", "value")):
+                d = w.shape[1]
+                out[dst + f"attention.self.{part}.weight"] = w[j * d:(j + 1) * d].contiguous()
+                out[dst + f"attention.self.{part}.bias"] = b[j * d:(j + 1) * d].contiguous()
+            for theirs, ours in (("self_attn.out_proj", "attention.output.dense"),
+                                 ("norm1", "attention.output.LayerNorm"),
+                                 ("linear1", "intermediate.dense"), ("linear2", "output.dense"),
+                                 ("norm2", "output.LayerNorm")):
+                out[dst + ours + ".weight"] = sd[src + theirs + ".weight"]
+                out[dst + ours + ".bias"] = sd[src + theirs + ".bias"]
+        return out
+    raise SystemExit(f"no weight export for {type(module).__name__}")
+
+
+def build(name, export=None):
+    """The step `name`: a function that trains once and returns the loss. With `export` (a
+    folder), first writes `inputs.safetensors` there: the student's and a live teacher's weights
+    under our names (`student.<name>`, `teacher.<name>`), the batch (`input.<name>`, `targets`)
+    and cached teacher logits (`teacher_logits`)."""
     teacher, cached = None, None
     if name in ("mlp-kd", "mlp-kd-cached", "mlp-alone", "cnn-kd", "mobilenet-kd-cached",
                 "resnet-alone"):
@@ -276,6 +321,20 @@ def build(name):
         if not live:
             with torch.no_grad():
                 cached = teacher(*args)
+    if export is not None:
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+        tensors = {f"student.{k}": v for k, v in our_names(student).items()}
+        if teacher is not None and cached is None:
+            tensors.update({f"teacher.{k}": v for k, v in our_names(teacher).items()})
+        if cached is not None:
+            tensors["teacher_logits"] = cached.contiguous()
+        names = ("image",) if len(args) == 1 else ("words", "words_mask")
+        tensors.update({f"input.{n}": a.contiguous() for n, a in zip(names, args)})
+        tensors["targets"] = y.contiguous()
+        Path(export).mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(Path(export) / "inputs.safetensors"))
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2 if name == "neumf-mf-kd" else 1e-3,
                                   weight_decay=0.0)
 
@@ -304,6 +363,9 @@ def main():
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--export", metavar="DIR",
+                        help="write the weights and inputs to DIR/inputs.safetensors, then print "
+                             "the losses of 10 steps as JSON (for `cargo xtask bench --check`)")
     a = parser.parse_args()
     if a.list or not a.step:
         for name, what in STEPS.items():
@@ -313,7 +375,10 @@ def main():
         torch.set_num_threads(a.threads)
         torch.set_num_interop_threads(1)
     torch.manual_seed(0)
-    step = build(a.step)
+    step = build(a.step, a.export)
+    if a.export:
+        print(json.dumps({"step": a.step, "losses": [step() for _ in range(10)]}))
+        return
     for _ in range(3):
         step()
     started, steps, loss = time.perf_counter(), 0, float("nan")

@@ -217,7 +217,43 @@ fn build_model(
     Ok((r.get_model(name)?.build(&config, ctx)?, varmap))
 }
 
-/// A step of `student` with `strategy` (`kd` when there is a teacher, `baseline` without).
+/// Sets every variable of `varmap` from `tensors[<prefix><name>]`; an error names the missing.
+fn import_vars(varmap: &VarMap, tensors: &TensorMap, prefix: &str) -> Result<()> {
+    for (name, var) in named_vars(varmap) {
+        let key = format!("{prefix}{name}");
+        let value = tensors
+            .get(&key)
+            .ok_or_else(|| Error::Invalid(format!("the imported tensors lack `{key}`")))?;
+        if value.dims() != var.dims() {
+            return Err(Error::Invalid(format!(
+                "`{key}` is {:?}, the variable {:?}",
+                value.dims(),
+                var.dims()
+            )));
+        }
+        var.set(&value.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
+}
+
+/// `inputs` with the batch replaced by imported tensors (`input.<name>`, `targets`).
+fn import_batch(mut inputs: Inputs, tensors: &TensorMap) -> Result<Inputs> {
+    for (name, value) in inputs.batch.inputs.iter_mut() {
+        let key = format!("input.{name}");
+        let imported = tensors
+            .get(&key)
+            .ok_or_else(|| Error::Invalid(format!("the imported tensors lack `{key}`")))?;
+        *value = imported.to_dtype(value.dtype())?;
+    }
+    let targets = tensors
+        .get("targets")
+        .ok_or_else(|| Error::Invalid("the imported tensors lack `targets`".into()))?;
+    inputs.batch.targets = targets.to_dtype(inputs.batch.targets.dtype())?;
+    Ok(inputs)
+}
+
+/// A step of `student` with `strategy` (`kd` when there is a teacher, `baseline` without);
+/// `import` replaces weights, batch and cached logits (`benches/reference/steps.py --export`).
 fn step(
     r: &Registrar,
     inputs: Inputs,
@@ -225,14 +261,32 @@ fn step(
     teacher: Option<(&str, Config)>,
     mode: Teacher,
     lr: f64,
+    import: Option<&TensorMap>,
 ) -> Result<Step> {
+    let inputs = match import {
+        Some(tensors) => import_batch(inputs, tensors)?,
+        None => inputs,
+    };
     let (model, varmap) = build_model(r, &inputs.info, student.0, student.1, 1)?;
     let teacher = match teacher {
-        Some((name, config)) => Some(build_model(r, &inputs.info, name, config, 0)?.0),
+        Some((name, config)) => {
+            let (t, vars) = build_model(r, &inputs.info, name, config, 0)?;
+            if let (Some(tensors), Teacher::Live) = (import, mode) {
+                import_vars(&vars, tensors, "teacher.")?;
+            }
+            Some(t)
+        }
         None => None,
     };
-    let cached = match (&teacher, mode) {
-        (Some(t), Teacher::Cached) => Some(ModelOutput {
+    if let Some(tensors) = import {
+        import_vars(&varmap, tensors, "student.")?;
+    }
+    let cached = match (&teacher, mode, import.and_then(|t| t.get("teacher_logits"))) {
+        (Some(_), Teacher::Cached, Some(logits)) => Some(ModelOutput {
+            logits: logits.to_dtype(DType::F32)?,
+            features: BTreeMap::new(),
+        }),
+        (Some(t), Teacher::Cached, None) => Some(ModelOutput {
             logits: t.forward(&inputs.batch.inputs, false)?.logits.detach(),
             features: BTreeMap::new(),
         }),
@@ -282,6 +336,12 @@ fn step(
 
 /// The step `name` of [`STEPS`], built with the models `r` registers.
 pub fn build(r: &Registrar, name: &str) -> Result<Step> {
+    build_with(r, name, None)
+}
+
+/// The step `name` with weights, batch and cached teacher logits from `import` when given (the
+/// PyTorch reference's export), so that both sides train the same numbers.
+pub fn build_with(r: &Registrar, name: &str, import: Option<&TensorMap>) -> Result<Step> {
     let dev = Device::Cpu;
     let mlp = |hidden: &[usize]| json!({ "hidden": hidden });
     match name {
@@ -299,6 +359,7 @@ pub fn build(r: &Registrar, name: &str) -> Result<Step> {
                 teacher,
                 mode,
                 1e-3,
+                import,
             )
         }
         "cnn-kd" => step(
@@ -311,6 +372,7 @@ pub fn build(r: &Registrar, name: &str) -> Result<Step> {
             )),
             Teacher::Live,
             1e-3,
+            import,
         ),
         "mobilenet-kd-cached" => step(
             r,
@@ -319,6 +381,7 @@ pub fn build(r: &Registrar, name: &str) -> Result<Step> {
             Some(("vision.mlp", mlp(&[64]))),
             Teacher::Cached,
             1e-3,
+            import,
         ),
         "resnet-alone" => step(
             r,
@@ -327,6 +390,7 @@ pub fn build(r: &Registrar, name: &str) -> Result<Step> {
             None,
             Teacher::None,
             1e-3,
+            import,
         ),
         "transformer-kd-cached" | "bilstm-kd-cached" | "textcnn-kd-cached" => {
             let (model, batch) = match name {
@@ -341,6 +405,7 @@ pub fn build(r: &Registrar, name: &str) -> Result<Step> {
                 Some(("nlp.textcnn", json!({"filters": 16}))),
                 Teacher::Cached,
                 1e-3,
+                import,
             )
         }
         "neumf-mf-kd" => step(
@@ -350,6 +415,7 @@ pub fn build(r: &Registrar, name: &str) -> Result<Step> {
             Some(("recsys.neumf", json!({"dim": 16, "layers": [32, 16]}))),
             Teacher::Live,
             1e-2,
+            import,
         ),
         other => Err(Error::Invalid(format!(
             "no bench step `{other}`; the steps: {}",

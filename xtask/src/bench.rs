@@ -2,7 +2,9 @@
 //! binary, one process per measurement, so that each has its own peak memory) and, with
 //! `--compare`, the PyTorch reference `benches/reference/steps.py` on the same steps, shapes and
 //! threads, alternating ours and the reference (A B A B ...) round by round; prints the medians,
-//! their ratio and peak resident memory.
+//! their ratio and peak resident memory. `--check` trains the steps whose models mirror each
+//! other weight for weight from the reference's exported weights and batch, and compares the
+//! losses of 10 optimizer steps.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -76,6 +78,81 @@ fn torch_available() -> std::result::Result<String, String> {
             .to_string()),
         Err(e) => Err(format!("python3: {e}")),
     }
+}
+
+/// The steps `--check` compares: their reference models export weights under our names.
+pub const CHECKED: [&str; 4] = ["mlp-kd", "mlp-kd-cached", "cnn-kd", "transformer-kd-cached"];
+
+/// The largest relative difference of the losses `ours` and `theirs` allow.
+pub const CHECK_TOLERANCE: f64 = 1e-4;
+
+fn losses(out: &std::process::Output, what: &str) -> Result<Vec<f64>> {
+    if !out.status.success() {
+        bail!(
+            "{what} failed with {}:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(text.lines().last().unwrap_or_default())
+        .with_context(|| format!("{what} printed {text:?}, not JSON"))?;
+    v["losses"]
+        .as_array()
+        .context("no losses")?
+        .iter()
+        .map(|l| l.as_f64().context("a loss is not a number"))
+        .collect()
+}
+
+/// Trains each of [`CHECKED`] for 10 steps from the reference's exported weights and batch on
+/// both sides and compares the losses; an error when one differs by more than
+/// [`CHECK_TOLERANCE`] relative.
+pub fn check(root: &Path, ours: &Path, threads: usize) -> Result<()> {
+    if let Err(why) = torch_available() {
+        bail!("--check needs PyTorch for python3 ({why})");
+    }
+    let dir = std::env::temp_dir().join(format!("distill-bench-check-{}", std::process::id()));
+    let mut worst = 0.0f64;
+    for step in CHECKED {
+        let folder = dir.join(step);
+        let theirs = Command::new("python3")
+            .arg(root.join("benches/reference/steps.py"))
+            .args([step, "--threads", &threads.to_string(), "--export"])
+            .arg(&folder)
+            .output()
+            .context("running the PyTorch reference")?;
+        let theirs = losses(&theirs, &format!("steps.py {step} --export"))?;
+        let mine = Command::new(ours)
+            .args([step, "--check"])
+            .arg(&folder)
+            .output()
+            .with_context(|| format!("running {}", ours.display()))?;
+        let mine = losses(&mine, &format!("bench-step {step} --check"))?;
+        let diff = mine
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs() / b.abs().max(1e-12))
+            .fold(0.0, f64::max);
+        println!(
+            "{step:<24} 10 steps from the same weights: largest relative loss difference {diff:.2e} (first {:.6} vs {:.6}, last {:.6} vs {:.6})",
+            mine[0],
+            theirs[0],
+            mine[mine.len() - 1],
+            theirs[theirs.len() - 1]
+        );
+        worst = worst.max(diff);
+        if mine.len() != theirs.len() {
+            bail!("{step}: {} losses against {}", mine.len(), theirs.len());
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    if worst > CHECK_TOLERANCE {
+        bail!(
+            "losses differ from PyTorch's by up to {worst:.2e} relative (allowed {CHECK_TOLERANCE:.0e})"
+        );
+    }
+    Ok(())
 }
 
 /// Runs the bench; prints one row per step.

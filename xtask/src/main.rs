@@ -59,6 +59,11 @@ enum Task {
         /// Also run the PyTorch reference, round by round (ours, then theirs).
         #[arg(long)]
         compare: bool,
+        /// Instead of timing: train the steps whose reference models mirror ours weight for
+        /// weight (MLP, CNN, transformer) from the reference's exported weights and batch, and
+        /// compare the losses of 10 optimizer steps (relative difference <= 1e-4).
+        #[arg(long)]
+        check: bool,
         /// Rounds per step.
         #[arg(long, default_value_t = 5)]
         rounds: usize,
@@ -132,6 +137,7 @@ fn main() -> Result<()> {
         Task::Bench {
             steps,
             compare,
+            check,
             rounds,
             seconds,
             threads,
@@ -146,6 +152,9 @@ fn main() -> Result<()> {
                     .map(|n| n.get())
                     .unwrap_or(1)
             });
+            if check {
+                return bench::check(&workspace_root()?, &ours, threads);
+            }
             let opts = bench::BenchOptions {
                 ours: &ours,
                 steps,

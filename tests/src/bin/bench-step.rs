@@ -1,6 +1,8 @@
 //! `bench-step <step> [--seconds S]`: times one training step of `distill_tests::steps` in this
 //! process and prints one JSON line: steps per second, the steps and seconds timed, peak resident
-//! memory (VmHWM) and the last loss. `bench-step --list` lists the steps. Threads come from
+//! memory (VmHWM) and the last loss. `bench-step --list` lists the steps. `bench-step <step>
+//! --check DIR` trains 10 steps from the weights and batch the PyTorch reference exported to
+//! `DIR/inputs.safetensors` and prints their losses. Threads come from
 //! `RAYON_NUM_THREADS` and `CANDLE_NUM_THREADS`; `cargo xtask bench` sets both, and the
 //! allocator thresholds, as it does for workers.
 
@@ -8,7 +10,7 @@ use std::time::Instant;
 
 use distill_host::PluginHost;
 use distill_tests::plugin_path;
-use distill_tests::steps::{PLUGINS, STEPS, build};
+use distill_tests::steps::{PLUGINS, STEPS, build_with};
 
 /// Peak resident set size of this process in MiB (Linux; `None` elsewhere).
 fn peak_rss_mib() -> Option<f64> {
@@ -26,18 +28,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         return Ok(());
     }
-    let usage = "usage: bench-step <step> [--seconds S] | --list";
+    let usage = "usage: bench-step <step> [--seconds S | --check DIR] | --list";
     let name = args.first().ok_or(usage)?;
-    let seconds: f64 = match args.get(1).map(String::as_str) {
-        Some("--seconds") => args.get(2).ok_or(usage)?.parse()?,
-        Some(other) => return Err(format!("unknown argument {other}; {usage}").into()),
-        None => 5.0,
-    };
     let mut host = PluginHost::new();
     for plugin in PLUGINS {
         host.load(&plugin_path(plugin))?;
     }
-    let mut step = build(host.registrar(), name)?;
+    let seconds: f64 = match args.get(1).map(String::as_str) {
+        Some("--seconds") => args.get(2).ok_or(usage)?.parse()?,
+        Some("--check") => {
+            let path = std::path::Path::new(args.get(2).ok_or(usage)?).join("inputs.safetensors");
+            let tensors =
+                distill_rt::candle::safetensors::load(&path, &distill_rt::candle::Device::Cpu)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+            let tensors = tensors.into_iter().collect();
+            let mut step = build_with(host.registrar(), name, Some(&tensors))?;
+            let losses = (0..10)
+                .map(|_| step.run())
+                .collect::<distill_rt::Result<Vec<f32>>>()?;
+            println!("{}", serde_json::json!({"step": name, "losses": losses}));
+            return Ok(());
+        }
+        Some(other) => return Err(format!("unknown argument {other}; {usage}").into()),
+        None => 5.0,
+    };
+    let mut step = build_with(host.registrar(), name, None)?;
     for _ in 0..3 {
         step.run()?;
     }

@@ -603,8 +603,15 @@ fn a_killed_run_resumes_without_rerunning_finished_jobs() -> Result<()> {
     }
     orchestrator.kill()?; // SIGKILL
     orchestrator.wait()?;
-    for pid in workers(&resumed) {
-        Command::new("kill").args(["-9", &pid]).status()?;
+    // Kill its workers, also one forked just before the kill that execs only now: watch for a
+    // second after the last one found.
+    let mut quiet_since = Instant::now();
+    while quiet_since.elapsed() < Duration::from_secs(1) {
+        for pid in workers(&resumed) {
+            Command::new("kill").args(["-9", &pid]).status()?;
+            quiet_since = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
     let before = records(&resumed);
     assert!(

@@ -13,6 +13,7 @@ pub mod data;
 mod error;
 mod guard;
 pub mod init;
+pub mod kernels;
 pub use guard::contain;
 pub mod metrics;
 pub mod model;

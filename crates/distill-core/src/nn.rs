@@ -54,10 +54,8 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut shape = x.dims().to_vec();
         let rows = x.elem_count() / self.input.max(1);
-        let y = x
-            .reshape((rows, self.input))?
-            .matmul(&self.weight.t()?)?
-            .broadcast_add(&self.bias)?;
+        let y = x.reshape((rows, self.input))?.matmul(&self.weight.t()?)?;
+        let y = crate::kernels::channel_add(&y, &self.bias, 1)?;
         if let Some(last) = shape.last_mut() {
             *last = self.output;
         }

@@ -85,7 +85,9 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
     let centred = x.broadcast_sub(&mean)?;
     let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
-    Ok(normed.broadcast_mul(gamma)?.broadcast_add(beta)?)
+    let last = x.rank().saturating_sub(1);
+    let scaled = crate::kernels::channel_mul(&normed, gamma, last)?;
+    crate::kernels::channel_add(&scaled, beta, last)
 }
 
 /// The L2 norm along `dim` (kept as a size-1 dimension), never below `floor`: `sqrt(max(sum x^2,

@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 
 use distill_rt::candle::Tensor;
 use distill_rt::candle_nn::{VarBuilder, ops::sigmoid};
+use distill_rt::kernels::channel_add;
 use distill_rt::model::PENULTIMATE;
 use distill_rt::nn::{Embedding, Linear, fan_in_init};
 use distill_rt::serde::Deserialize;
@@ -315,9 +316,8 @@ impl Lstm {
             .transpose(0, 1)?
             .contiguous()?
             .reshape((t * b, x.dim(2)?))?
-            .matmul(&self.w_ih.t()?)?
-            .broadcast_add(&self.bias)?
-            .reshape((t, b, 4 * h))?;
+            .matmul(&self.w_ih.t()?)?;
+        let gates_in = channel_add(&gates_in, &self.bias, 1)?.reshape((t, b, 4 * h))?;
         let w_hh = self.w_hh.t()?;
         let mut state = Tensor::zeros((b, h), x.dtype(), x.device())?;
         let mut cell = state.clone();

@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 
 use distill_rt::candle::{D, Tensor};
 use distill_rt::candle_nn::{Init, VarBuilder};
+use distill_rt::kernels::channel_add;
 use distill_rt::model::PENULTIMATE;
 use distill_rt::nn::{Embedding, Linear, fan_in_init};
 use distill_rt::serde::Deserialize;
@@ -92,10 +93,7 @@ impl Tower {
         let w_user = self.first_weight.narrow(1, 0, self.dim)?;
         let w_item = self.first_weight.narrow(1, self.dim, self.dim)?;
         let from_user = p.matmul(&w_user.t()?)?.unsqueeze(1)?;
-        let from_item = q
-            .matmul(&w_item.t()?)?
-            .broadcast_add(&self.first_bias)?
-            .unsqueeze(0)?;
+        let from_item = channel_add(&q.matmul(&w_item.t()?)?, &self.first_bias, 1)?.unsqueeze(0)?;
         let mut h = from_user.broadcast_add(&from_item)?.relu()?;
         for layer in &self.rest {
             h = layer.forward(&h)?.relu()?;
@@ -162,8 +160,7 @@ impl Model for Recommender {
         let (scores, penultimate, p, q) = match &self.kind {
             Kind::Mf { tables, item_bias } => {
                 let (p, q) = tables.lookup(users)?;
-                let bias = item_bias.weight().t()?;
-                let scores = p.matmul(&q.t()?)?.broadcast_add(&bias)?;
+                let scores = channel_add(&p.matmul(&q.t()?)?, item_bias.weight(), 1)?;
                 (Some(scores), pairwise_product(&p, &q)?, p, q)
             }
             Kind::Gmf { tables } => {

@@ -5,6 +5,7 @@
 
 use distill_rt::candle::{D, Tensor};
 use distill_rt::candle_nn::{Init, VarBuilder};
+use distill_rt::kernels::{channel_add, channel_mul};
 pub use distill_rt::nn::Linear;
 use distill_rt::nn::fan_in_init;
 use distill_rt::{Error, Result};
@@ -59,7 +60,7 @@ impl Conv {
         } else {
             x.conv2d(&self.weight, self.padding, self.stride, 1, self.groups)?
         };
-        Ok(y.broadcast_add(&self.bias.reshape((1, self.output, 1, 1))?)?)
+        channel_add(&y, &self.bias, 1)
     }
 
     /// Output size for an input of `size` pixels per side.
@@ -132,8 +133,8 @@ pub fn depthwise(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> 
         let tap = weight
             .narrow(2, n / k, 1)?
             .narrow(3, n % k, 1)?
-            .reshape((1, c, 1, 1))?;
-        let term = view.broadcast_mul(&tap)?;
+            .reshape(c)?;
+        let term = channel_mul(&view, &tap, 1)?;
         acc = Some(match acc {
             Some(a) => (a + term)?,
             None => term,
@@ -148,7 +149,6 @@ pub struct GroupNorm {
     gamma: Tensor,
     beta: Tensor,
     groups: usize,
-    channels: usize,
 }
 
 impl GroupNorm {
@@ -162,7 +162,6 @@ impl GroupNorm {
             gamma: vb.get_with_hints(channels, "weight", Init::Const(1.0))?,
             beta: vb.get_with_hints(channels, "bias", Init::Const(0.0))?,
             groups: g,
-            channels,
         })
     }
 
@@ -176,10 +175,7 @@ impl GroupNorm {
         let normed = centred
             .broadcast_div(&(var + 1e-5)?.sqrt()?)?
             .reshape((b, c, h, w))?;
-        let shape = (1, self.channels, 1, 1);
-        Ok(normed
-            .broadcast_mul(&self.gamma.reshape(shape)?)?
-            .broadcast_add(&self.beta.reshape(shape)?)?)
+        channel_add(&channel_mul(&normed, &self.gamma, 1)?, &self.beta, 1)
     }
 }
 

@@ -9,7 +9,7 @@
 //! trailing dimensions and with a matrix product instead. Each is tested against the composed
 //! candle ops (values and gradients) and against finite differences.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 
 use crate::{Error, Result};
 
@@ -182,6 +182,250 @@ pub fn channel_mul(x: &Tensor, v: &Tensor, dim: usize) -> Result<Tensor> {
     channel_op(x, v, dim, Combine::Mul)
 }
 
+/// Group normalisation of a contiguous `[batch, channels, spatial...]` tensor: statistics per
+/// sample and group of `channels / groups` channels, then `gamma`, `beta` per channel.
+struct GroupNormOp {
+    groups: usize,
+    eps: f64,
+}
+
+/// `(batch, channels, spatial)` of `shape`: its first, second and the product of the rest.
+fn norm_dims(shape: &Shape) -> (usize, usize, usize) {
+    let dims = shape.dims();
+    (dims[0], dims[1], dims[2..].iter().product())
+}
+
+impl GroupNormOp {
+    /// Mean and `1 / sqrt(var + eps)` of one group's values.
+    fn stats<T: WithDType>(&self, values: &[T]) -> (f64, f64) {
+        let n = values.len() as f64;
+        let mean = values.iter().map(|v| v.to_f64()).sum::<f64>() / n;
+        let var = values
+            .iter()
+            .map(|v| (v.to_f64() - mean).powi(2))
+            .sum::<f64>()
+            / n;
+        (mean, 1.0 / (var + self.eps).sqrt())
+    }
+
+    fn forward<T: WithDType>(&self, x: &[T], gamma: &[T], beta: &[T], shape: &Shape) -> Vec<T> {
+        let (_, channels, spatial) = norm_dims(shape);
+        let per_group = channels / self.groups * spatial;
+        let mut out = vec![T::zero(); x.len()];
+        for (g, (xs, ys)) in x
+            .chunks(per_group)
+            .zip(out.chunks_mut(per_group))
+            .enumerate()
+        {
+            let (mean, rstd) = self.stats(xs);
+            let first_channel = (g % self.groups) * (channels / self.groups);
+            for (c, (xc, yc)) in xs.chunks(spatial).zip(ys.chunks_mut(spatial)).enumerate() {
+                let (w, b) = (
+                    gamma[first_channel + c].to_f64() * rstd,
+                    beta[first_channel + c].to_f64(),
+                );
+                let shift = b - mean * w;
+                for (xv, yv) in xc.iter().zip(yc.iter_mut()) {
+                    *yv = T::from_f64(xv.to_f64() * w + shift);
+                }
+            }
+        }
+        out
+    }
+
+    /// `dx`, then `dgamma` and `dbeta` (`channels` each), in one vector.
+    fn backward<T: WithDType>(&self, x: &[T], gamma: &[T], dy: &[T], shape: &Shape) -> Vec<T> {
+        let (_, channels, spatial) = norm_dims(shape);
+        let per_group = channels / self.groups * spatial;
+        let mut out = vec![T::zero(); x.len() + 2 * channels];
+        let (dx, params) = out.split_at_mut(x.len());
+        let mut dgamma = vec![0f64; channels];
+        let mut dbeta = vec![0f64; channels];
+        let n = per_group as f64;
+        for (g, ((xs, dys), dxs)) in x
+            .chunks(per_group)
+            .zip(dy.chunks(per_group))
+            .zip(dx.chunks_mut(per_group))
+            .enumerate()
+        {
+            let (mean, rstd) = self.stats(xs);
+            let first_channel = (g % self.groups) * (channels / self.groups);
+            // dxhat = dy * gamma; dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
+            let (mut sum_dxhat, mut sum_dxhat_xhat) = (0.0, 0.0);
+            for (c, (xc, dyc)) in xs.chunks(spatial).zip(dys.chunks(spatial)).enumerate() {
+                let ch = first_channel + c;
+                let w = gamma[ch].to_f64();
+                for (xv, dv) in xc.iter().zip(dyc) {
+                    let (xhat, d) = ((xv.to_f64() - mean) * rstd, dv.to_f64());
+                    dgamma[ch] += d * xhat;
+                    dbeta[ch] += d;
+                    sum_dxhat += d * w;
+                    sum_dxhat_xhat += d * w * xhat;
+                }
+            }
+            let (mean_dxhat, mean_dxhat_xhat) = (sum_dxhat / n, sum_dxhat_xhat / n);
+            for (c, ((xc, dyc), dxc)) in xs
+                .chunks(spatial)
+                .zip(dys.chunks(spatial))
+                .zip(dxs.chunks_mut(spatial))
+                .enumerate()
+            {
+                let w = gamma[first_channel + c].to_f64();
+                for ((xv, dv), out) in xc.iter().zip(dyc).zip(dxc.iter_mut()) {
+                    let xhat = (xv.to_f64() - mean) * rstd;
+                    let dxhat = dv.to_f64() * w;
+                    *out = T::from_f64(rstd * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat));
+                }
+            }
+        }
+        for (c, (dg, db)) in dgamma.iter().zip(&dbeta).enumerate() {
+            params[c] = T::from_f64(*dg);
+            params[channels + c] = T::from_f64(*db);
+        }
+        out
+    }
+}
+
+/// Runs `f` on the three f32 (or f64) slices of contiguous storages.
+macro_rules! on_slices {
+    ($name:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), ($s3:expr, $l3:expr), $f:expr) => {
+        match ($s1, $s2, $s3) {
+            (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) => CpuStorage::F32($f(
+                contiguous(a, $l1, $name)?,
+                contiguous(b, $l2, $name)?,
+                contiguous(c, $l3, $name)?,
+            )),
+            (CpuStorage::F64(a), CpuStorage::F64(b), CpuStorage::F64(c)) => CpuStorage::F64($f(
+                contiguous(a, $l1, $name)?,
+                contiguous(b, $l2, $name)?,
+                contiguous(c, $l3, $name)?,
+            )),
+            _ => candle_core::bail!("{}: f32 or f64 tensors of one dtype", $name),
+        }
+    };
+}
+
+impl CustomOp3 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        "group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let shape = l1.shape();
+        let out = on_slices!(self.name(), (s1, l1), (s2, l2), (s3, l3), |x, g, b| self
+            .forward(x, g, b, shape));
+        Ok((out, shape.clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let packed = x.apply_op3_no_bwd(
+            gamma,
+            &grad,
+            &GroupNormGrad {
+                groups: self.groups,
+                eps: self.eps,
+            },
+        )?;
+        let (n, channels) = (x.elem_count(), gamma.elem_count());
+        Ok((
+            Some(packed.narrow(0, 0, n)?.reshape(x.shape())?),
+            Some(packed.narrow(0, n, channels)?),
+            Some(packed.narrow(0, n + channels, channels)?),
+        ))
+    }
+}
+
+/// The backward pass of [`GroupNormOp`] on `(x, gamma, dy)`: `dx`, `dgamma`, `dbeta` packed into
+/// one vector.
+struct GroupNormGrad {
+    groups: usize,
+    eps: f64,
+}
+
+impl CustomOp3 for GroupNormGrad {
+    fn name(&self) -> &'static str {
+        "group-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let op = GroupNormOp {
+            groups: self.groups,
+            eps: self.eps,
+        };
+        let shape = l1.shape();
+        let out = on_slices!(self.name(), (s1, l1), (s2, l2), (s3, l3), |x, g, d| op
+            .backward(x, g, d, shape));
+        let len = shape.elem_count() + 2 * shape.dims()[1];
+        Ok((out, Shape::from(len)))
+    }
+}
+
+/// Group normalisation (Wu & He 2018) of `x` (`[batch, channels, spatial...]`): mean and biased
+/// variance per sample and group of `channels / groups` channels, then `* gamma + beta` per
+/// channel. One pass for the statistics and one for the output, and a fused backward pass, where
+/// the composed form makes a dozen full-size tensors. Layer normalisation over the last
+/// dimension is the case of one group on `[rows, features]`.
+pub fn group_norm(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    groups: usize,
+    eps: f64,
+) -> Result<Tensor> {
+    let dims = x.dims();
+    let channels = dims.get(1).copied().unwrap_or(0);
+    if dims.len() < 2
+        || groups == 0
+        || !channels.is_multiple_of(groups)
+        || gamma.elem_count() != channels
+        || beta.elem_count() != channels
+    {
+        return Err(Error::Invalid(format!(
+            "group_norm: {groups} groups, gamma {:?} and beta {:?} do not fit {dims:?} (channels second)",
+            gamma.dims(),
+            beta.dims()
+        )));
+    }
+    if !matches!(x.dtype(), DType::F32 | DType::F64)
+        || gamma.dtype() != x.dtype()
+        || beta.dtype() != x.dtype()
+    {
+        return Err(Error::Invalid(format!(
+            "group_norm needs f32 or f64 of one dtype, got {:?}",
+            x.dtype()
+        )));
+    }
+    Ok(x.contiguous()?.apply_op3(
+        &gamma.flatten_all()?.contiguous()?,
+        &beta.flatten_all()?.contiguous()?,
+        GroupNormOp { groups, eps },
+    )?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,6 +501,98 @@ mod tests {
                 let err = max_relative_error(analytic, &numeric, 1e-6)?;
                 assert!(err < 1e-6, "{combine:?}: relative error {err}");
             }
+        }
+        Ok(())
+    }
+
+    /// The composed form: statistics per sample and group, then the per-channel affine map.
+    fn composed_group_norm(
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        groups: usize,
+    ) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let grouped = x.reshape((dims[0], groups, ()))?;
+        let mean = grouped.mean_keepdim(2)?;
+        let centred = grouped.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(2)?;
+        let normed = centred
+            .broadcast_div(&(var + 1e-5)?.sqrt()?)?
+            .reshape(dims.as_slice())?;
+        let mut view = vec![1; dims.len()];
+        view[1] = dims[1];
+        Ok(normed
+            .broadcast_mul(&gamma.reshape(view.as_slice())?)?
+            .broadcast_add(&beta.reshape(view.as_slice())?)?)
+    }
+
+    #[test]
+    fn group_norm_equals_the_composed_form_with_its_gradients() -> Result<()> {
+        for (shape, groups) in [(vec![3, 4, 2, 3], 2), (vec![2, 6, 5], 3), (vec![5, 7], 1)] {
+            let x = Var::from_tensor(&seq(&shape, 2.0)?)?;
+            let gamma = Var::from_tensor(&(seq(&[shape[1]], 0.5)? + 1.0)?)?;
+            let beta = Var::from_tensor(&seq(&[shape[1]], 0.3)?)?;
+            let w = seq(&shape, 0.7)?;
+            let ours = group_norm(
+                x.as_tensor(),
+                gamma.as_tensor(),
+                beta.as_tensor(),
+                groups,
+                1e-5,
+            )?;
+            let theirs =
+                composed_group_norm(x.as_tensor(), gamma.as_tensor(), beta.as_tensor(), groups)?;
+            assert!(max_abs_difference(&ours, &theirs)? < 1e-12, "{shape:?}");
+            let g1 = (&ours * &w)?.sqr()?.sum_all()?.backward()?;
+            let g2 = (&theirs * &w)?.sqr()?.sum_all()?.backward()?;
+            for var in [&x, &gamma, &beta] {
+                match (g1.get(var.as_tensor()), g2.get(var.as_tensor())) {
+                    (Some(a), Some(b)) => {
+                        let err = max_relative_error(a, b, 1e-9)?;
+                        assert!(err < 1e-9, "{shape:?}: relative error {err}");
+                    }
+                    _ => panic!("{shape:?}: a gradient is missing"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn group_norm_matches_finite_differences() -> Result<()> {
+        let (x, gamma, beta) = (
+            seq(&[2, 4, 3], 2.0)?,
+            (seq(&[4], 0.5)? + 1.0)?,
+            seq(&[4], 0.3)?,
+        );
+        let w = seq(&[2, 4, 3], 0.7)?;
+        let loss = |x: &Tensor, g: &Tensor, b: &Tensor| -> Result<Tensor> {
+            Ok((group_norm(x, g, b, 2, 1e-5)? * &w)?.sqr()?.sum_all()?)
+        };
+        let vars = [
+            Var::from_tensor(&x)?,
+            Var::from_tensor(&gamma)?,
+            Var::from_tensor(&beta)?,
+        ];
+        let grads = loss(
+            vars[0].as_tensor(),
+            vars[1].as_tensor(),
+            vars[2].as_tensor(),
+        )?
+        .backward()?;
+        let scalar = |t: Tensor| -> Result<f64> { Ok(t.to_scalar::<f64>()?) };
+        let numeric = [
+            central_differences(|v| scalar(loss(v, &gamma, &beta)?), &x, 1e-6)?,
+            central_differences(|v| scalar(loss(&x, v, &beta)?), &gamma, 1e-6)?,
+            central_differences(|v| scalar(loss(&x, &gamma, v)?), &beta, 1e-6)?,
+        ];
+        for (var, numeric) in vars.iter().zip(&numeric) {
+            let analytic = grads
+                .get(var.as_tensor())
+                .ok_or_else(|| Error::Invalid("no gradient".into()))?;
+            let err = max_relative_error(analytic, numeric, 1e-6)?;
+            assert!(err < 1e-5, "relative error {err}");
         }
         Ok(())
     }

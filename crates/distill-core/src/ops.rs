@@ -80,14 +80,12 @@ pub fn is_relevance(logits: &Tensor, targets: &Tensor) -> bool {
 
 /// Layer normalisation over the last dimension: `(x - mean) / sqrt(var + eps) * gamma + beta`,
 /// with the biased variance, as PyTorch's `LayerNorm`.
+/// One fused kernel ([`crate::kernels::group_norm`] with one group on `[rows, features]`).
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let centred = x.broadcast_sub(&mean)?;
-    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
-    let last = x.rank().saturating_sub(1);
-    let scaled = crate::kernels::channel_mul(&normed, gamma, last)?;
-    crate::kernels::channel_add(&scaled, beta, last)
+    let features = x.dims().last().copied().unwrap_or(0);
+    let rows = x.elem_count() / features.max(1);
+    let y = crate::kernels::group_norm(&x.reshape((rows, features))?, gamma, beta, 1, eps)?;
+    Ok(y.reshape(x.shape())?)
 }
 
 /// The L2 norm along `dim` (kept as a size-1 dimension), never below `floor`: `sqrt(max(sum x^2,

@@ -5,7 +5,7 @@
 
 use distill_rt::candle::{D, Tensor};
 use distill_rt::candle_nn::{Init, VarBuilder};
-use distill_rt::kernels::{channel_add, channel_mul};
+use distill_rt::kernels::{channel_add, channel_mul, group_norm};
 pub use distill_rt::nn::Linear;
 use distill_rt::nn::fan_in_init;
 use distill_rt::{Error, Result};
@@ -165,17 +165,9 @@ impl GroupNorm {
         })
     }
 
-    /// Normalises `x`.
+    /// Normalises `x` (one fused kernel, [`distill_rt::kernels::group_norm`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        let grouped = x.reshape((b, self.groups, c / self.groups * h * w))?;
-        let mean = grouped.mean_keepdim(D::Minus1)?;
-        let centred = grouped.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centred
-            .broadcast_div(&(var + 1e-5)?.sqrt()?)?
-            .reshape((b, c, h, w))?;
-        channel_add(&channel_mul(&normed, &self.gamma, 1)?, &self.beta, 1)
+        group_norm(x, &self.gamma, &self.beta, self.groups, 1e-5)
     }
 }
 

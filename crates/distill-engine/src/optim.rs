@@ -7,7 +7,7 @@
 use distill_rt::candle::backprop::GradStore;
 use distill_rt::candle::{DType, Tensor, Var};
 use distill_rt::serde::{Deserialize, Serialize};
-use distill_rt::{Error, Result};
+use distill_rt::{Error, Result, kernels};
 
 /// Which optimizer, with its hyper-parameters.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -133,10 +133,9 @@ impl Schedule {
 pub struct Optimizer {
     config: OptimizerConfig,
     vars: Vec<Var>,
-    /// AdamW: first moments; SGD: momentum buffers.
-    first: Vec<Option<Tensor>>,
-    /// AdamW: second moments.
-    second: Vec<Option<Tensor>>,
+    /// AdamW: the packed moments `[m; v]` (updated in place, `kernels::adamw_step`); SGD:
+    /// momentum buffers.
+    state: Vec<Option<Tensor>>,
     steps: Vec<i32>,
 }
 
@@ -148,8 +147,7 @@ impl Optimizer {
         Ok(Self {
             config,
             vars,
-            first: vec![None; n],
-            second: vec![None; n],
+            state: vec![None; n],
             steps: vec![0; n],
         })
     }
@@ -179,24 +177,24 @@ impl Optimizer {
             let p = var.as_tensor();
             match self.config {
                 OptimizerConfig::AdamW { weight_decay, .. } => {
-                    let (b1, b2, eps) = (0.9, 0.999, 1e-8);
                     self.steps[i] += 1;
-                    let t = self.steps[i];
-                    let m = match &self.first[i] {
-                        Some(m) => ((m * b1)? + (g * (1.0 - b1))?)?,
-                        None => (g * (1.0 - b1))?,
+                    let moments = match &self.state[i] {
+                        Some(m) => m.clone(),
+                        None => {
+                            let m = kernels::adamw_moments(p)?;
+                            self.state[i] = Some(m.clone());
+                            m
+                        }
                     };
-                    let v = match &self.second[i] {
-                        Some(v) => ((v * b2)? + (g.sqr()? * (1.0 - b2))?)?,
-                        None => (g.sqr()? * (1.0 - b2))?,
+                    let hyper = kernels::AdamW {
+                        lr,
+                        weight_decay,
+                        beta1: 0.9,
+                        beta2: 0.999,
+                        eps: 1e-8,
+                        step: self.steps[i],
                     };
-                    let m_hat = (&m / (1.0 - b1.powi(t)))?;
-                    let v_hat = (&v / (1.0 - b2.powi(t)))?;
-                    let update = (m_hat / (v_hat.sqrt()? + eps)?)?;
-                    let decayed = (p * (1.0 - lr * weight_decay))?;
-                    var.set(&(decayed - (update * lr)?)?)?;
-                    self.first[i] = Some(m.detach());
-                    self.second[i] = Some(v.detach());
+                    kernels::adamw_step(p, &moments, g, &hyper)?;
                 }
                 OptimizerConfig::Sgd {
                     momentum,
@@ -208,12 +206,12 @@ impl Optimizer {
                     } else {
                         g.clone()
                     };
-                    let buf = match &self.first[i] {
+                    let buf = match &self.state[i] {
                         Some(b) if momentum > 0.0 => ((b * momentum)? + &g)?,
                         _ => g,
                     };
                     var.set(&(p - (&buf * lr)?)?)?;
-                    self.first[i] = Some(buf.detach());
+                    self.state[i] = Some(buf.detach());
                 }
             }
         }
@@ -271,6 +269,38 @@ mod tests {
         Ok(())
     }
 
+    /// The fused in-place step equals PyTorch's AdamW written out with tensor ops, over several
+    /// steps with changing gradients.
+    #[test]
+    fn fused_adamw_equals_the_composed_update() -> Result<()> {
+        let (lr, wd, b1, b2, eps) = (0.01, 0.1, 0.9, 0.999, 1e-8);
+        let var = Var::new(&[0.5f64, -1.5, 2.0, 0.0], &Device::Cpu)?;
+        let mut opt = Optimizer::new(
+            OptimizerConfig::AdamW {
+                lr,
+                weight_decay: wd,
+            },
+            vec![var.clone()],
+        )?;
+        let mut p = var.as_tensor().copy()?;
+        let (mut m, mut v) = (p.zeros_like()?, p.zeros_like()?);
+        for t in 1..=5 {
+            // loss = sum(sin(p) * t): the gradient changes from step to step.
+            let grads = (var.as_tensor().sin()? * t as f64)?.sum_all()?.backward()?;
+            let g = (p.cos()? * t as f64)?;
+            opt.step(&grads, lr)?;
+            m = ((m * b1)? + (&g * (1.0 - b1))?)?;
+            v = ((v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let m_hat = (&m / (1.0 - b1.powi(t)))?;
+            let v_hat = (&v / (1.0 - b2.powi(t)))?;
+            let update = (m_hat / (v_hat.sqrt()? + eps)?)?;
+            p = ((&p * (1.0 - lr * wd))? - (update * lr)?)?;
+            let diff = (var.as_tensor() - &p)?.abs()?.max(0)?.to_scalar::<f64>()?;
+            assert!(diff < 1e-12, "step {t}: {diff}");
+        }
+        Ok(())
+    }
+
     #[test]
     fn moment_buffers_hold_no_graph() -> Result<()> {
         for config in [
@@ -290,7 +320,7 @@ mod tests {
                 let grads = var.as_tensor().sqr()?.sum_all()?.backward()?;
                 opt.step(&grads, 0.1)?;
             }
-            for buf in opt.first.iter().chain(&opt.second).flatten() {
+            for buf in opt.state.iter().flatten() {
                 assert!(!buf.track_op(), "an optimizer buffer keeps its graph");
             }
         }

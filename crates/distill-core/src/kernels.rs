@@ -566,6 +566,253 @@ pub fn adamw_step(p: &Tensor, moments: &Tensor, g: &Tensor, h: &AdamW) -> Result
     Ok(())
 }
 
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// One LSTM cell step on rows of `gates` (`[b, 4h]`, pre-activations in PyTorch's order i, f,
+/// g, o) and `state` (`[b, 2h]`: `[h | c]`); rows whose mask is 0 keep their state.
+fn cell_forward(gates: &[f64], state: &[f64], mask: &[f64], h: usize) -> Vec<f64> {
+    let mut out = vec![0.0; state.len()];
+    for (r, &m) in mask.iter().enumerate() {
+        let (g, st, o) = (
+            &gates[r * 4 * h..],
+            &state[r * 2 * h..],
+            &mut out[r * 2 * h..],
+        );
+        for j in 0..h {
+            let (i, f) = (sigmoid(g[j]), sigmoid(g[h + j]));
+            let (gg, og) = (g[2 * h + j].tanh(), sigmoid(g[3 * h + j]));
+            let (h_old, c_old) = (st[j], st[h + j]);
+            let c_new = f * c_old + i * gg;
+            let h_new = og * c_new.tanh();
+            o[j] = h_old + m * (h_new - h_old);
+            o[h + j] = c_old + m * (c_new - c_old);
+        }
+    }
+    out
+}
+
+/// The backward pass of [`cell_forward`]: `(d gates, d state)` from `d out`.
+fn cell_backward(
+    gates: &[f64],
+    state: &[f64],
+    mask: &[f64],
+    dout: &[f64],
+    h: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let (mut dgates, mut dstate) = (vec![0.0; gates.len()], vec![0.0; state.len()]);
+    for (r, &m) in mask.iter().enumerate() {
+        let (g, st, d) = (&gates[r * 4 * h..], &state[r * 2 * h..], &dout[r * 2 * h..]);
+        let (dg, ds) = (&mut dgates[r * 4 * h..], &mut dstate[r * 2 * h..]);
+        for j in 0..h {
+            let (i, f) = (sigmoid(g[j]), sigmoid(g[h + j]));
+            let (gg, og) = (g[2 * h + j].tanh(), sigmoid(g[3 * h + j]));
+            let c_old = st[h + j];
+            let tc = (f * c_old + i * gg).tanh();
+            let (dh_out, dc_out) = (d[j], d[h + j]);
+            let dh_new = m * dh_out;
+            let dc_new = m * dc_out + dh_new * og * (1.0 - tc * tc);
+            dg[j] = dc_new * gg * i * (1.0 - i);
+            dg[h + j] = dc_new * c_old * f * (1.0 - f);
+            dg[2 * h + j] = dc_new * i * (1.0 - gg * gg);
+            dg[3 * h + j] = dh_new * tc * og * (1.0 - og);
+            ds[j] = (1.0 - m) * dh_out;
+            ds[h + j] = (1.0 - m) * dc_out + dc_new * f;
+        }
+    }
+    (dgates, dstate)
+}
+
+/// One direction of an LSTM layer over a whole sequence as one op: the input contributions
+/// `gates_in` (`[t, b, 4h]`, bias included) are read once, so the backward pass writes their
+/// gradient once. (A per-step slice of a tensor has a backward that fills a zero tensor of the
+/// whole shape: T steps cost T full-size tensors, quadratic in the length.)
+struct LstmLayer {
+    backwards: bool,
+}
+
+/// f64 copies of a tensor's values (the recurrence runs in f64, like the other kernels).
+fn values(t: &Tensor) -> candle_core::Result<Vec<f64>> {
+    t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()
+}
+
+impl LstmLayer {
+    /// The step index of the `k`-th step taken.
+    fn step(&self, k: usize, t: usize) -> usize {
+        if self.backwards { t - 1 - k } else { k }
+    }
+
+    /// The states after every step, in the order taken: `[t, b, 2h]`.
+    fn run(
+        &self,
+        gates_in: &[f64],
+        w_hh: &Tensor,
+        mask: &[f64],
+        dims: (usize, usize, usize),
+    ) -> candle_core::Result<Vec<f64>> {
+        let (t, b, h) = dims;
+        let dev = w_hh.device();
+        let w_t = w_hh.t()?;
+        let mut state = vec![0.0; b * 2 * h];
+        let mut all = Vec::with_capacity(t * b * 2 * h);
+        for k in 0..t {
+            let s = self.step(k, t);
+            let hidden: Vec<f64> = (0..b)
+                .flat_map(|r| state[r * 2 * h..r * 2 * h + h].to_vec())
+                .collect();
+            let rec = Tensor::from_vec(hidden, (b, h), dev)?
+                .to_dtype(w_t.dtype())?
+                .matmul(&w_t)?;
+            let mut g = values(&rec)?;
+            for (gv, iv) in g
+                .iter_mut()
+                .zip(&gates_in[s * b * 4 * h..(s + 1) * b * 4 * h])
+            {
+                *gv += iv;
+            }
+            let m: Vec<f64> = (0..b).map(|r| mask[r * t + s]).collect();
+            state = cell_forward(&g, &state, &m, h);
+            all.extend_from_slice(&state);
+        }
+        Ok(all)
+    }
+}
+
+impl CustomOp3 for LstmLayer {
+    fn name(&self) -> &'static str {
+        "lstm-layer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (t, b, four_h) = l1.shape().dims3()?;
+        let h = four_h / 4;
+        let to_f64 = |s: &CpuStorage, l: &Layout| -> candle_core::Result<Vec<f64>> {
+            match s {
+                CpuStorage::F32(v) => Ok(contiguous(v, l, "lstm-layer")?
+                    .iter()
+                    .map(|x| *x as f64)
+                    .collect()),
+                CpuStorage::F64(v) => Ok(contiguous(v, l, "lstm-layer")?.to_vec()),
+                _ => candle_core::bail!("lstm-layer: f32 or f64 tensors"),
+            }
+        };
+        // The recurrent products run in the inputs' dtype; the cell arithmetic in f64.
+        let w_hh = Tensor::from_vec(to_f64(s2, l2)?, l2.shape(), &candle_core::Device::Cpu)?
+            .to_dtype(match s1 {
+                CpuStorage::F32(_) => DType::F32,
+                _ => DType::F64,
+            })?;
+        let all = self.run(&to_f64(s1, l1)?, &w_hh, &to_f64(s3, l3)?, (t, b, h))?;
+        let out = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(all.iter().map(|v| *v as f32).collect()),
+            _ => CpuStorage::F64(all),
+        };
+        Ok((out, Shape::from((t, b, 2 * h))))
+    }
+
+    fn bwd(
+        &self,
+        gates_in: &Tensor,
+        w_hh: &Tensor,
+        mask: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (t, b, four_h) = gates_in.dims3()?;
+        let h = four_h / 4;
+        let dev = gates_in.device().clone();
+        let (gi, masks, states, grads) = (
+            values(gates_in)?,
+            values(mask)?,
+            values(res)?,
+            values(grad)?,
+        );
+        let dtype = gates_in.dtype();
+        let w = w_hh.to_dtype(dtype)?;
+        let w_t = w.t()?;
+        let tensor = |v: Vec<f64>, shape: (usize, usize)| -> candle_core::Result<Tensor> {
+            Tensor::from_vec(v, shape, &dev)?.to_dtype(dtype)
+        };
+        let mut d_gates = vec![0.0; gi.len()];
+        let mut d_w = Tensor::zeros((four_h, h), dtype, &dev)?;
+        let mut carry = vec![0.0; b * 2 * h];
+        let zeros = vec![0.0; b * 2 * h];
+        for k in (0..t).rev() {
+            let s = self.step(k, t);
+            let prev = if k == 0 {
+                &zeros[..]
+            } else {
+                &states[(k - 1) * b * 2 * h..k * b * 2 * h]
+            };
+            let hidden: Vec<f64> = (0..b)
+                .flat_map(|r| prev[r * 2 * h..r * 2 * h + h].to_vec())
+                .collect();
+            let prev_h = tensor(hidden, (b, h))?;
+            let mut g = values(&prev_h.matmul(&w_t)?)?;
+            for (gv, iv) in g.iter_mut().zip(&gi[s * b * four_h..(s + 1) * b * four_h]) {
+                *gv += iv;
+            }
+            let dout: Vec<f64> = grads[k * b * 2 * h..(k + 1) * b * 2 * h]
+                .iter()
+                .zip(&carry)
+                .map(|(a, c)| a + c)
+                .collect();
+            let m: Vec<f64> = (0..b).map(|r| masks[r * t + s]).collect();
+            let (dg, mut dprev) = cell_backward(&g, prev, &m, &dout, h);
+            let dg_t = tensor(dg.clone(), (b, four_h))?;
+            d_w = (d_w + dg_t.t()?.matmul(&prev_h)?)?;
+            let dh = values(&dg_t.matmul(&w)?)?;
+            for r in 0..b {
+                for j in 0..h {
+                    dprev[r * 2 * h + j] += dh[r * h + j];
+                }
+            }
+            carry = dprev;
+            d_gates[s * b * four_h..(s + 1) * b * four_h].copy_from_slice(&dg);
+        }
+        Ok((
+            Some(Tensor::from_vec(d_gates, (t, b, four_h), &dev)?.to_dtype(dtype)?),
+            Some(d_w.to_dtype(w_hh.dtype())?),
+            None,
+        ))
+    }
+}
+
+/// One direction of an LSTM layer (PyTorch's gate order i, f, g, o) over a sequence, as one op:
+/// `gates_in` (`[t, b, 4h]`: the input contributions with the bias, time-major), the recurrent
+/// weight `w_hh` (`[4h, h]`) and `mask` (`[b, t]`; a padded step, 0, leaves the state as it is).
+/// Returns the state `[h | c]` after every step taken (`[t, b, 2h]`, in the order taken:
+/// reversed when `backwards`). Backpropagation through time runs inside the op.
+pub fn lstm_layer(
+    gates_in: &Tensor,
+    w_hh: &Tensor,
+    mask: &Tensor,
+    backwards: bool,
+) -> Result<Tensor> {
+    let (t, b, four_h) = gates_in.dims3()?;
+    if four_h % 4 != 0 || w_hh.dims() != [four_h, four_h / 4] || mask.dims() != [b, t] {
+        return Err(Error::Invalid(format!(
+            "lstm_layer: gates {:?}, w_hh {:?} and mask {:?} do not fit",
+            gates_in.dims(),
+            w_hh.dims(),
+            mask.dims()
+        )));
+    }
+    let mask = mask.to_dtype(gates_in.dtype())?.contiguous()?;
+    Ok(gates_in
+        .contiguous()?
+        .apply_op3(&w_hh.contiguous()?, &mask, LstmLayer { backwards })?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -726,6 +973,94 @@ mod tests {
             central_differences(|v| scalar(loss(v, &gamma, &beta)?), &x, 1e-6)?,
             central_differences(|v| scalar(loss(&x, v, &beta)?), &gamma, 1e-6)?,
             central_differences(|v| scalar(loss(&x, &gamma, v)?), &beta, 1e-6)?,
+        ];
+        for (var, numeric) in vars.iter().zip(&numeric) {
+            let analytic = grads
+                .get(var.as_tensor())
+                .ok_or_else(|| Error::Invalid("no gradient".into()))?;
+            let err = max_relative_error(analytic, numeric, 1e-6)?;
+            assert!(err < 1e-5, "relative error {err}");
+        }
+        Ok(())
+    }
+
+    /// The composed LSTM direction the kernel replaces (per-step slices and tensor ops).
+    fn composed_lstm(
+        gates_in: &Tensor,
+        w_hh: &Tensor,
+        mask: &Tensor,
+        backwards: bool,
+    ) -> Result<Tensor> {
+        let (t, b, four_h) = gates_in.dims3()?;
+        let h = four_h / 4;
+        let sig = |x: Tensor| -> Result<Tensor> { Ok((x.neg()?.exp()? + 1.0)?.recip()?) };
+        let mut state = Tensor::zeros((b, h), gates_in.dtype(), gates_in.device())?;
+        let mut cell = state.clone();
+        let mut all = Vec::new();
+        for k in 0..t {
+            let s = if backwards { t - 1 - k } else { k };
+            let g = (gates_in.get(s)? + state.matmul(&w_hh.t()?)?)?;
+            let i = sig(g.narrow(1, 0, h)?)?;
+            let f = sig(g.narrow(1, h, h)?)?;
+            let c = g.narrow(1, 2 * h, h)?.tanh()?;
+            let o = sig(g.narrow(1, 3 * h, h)?)?;
+            let new_cell = ((f * &cell)? + (i * c)?)?;
+            let new_state = (o * new_cell.tanh()?)?;
+            let m = mask.narrow(1, s, 1)?;
+            cell = (&cell + (new_cell - &cell)?.broadcast_mul(&m)?)?;
+            state = (&state + (new_state - &state)?.broadcast_mul(&m)?)?;
+            all.push(Tensor::cat(&[&state, &cell], 1)?);
+        }
+        Ok(Tensor::stack(&all, 0)?)
+    }
+
+    #[test]
+    fn lstm_layer_equals_the_composed_recurrence_with_its_gradients() -> Result<()> {
+        let (t, b, h) = (4, 3, 2);
+        let mask = Tensor::new(
+            &[
+                [1.0f64, 1.0, 1.0, 1.0],
+                [1.0, 1.0, 0.0, 0.0],
+                [1.0, 0.0, 0.0, 0.0],
+            ],
+            &Device::Cpu,
+        )?;
+        let w = seq(&[t, b, 2 * h], 0.7)?;
+        for backwards in [false, true] {
+            let gates = Var::from_tensor(&seq(&[t, b, 4 * h], 1.5)?)?;
+            let w_hh = Var::from_tensor(&seq(&[4 * h, h], 0.8)?)?;
+            let ours = lstm_layer(gates.as_tensor(), w_hh.as_tensor(), &mask, backwards)?;
+            let theirs = composed_lstm(gates.as_tensor(), w_hh.as_tensor(), &mask, backwards)?;
+            assert!(max_abs_difference(&ours, &theirs)? < 1e-12);
+            let g1 = (&ours * &w)?.sqr()?.sum_all()?.backward()?;
+            let g2 = (&theirs * &w)?.sqr()?.sum_all()?.backward()?;
+            for var in [&gates, &w_hh] {
+                match (g1.get(var.as_tensor()), g2.get(var.as_tensor())) {
+                    (Some(a), Some(b)) => {
+                        let err = max_relative_error(a, b, 1e-9)?;
+                        assert!(err < 1e-9, "backwards {backwards}: relative error {err}");
+                    }
+                    _ => panic!("a gradient is missing"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn lstm_layer_matches_finite_differences() -> Result<()> {
+        let mask = Tensor::new(&[[1.0f64, 1.0, 1.0], [1.0, 1.0, 0.0]], &Device::Cpu)?;
+        let (gates, w_hh) = (seq(&[3, 2, 8], 1.5)?, seq(&[8, 2], 0.8)?);
+        let w = seq(&[3, 2, 4], 0.7)?;
+        let loss = |g: &Tensor, wh: &Tensor| -> Result<Tensor> {
+            Ok((lstm_layer(g, wh, &mask, false)? * &w)?.sqr()?.sum_all()?)
+        };
+        let vars = [Var::from_tensor(&gates)?, Var::from_tensor(&w_hh)?];
+        let grads = loss(vars[0].as_tensor(), vars[1].as_tensor())?.backward()?;
+        let scalar = |t: Tensor| -> Result<f64> { Ok(t.to_scalar::<f64>()?) };
+        let numeric = [
+            central_differences(|v| scalar(loss(v, &w_hh)?), &gates, 1e-6)?,
+            central_differences(|v| scalar(loss(&gates, v)?), &w_hh, 1e-6)?,
         ];
         for (var, numeric) in vars.iter().zip(&numeric) {
             let analytic = grads

@@ -17,8 +17,8 @@
 use std::collections::BTreeMap;
 
 use distill_rt::candle::Tensor;
-use distill_rt::candle_nn::{VarBuilder, ops::sigmoid};
-use distill_rt::kernels::channel_add;
+use distill_rt::candle_nn::VarBuilder;
+use distill_rt::kernels::{channel_add, lstm_layer};
 use distill_rt::model::PENULTIMATE;
 use distill_rt::nn::{Embedding, Linear, fan_in_init};
 use distill_rt::serde::Deserialize;
@@ -318,27 +318,9 @@ impl Lstm {
             .reshape((t * b, x.dim(2)?))?
             .matmul(&self.w_ih.t()?)?;
         let gates_in = channel_add(&gates_in, &self.bias, 1)?.reshape((t, b, 4 * h))?;
-        let w_hh = self.w_hh.t()?;
-        let mut state = Tensor::zeros((b, h), x.dtype(), x.device())?;
-        let mut cell = state.clone();
-        for step in 0..t {
-            let s = if backwards { t - 1 - step } else { step };
-            let g = (gates_in.get(s)? + state.matmul(&w_hh)?)?;
-            // One sigmoid over all four gates (the g gate's part goes unused) is cheaper than
-            // three over slices.
-            let gates = sigmoid(&g)?;
-            let i = gates.narrow(1, 0, h)?;
-            let f = gates.narrow(1, h, h)?;
-            let c = g.narrow(1, 2 * h, h)?.tanh()?;
-            let o = gates.narrow(1, 3 * h, h)?;
-            let new_cell = ((f * &cell)? + (i * c)?)?;
-            let new_state = (o * new_cell.tanh()?)?;
-            // Padding (m = 0) keeps the old state: old + m * (new - old).
-            let m = mask.narrow(1, s, 1)?;
-            cell = (&cell + (new_cell - &cell)?.broadcast_mul(&m)?)?;
-            state = (&state + (new_state - &state)?.broadcast_mul(&m)?)?;
-        }
-        Ok(state)
+        // The whole recurrence as one op (`kernels::lstm_layer`): the final step's state.
+        let states = lstm_layer(&gates_in, &self.w_hh, &mask, backwards)?;
+        Ok(states.get(t - 1)?.narrow(1, 0, h)?)
     }
 }
 

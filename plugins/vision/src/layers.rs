@@ -105,18 +105,28 @@ fn shifted_views(x: &Tensor, k: usize, padding: usize, stride: usize) -> Result<
 }
 
 /// A dense convolution as one matrix product over the im2col matrix built from shifted views:
-/// `[out, c * k * k] x [batch, c * k * k, out_h * out_w]`. Same result and gradients as candle's
-/// `conv2d`, whose backward pass computes the input gradient with a slow direct transposed
-/// convolution; here every backward step is a matrix product or a copy.
+/// `[out, c * k * k] x [c * k * k, batch * out_h * out_w]`. Same result and gradients as
+/// candle's `conv2d`, whose backward pass computes the input gradient with a slow direct
+/// transposed convolution; here every backward step is a matrix product or a copy. One product
+/// over the whole batch (rather than one per sample against a broadcast weight) keeps the
+/// weight's gradient a single product too: a broadcast weight's gradient is a sum over the
+/// batch, which candle's CPU reduction does element by element.
 pub fn im2col_conv(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     let (b, c, _, _) = x.dims4()?;
     let (out, _, k, _) = weight.dims4()?;
     let views = shifted_views(x, k, padding, stride)?;
     let (oh, ow) = (views[0].dim(2)?, views[0].dim(3)?);
-    // [batch, c, k*k, oh, ow] -> [batch, c*k*k, oh*ow], matching weight's [out, c, k, k] order.
-    let cols = Tensor::stack(&views, 2)?.reshape((b, c * k * k, oh * ow))?;
+    // [k*k, batch, c, oh*ow] -> [c, k*k, batch * oh*ow], matching weight's [out, c, k, k] order.
+    let cols = Tensor::stack(&views, 0)?
+        .reshape((k * k, b, c, oh * ow))?
+        .permute((2, 0, 1, 3))?
+        .contiguous()?
+        .reshape((c * k * k, b * oh * ow))?;
     let w = weight.reshape((out, c * k * k))?;
-    Ok(w.broadcast_matmul(&cols)?.reshape((b, out, oh, ow))?)
+    Ok(w.matmul(&cols)?
+        .reshape((out, b, oh, ow))?
+        .transpose(0, 1)?
+        .contiguous()?)
 }
 
 /// A depthwise convolution (one `k x k` filter per channel, weight `[c, 1, k, k]`) as a sum of

@@ -813,6 +813,207 @@ pub fn lstm_layer(
         .apply_op3(&w_hh.contiguous()?, &mask, LstmLayer { backwards })?)
 }
 
+/// The float types the loop kernels run on.
+trait Real:
+    Copy + Default + std::ops::Add<Output = Self> + std::ops::Mul<Output = Self> + std::ops::AddAssign
+{
+}
+impl Real for f32 {}
+impl Real for f64 {}
+
+/// A depthwise `k x k` convolution (one filter per channel, no bias) of `[b, c, h, w]`.
+#[derive(Clone, Copy)]
+struct Depthwise {
+    padding: usize,
+    stride: usize,
+}
+
+/// The sizes a depthwise convolution works on.
+#[derive(Clone, Copy)]
+struct DepthwiseDims {
+    planes: usize,
+    channels: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl Depthwise {
+    fn dims(&self, x: &Shape, weight: &Shape) -> candle_core::Result<DepthwiseDims> {
+        let (b, c, h, w) = x.dims4()?;
+        let (wc, one, k, k2) = weight.dims4()?;
+        if wc != c || one != 1 || k != k2 || h + 2 * self.padding < k || w + 2 * self.padding < k {
+            candle_core::bail!("depthwise: weight {weight:?} does not fit input {x:?}");
+        }
+        Ok(DepthwiseDims {
+            planes: b * c,
+            channels: c,
+            h,
+            w,
+            k,
+            oh: (h + 2 * self.padding - k) / self.stride + 1,
+            ow: (w + 2 * self.padding - k) / self.stride + 1,
+        })
+    }
+
+    /// Calls `f(input index, output index, tap index)` for every product of the convolution.
+    fn each_product(&self, d: &DepthwiseDims, mut f: impl FnMut(usize, usize, usize)) {
+        let (p, s) = (self.padding as isize, self.stride as isize);
+        for plane in 0..d.planes {
+            let c = plane % d.channels;
+            let (xin, yout) = (plane * d.h * d.w, plane * d.oh * d.ow);
+            for oy in 0..d.oh {
+                for i in 0..d.k {
+                    let y = oy as isize * s + i as isize - p;
+                    if y < 0 || y >= d.h as isize {
+                        continue;
+                    }
+                    for ox in 0..d.ow {
+                        for j in 0..d.k {
+                            let x = ox as isize * s + j as isize - p;
+                            if x < 0 || x >= d.w as isize {
+                                continue;
+                            }
+                            f(
+                                xin + y as usize * d.w + x as usize,
+                                yout + oy * d.ow + ox,
+                                (c * d.k + i) * d.k + j,
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn forward<T: Real>(&self, x: &[T], weight: &[T], d: &DepthwiseDims) -> Vec<T> {
+        let mut out = vec![T::default(); d.planes * d.oh * d.ow];
+        self.each_product(d, |xi, yi, wi| out[yi] += x[xi] * weight[wi]);
+        out
+    }
+
+    /// `dx` then `dweight`, packed.
+    fn backward<T: Real>(&self, x: &[T], weight: &[T], dy: &[T], d: &DepthwiseDims) -> Vec<T> {
+        let mut out = vec![T::default(); x.len() + weight.len()];
+        let (dx, dw) = out.split_at_mut(x.len());
+        self.each_product(d, |xi, yi, wi| {
+            dx[xi] += dy[yi] * weight[wi];
+            dw[wi] += dy[yi] * x[xi];
+        });
+        out
+    }
+}
+
+impl CustomOp2 for Depthwise {
+    fn name(&self) -> &'static str {
+        "depthwise-conv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = self.dims(l1.shape(), l2.shape())?;
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(self.forward(
+                contiguous(x, l1, self.name())?,
+                contiguous(w, l2, self.name())?,
+                &d,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(w)) => CpuStorage::F64(self.forward(
+                contiguous(x, l1, self.name())?,
+                contiguous(w, l2, self.name())?,
+                &d,
+            )),
+            _ => candle_core::bail!("{}: f32 or f64 tensors of one dtype", self.name()),
+        };
+        let b = d.planes / d.channels;
+        Ok((out, Shape::from((b, d.channels, d.oh, d.ow))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let packed = x.apply_op3_no_bwd(weight, &grad.contiguous()?, &DepthwiseGrad(*self))?;
+        let n = x.elem_count();
+        Ok((
+            Some(packed.narrow(0, 0, n)?.reshape(x.shape())?),
+            Some(
+                packed
+                    .narrow(0, n, weight.elem_count())?
+                    .reshape(weight.shape())?,
+            ),
+        ))
+    }
+}
+
+/// The backward pass of [`Depthwise`] on `(x, weight, dy)`: `dx` and `dweight`, packed.
+struct DepthwiseGrad(Depthwise);
+
+impl CustomOp3 for DepthwiseGrad {
+    fn name(&self) -> &'static str {
+        "depthwise-conv-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = self.0.dims(l1.shape(), l2.shape())?;
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(dy)) => {
+                CpuStorage::F32(self.0.backward(
+                    contiguous(x, l1, self.name())?,
+                    contiguous(w, l2, self.name())?,
+                    contiguous(dy, l3, self.name())?,
+                    &d,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(dy)) => {
+                CpuStorage::F64(self.0.backward(
+                    contiguous(x, l1, self.name())?,
+                    contiguous(w, l2, self.name())?,
+                    contiguous(dy, l3, self.name())?,
+                    &d,
+                ))
+            }
+            _ => candle_core::bail!("{}: f32 or f64 tensors of one dtype", self.name()),
+        };
+        let len = l1.shape().elem_count() + l2.shape().elem_count();
+        Ok((out, Shape::from(len)))
+    }
+}
+
+/// A depthwise convolution (weight `[c, 1, k, k]`, one filter per channel, zero padding,
+/// stride) of `x` (`[b, c, h, w]`) as one loop kernel forward and one backward, where the
+/// composed form (shifted copies, scaled and summed) writes a full-size tensor per tap.
+pub fn depthwise_conv(
+    x: &Tensor,
+    weight: &Tensor,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    if stride == 0 {
+        return Err(Error::Invalid("depthwise_conv: stride 0".into()));
+    }
+    Ok(x.contiguous()?
+        .apply_op2(&weight.contiguous()?, Depthwise { padding, stride })?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1068,6 +1269,42 @@ mod tests {
                 .ok_or_else(|| Error::Invalid("no gradient".into()))?;
             let err = max_relative_error(analytic, numeric, 1e-6)?;
             assert!(err < 1e-5, "relative error {err}");
+        }
+        Ok(())
+    }
+
+    /// Values against candle's grouped convolution (one group per channel), gradients against
+    /// finite differences (candle's grouped backward fails on some strided shapes).
+    #[test]
+    fn depthwise_conv_equals_grouped_convolution_and_finite_differences() -> Result<()> {
+        for (padding, stride) in [(1, 1), (1, 2), (0, 1), (2, 3)] {
+            let (x, w) = (seq(&[2, 3, 7, 6], 1.0)?, seq(&[3, 1, 3, 3], 0.5)?);
+            let ours = depthwise_conv(&x, &w, padding, stride)?;
+            let theirs = x.conv2d(&w, padding, stride, 1, 3)?;
+            assert_eq!(ours.dims(), theirs.dims());
+            assert!(max_abs_difference(&ours, &theirs)? < 1e-12);
+
+            let (x, w) = (seq(&[1, 2, 5, 4], 1.0)?, seq(&[2, 1, 3, 3], 0.5)?);
+            let weights = seq(depthwise_conv(&x, &w, padding, stride)?.dims(), 0.7)?;
+            let loss = |x: &Tensor, w: &Tensor| -> Result<Tensor> {
+                Ok((depthwise_conv(x, w, padding, stride)? * &weights)?
+                    .sqr()?
+                    .sum_all()?)
+            };
+            let vars = [Var::from_tensor(&x)?, Var::from_tensor(&w)?];
+            let grads = loss(vars[0].as_tensor(), vars[1].as_tensor())?.backward()?;
+            let scalar = |t: Tensor| -> Result<f64> { Ok(t.to_scalar::<f64>()?) };
+            let numeric = [
+                central_differences(|v| scalar(loss(v, &w)?), &x, 1e-6)?,
+                central_differences(|v| scalar(loss(&x, v)?), &w, 1e-6)?,
+            ];
+            for (var, numeric) in vars.iter().zip(&numeric) {
+                let analytic = grads
+                    .get(var.as_tensor())
+                    .ok_or_else(|| Error::Invalid("no gradient".into()))?;
+                let err = max_relative_error(analytic, numeric, 1e-6)?;
+                assert!(err < 1e-5, "padding {padding} stride {stride}: {err}");
+            }
         }
         Ok(())
     }

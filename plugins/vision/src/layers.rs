@@ -5,7 +5,7 @@
 
 use distill_rt::candle::{D, Tensor};
 use distill_rt::candle_nn::{Init, VarBuilder};
-use distill_rt::kernels::{channel_add, channel_mul, group_norm};
+use distill_rt::kernels::{channel_add, depthwise_conv, group_norm};
 pub use distill_rt::nn::Linear;
 use distill_rt::nn::fan_in_init;
 use distill_rt::{Error, Result};
@@ -54,7 +54,7 @@ impl Conv {
     /// Applies the convolution to `[batch, input, h, w]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = if self.groups > 1 && self.groups == self.input && self.input == self.output {
-            depthwise(x, &self.weight, self.padding, self.stride)?
+            depthwise_conv(x, &self.weight, self.padding, self.stride)?
         } else if self.groups == 1 {
             im2col_conv(x, &self.weight, self.padding, self.stride)?
         } else {
@@ -127,30 +127,6 @@ pub fn im2col_conv(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -
         .reshape((out, b, oh, ow))?
         .transpose(0, 1)?
         .contiguous()?)
-}
-
-/// A depthwise convolution (one `k x k` filter per channel, weight `[c, 1, k, k]`) as a sum of
-/// `k * k` shifted, per-channel-scaled copies of the input. Same result and gradients as
-/// candle's grouped `conv2d`, which runs one convolution per channel and is many times slower.
-pub fn depthwise(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    let c = x.dim(1)?;
-    let k = weight.dim(2)?;
-    let mut acc: Option<Tensor> = None;
-    for (n, view) in shifted_views(x, k, padding, stride)?
-        .into_iter()
-        .enumerate()
-    {
-        let tap = weight
-            .narrow(2, n / k, 1)?
-            .narrow(3, n % k, 1)?
-            .reshape(c)?;
-        let term = channel_mul(&view, &tap, 1)?;
-        acc = Some(match acc {
-            Some(a) => (a + term)?,
-            None => term,
-        });
-    }
-    acc.ok_or_else(|| Error::Invalid("depthwise convolution with an empty kernel".into()))
 }
 
 /// Group normalisation (Wu & He 2018) over `[batch, channels, h, w]`: statistics per sample and
@@ -254,7 +230,7 @@ mod tests {
     fn depthwise_equals_grouped_conv2d_forward_and_backward() -> Result<()> {
         for (size, stride) in [(6, 1), (7, 2), (8, 2), (5, 1)] {
             let (x, w) = (random_var((2, 3, size, size))?, random_var((3, 1, 3, 3))?);
-            let ours = depthwise(x.as_tensor(), w.as_tensor(), 1, stride)?;
+            let ours = depthwise_conv(x.as_tensor(), w.as_tensor(), 1, stride)?;
             let candle = x.as_tensor().conv2d(w.as_tensor(), 1, stride, 1, 3)?;
             assert_same(
                 ours,

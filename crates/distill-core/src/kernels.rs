@@ -10,7 +10,8 @@
 //! candle ops (values and gradients) and against finite differences.
 
 use candle_core::{
-    CpuStorage, CustomOp2, CustomOp3, DType, InplaceOp2, Layout, Shape, Tensor, WithDType,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, InplaceOp2, Layout, Shape, Tensor,
+    WithDType,
 };
 
 use crate::{Error, Result};
@@ -1014,6 +1015,149 @@ pub fn depthwise_conv(
         .apply_op2(&weight.contiguous()?, Depthwise { padding, stride })?)
 }
 
+/// The im2col matrix of a `k x k` convolution: `[b, c, h, w]` -> `[c * k * k, b * oh * ow]`
+/// (row `(c, i, j)`, column `(b, oy, ox)`, zero where the window reaches into the padding).
+#[derive(Clone, Copy)]
+struct Im2Col {
+    k: usize,
+    padding: usize,
+    stride: usize,
+}
+
+/// The sizes an [`Im2Col`] works on.
+#[derive(Clone, Copy)]
+struct Im2ColDims {
+    b: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl Im2Col {
+    fn dims(&self, x: &Shape) -> candle_core::Result<Im2ColDims> {
+        let (b, c, h, w) = x.dims4()?;
+        if h + 2 * self.padding < self.k || w + 2 * self.padding < self.k || self.stride == 0 {
+            candle_core::bail!("im2col: a {0}x{0} window does not fit {x:?}", self.k);
+        }
+        Ok(Im2ColDims {
+            b,
+            c,
+            h,
+            w,
+            oh: (h + 2 * self.padding - self.k) / self.stride + 1,
+            ow: (w + 2 * self.padding - self.k) / self.stride + 1,
+        })
+    }
+
+    /// Calls `f(input index, column-matrix index)` for every entry that reads the input.
+    fn each_entry(&self, d: &Im2ColDims, mut f: impl FnMut(usize, usize)) {
+        let (k, p, s) = (self.k, self.padding as isize, self.stride as isize);
+        let cols = d.b * d.oh * d.ow;
+        for c in 0..d.c {
+            for i in 0..k {
+                for j in 0..k {
+                    let row = ((c * k + i) * k + j) * cols;
+                    for b in 0..d.b {
+                        let plane = (b * d.c + c) * d.h * d.w;
+                        for oy in 0..d.oh {
+                            let y = oy as isize * s + i as isize - p;
+                            if y < 0 || y >= d.h as isize {
+                                continue;
+                            }
+                            let (src, dst) =
+                                (plane + y as usize * d.w, row + (b * d.oh + oy) * d.ow);
+                            for ox in 0..d.ow {
+                                let x = ox as isize * s + j as isize - p;
+                                if x >= 0 && x < d.w as isize {
+                                    f(src + x as usize, dst + ox);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "im2col"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = self.dims(l.shape())?;
+        let len = d.c * self.k * self.k * d.b * d.oh * d.ow;
+        fn gather<T: Real>(op: &Im2Col, d: &Im2ColDims, x: &[T], len: usize) -> Vec<T> {
+            let mut out = vec![T::default(); len];
+            op.each_entry(d, |xi, ci| out[ci] = x[xi]);
+            out
+        }
+        let out = match s {
+            CpuStorage::F32(x) => {
+                CpuStorage::F32(gather(self, &d, contiguous(x, l, self.name())?, len))
+            }
+            CpuStorage::F64(x) => {
+                CpuStorage::F64(gather(self, &d, contiguous(x, l, self.name())?, len))
+            }
+            _ => candle_core::bail!("{}: f32 or f64", self.name()),
+        };
+        Ok((out, Shape::from((d.c * self.k * self.k, d.b * d.oh * d.ow))))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let dx = grad.contiguous()?.apply_op1_no_bwd(&Col2Im {
+            op: *self,
+            input: x.dims4()?,
+        })?;
+        Ok(Some(dx))
+    }
+}
+
+/// The backward pass of [`Im2Col`]: each input position collects the gradients of the entries
+/// that read it.
+struct Col2Im {
+    op: Im2Col,
+    input: (usize, usize, usize, usize),
+}
+
+impl CustomOp1 for Col2Im {
+    fn name(&self) -> &'static str {
+        "col2im"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let shape = Shape::from(self.input);
+        let d = self.op.dims(&shape)?;
+        fn scatter<T: Real>(op: &Im2Col, d: &Im2ColDims, g: &[T], len: usize) -> Vec<T> {
+            let mut out = vec![T::default(); len];
+            op.each_entry(d, |xi, ci| out[xi] += g[ci]);
+            out
+        }
+        let len = shape.elem_count();
+        let out = match s {
+            CpuStorage::F32(g) => {
+                CpuStorage::F32(scatter(&self.op, &d, contiguous(g, l, self.name())?, len))
+            }
+            CpuStorage::F64(g) => {
+                CpuStorage::F64(scatter(&self.op, &d, contiguous(g, l, self.name())?, len))
+            }
+            _ => candle_core::bail!("{}: f32 or f64", self.name()),
+        };
+        Ok((out, shape))
+    }
+}
+
+/// The im2col matrix of a `k x k` convolution with zero `padding` and `stride`: `x`
+/// (`[b, c, h, w]`) -> `[c * k * k, b * oh * ow]`, one pass forward and one backward (col2im),
+/// where building it from shifted, padded views costs a copy per view and a full-size
+/// zero-padded gradient per view.
+pub fn im2col(x: &Tensor, k: usize, padding: usize, stride: usize) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(Im2Col { k, padding, stride })?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1304,6 +1448,43 @@ mod tests {
                     .ok_or_else(|| Error::Invalid("no gradient".into()))?;
                 let err = max_relative_error(analytic, numeric, 1e-6)?;
                 assert!(err < 1e-5, "padding {padding} stride {stride}: {err}");
+            }
+        }
+        Ok(())
+    }
+
+    /// A convolution through [`im2col`] equals candle's `conv2d`, values and gradients.
+    #[test]
+    fn im2col_convolution_equals_conv2d() -> Result<()> {
+        for (k, padding, stride) in [(3, 1, 1), (3, 1, 2), (1, 0, 2), (5, 2, 1), (3, 0, 3)] {
+            let x = Var::from_tensor(&seq(&[2, 3, 7, 7], 1.0)?)?;
+            let w = Var::from_tensor(&seq(&[4, 3, k, k], 0.5)?)?;
+            let (b, out) = (2, 4);
+            let cols = im2col(x.as_tensor(), k, padding, stride)?;
+            let theirs = x.as_tensor().conv2d(w.as_tensor(), padding, stride, 1, 1)?;
+            let (oh, ow) = (theirs.dim(2)?, theirs.dim(3)?);
+            let ours = w
+                .as_tensor()
+                .reshape((out, ()))?
+                .matmul(&cols)?
+                .reshape((out, b, oh, ow))?
+                .transpose(0, 1)?
+                .contiguous()?;
+            assert!(
+                max_abs_difference(&ours, &theirs)? < 1e-12,
+                "k {k} stride {stride}"
+            );
+            let weights = seq(theirs.dims(), 0.7)?;
+            let g1 = (&ours * &weights)?.sqr()?.sum_all()?.backward()?;
+            let g2 = (&theirs * &weights)?.sqr()?.sum_all()?.backward()?;
+            for var in [&x, &w] {
+                match (g1.get(var.as_tensor()), g2.get(var.as_tensor())) {
+                    (Some(a), Some(b)) => assert!(
+                        max_relative_error(a, b, 1e-9)? < 1e-9,
+                        "k {k} padding {padding} stride {stride}"
+                    ),
+                    _ => panic!("a gradient is missing"),
+                }
             }
         }
         Ok(())

@@ -5,7 +5,7 @@
 
 use distill_rt::candle::{D, Tensor};
 use distill_rt::candle_nn::{Init, VarBuilder};
-use distill_rt::kernels::{channel_add, depthwise_conv, group_norm};
+use distill_rt::kernels::{channel_add, depthwise_conv, group_norm, im2col};
 pub use distill_rt::nn::Linear;
 use distill_rt::nn::fan_in_init;
 use distill_rt::{Error, Result};
@@ -75,55 +75,25 @@ impl Conv {
     }
 }
 
-/// The `k * k` shifted views of `x` (zero-padded by `padding`, sampled every `stride` pixels)
-/// that a `k x k` convolution reads, each `[batch, c, out_h, out_w]`, in kernel order.
-fn shifted_views(x: &Tensor, k: usize, padding: usize, stride: usize) -> Result<Vec<Tensor>> {
-    let (_, _, h, w) = x.dims4()?;
-    let padded = x
-        .pad_with_zeros(2, padding, padding)?
-        .pad_with_zeros(3, padding, padding)?;
-    let (full_h, full_w) = (h + 2 * padding + 1 - k, w + 2 * padding + 1 - k);
-    let strided = |n: usize| -> Result<Tensor> {
-        let idx: Vec<u32> = (0..n).step_by(stride).map(|r| r as u32).collect();
-        Ok(Tensor::new(idx, x.device())?)
-    };
-    let (rows, cols) = (strided(full_h)?, strided(full_w)?);
-    let mut views = Vec::with_capacity(k * k);
-    for i in 0..k {
-        for j in 0..k {
-            let mut v = padded.narrow(2, i, full_h)?.narrow(3, j, full_w)?;
-            if stride > 1 {
-                v = v
-                    .contiguous()?
-                    .index_select(&rows, 2)?
-                    .index_select(&cols, 3)?;
-            }
-            views.push(v);
-        }
-    }
-    Ok(views)
-}
-
-/// A dense convolution as one matrix product over the im2col matrix built from shifted views:
-/// `[out, c * k * k] x [c * k * k, batch * out_h * out_w]`. Same result and gradients as
-/// candle's `conv2d`, whose backward pass computes the input gradient with a slow direct
-/// transposed convolution; here every backward step is a matrix product or a copy. One product
+/// A dense convolution as one matrix product over the im2col matrix (`kernels::im2col`, one
+/// gather pass; its backward one scatter pass): `[out, c * k * k] x [c * k * k, batch * out_h *
+/// out_w]`. Same result and gradients as candle's `conv2d`, whose backward pass computes the
+/// input gradient with a slow direct transposed convolution. One product
 /// over the whole batch (rather than one per sample against a broadcast weight) keeps the
 /// weight's gradient a single product too: a broadcast weight's gradient is a sum over the
 /// batch, which candle's CPU reduction does element by element.
 pub fn im2col_conv(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    let (b, c, _, _) = x.dims4()?;
+    let (b, c, h, w) = x.dims4()?;
     let (out, _, k, _) = weight.dims4()?;
-    let views = shifted_views(x, k, padding, stride)?;
-    let (oh, ow) = (views[0].dim(2)?, views[0].dim(3)?);
-    // [k*k, batch, c, oh*ow] -> [c, k*k, batch * oh*ow], matching weight's [out, c, k, k] order.
-    let cols = Tensor::stack(&views, 0)?
-        .reshape((k * k, b, c, oh * ow))?
-        .permute((2, 0, 1, 3))?
-        .contiguous()?
-        .reshape((c * k * k, b * oh * ow))?;
-    let w = weight.reshape((out, c * k * k))?;
-    Ok(w.matmul(&cols)?
+    // [c * k * k, batch * oh * ow], rows in weight's [out, c, k, k] order; it checks the sizes.
+    let cols = im2col(x, k, padding, stride)?;
+    let (oh, ow) = (
+        (h + 2 * padding - k) / stride + 1,
+        (w + 2 * padding - k) / stride + 1,
+    );
+    Ok(weight
+        .reshape((out, c * k * k))?
+        .matmul(&cols)?
         .reshape((out, b, oh, ow))?
         .transpose(0, 1)?
         .contiguous()?)

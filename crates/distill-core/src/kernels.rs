@@ -14,6 +14,8 @@ use candle_core::{
     WithDType,
 };
 
+use rayon::prelude::*;
+
 use crate::{Error, Result};
 
 /// How a per-channel vector combines with the tensor.
@@ -215,70 +217,77 @@ impl GroupNormOp {
         let (_, channels, spatial) = norm_dims(shape);
         let per_group = channels / self.groups * spatial;
         let mut out = vec![T::zero(); x.len()];
-        for (g, (xs, ys)) in x
-            .chunks(per_group)
-            .zip(out.chunks_mut(per_group))
+        out.par_chunks_mut(per_group)
+            .zip(x.par_chunks(per_group))
             .enumerate()
-        {
-            let (mean, rstd) = self.stats(xs);
-            let first_channel = (g % self.groups) * (channels / self.groups);
-            for (c, (xc, yc)) in xs.chunks(spatial).zip(ys.chunks_mut(spatial)).enumerate() {
-                let (w, b) = (
-                    gamma[first_channel + c].to_f64() * rstd,
-                    beta[first_channel + c].to_f64(),
-                );
-                let shift = b - mean * w;
-                for (xv, yv) in xc.iter().zip(yc.iter_mut()) {
-                    *yv = T::from_f64(xv.to_f64() * w + shift);
+            .for_each(|(g, (ys, xs))| {
+                let (mean, rstd) = self.stats(xs);
+                let first_channel = (g % self.groups) * (channels / self.groups);
+                for (c, (xc, yc)) in xs.chunks(spatial).zip(ys.chunks_mut(spatial)).enumerate() {
+                    let (w, b) = (
+                        gamma[first_channel + c].to_f64() * rstd,
+                        beta[first_channel + c].to_f64(),
+                    );
+                    let shift = b - mean * w;
+                    for (xv, yv) in xc.iter().zip(yc.iter_mut()) {
+                        *yv = T::from_f64(xv.to_f64() * w + shift);
+                    }
                 }
-            }
-        }
+            });
         out
     }
 
     /// `dx`, then `dgamma` and `dbeta` (`channels` each), in one vector.
     fn backward<T: WithDType>(&self, x: &[T], gamma: &[T], dy: &[T], shape: &Shape) -> Vec<T> {
         let (_, channels, spatial) = norm_dims(shape);
-        let per_group = channels / self.groups * spatial;
+        let per_channel = channels / self.groups;
+        let per_group = per_channel * spatial;
         let mut out = vec![T::zero(); x.len() + 2 * channels];
         let (dx, params) = out.split_at_mut(x.len());
-        let mut dgamma = vec![0f64; channels];
-        let mut dbeta = vec![0f64; channels];
         let n = per_group as f64;
-        for (g, ((xs, dys), dxs)) in x
-            .chunks(per_group)
-            .zip(dy.chunks(per_group))
-            .zip(dx.chunks_mut(per_group))
+        // Each group writes its own part of dx and returns its channels' dgamma, dbeta.
+        let partial: Vec<(usize, Vec<f64>, Vec<f64>)> = dx
+            .par_chunks_mut(per_group)
+            .zip(x.par_chunks(per_group).zip(dy.par_chunks(per_group)))
             .enumerate()
-        {
-            let (mean, rstd) = self.stats(xs);
-            let first_channel = (g % self.groups) * (channels / self.groups);
-            // dxhat = dy * gamma; dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
-            let (mut sum_dxhat, mut sum_dxhat_xhat) = (0.0, 0.0);
-            for (c, (xc, dyc)) in xs.chunks(spatial).zip(dys.chunks(spatial)).enumerate() {
-                let ch = first_channel + c;
-                let w = gamma[ch].to_f64();
-                for (xv, dv) in xc.iter().zip(dyc) {
-                    let (xhat, d) = ((xv.to_f64() - mean) * rstd, dv.to_f64());
-                    dgamma[ch] += d * xhat;
-                    dbeta[ch] += d;
-                    sum_dxhat += d * w;
-                    sum_dxhat_xhat += d * w * xhat;
+            .map(|(g, (dxs, (xs, dys)))| {
+                let (mean, rstd) = self.stats(xs);
+                let first_channel = (g % self.groups) * per_channel;
+                let (mut dgamma, mut dbeta) = (vec![0f64; per_channel], vec![0f64; per_channel]);
+                // dxhat = dy * gamma; dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
+                let (mut sum_dxhat, mut sum_dxhat_xhat) = (0.0, 0.0);
+                for (c, (xc, dyc)) in xs.chunks(spatial).zip(dys.chunks(spatial)).enumerate() {
+                    let w = gamma[first_channel + c].to_f64();
+                    for (xv, dv) in xc.iter().zip(dyc) {
+                        let (xhat, d) = ((xv.to_f64() - mean) * rstd, dv.to_f64());
+                        dgamma[c] += d * xhat;
+                        dbeta[c] += d;
+                        sum_dxhat += d * w;
+                        sum_dxhat_xhat += d * w * xhat;
+                    }
                 }
-            }
-            let (mean_dxhat, mean_dxhat_xhat) = (sum_dxhat / n, sum_dxhat_xhat / n);
-            for (c, ((xc, dyc), dxc)) in xs
-                .chunks(spatial)
-                .zip(dys.chunks(spatial))
-                .zip(dxs.chunks_mut(spatial))
-                .enumerate()
-            {
-                let w = gamma[first_channel + c].to_f64();
-                for ((xv, dv), out) in xc.iter().zip(dyc).zip(dxc.iter_mut()) {
-                    let xhat = (xv.to_f64() - mean) * rstd;
-                    let dxhat = dv.to_f64() * w;
-                    *out = T::from_f64(rstd * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat));
+                let (mean_dxhat, mean_dxhat_xhat) = (sum_dxhat / n, sum_dxhat_xhat / n);
+                for (c, ((xc, dyc), dxc)) in xs
+                    .chunks(spatial)
+                    .zip(dys.chunks(spatial))
+                    .zip(dxs.chunks_mut(spatial))
+                    .enumerate()
+                {
+                    let w = gamma[first_channel + c].to_f64();
+                    for ((xv, dv), out) in xc.iter().zip(dyc).zip(dxc.iter_mut()) {
+                        let xhat = (xv.to_f64() - mean) * rstd;
+                        let dxhat = dv.to_f64() * w;
+                        *out = T::from_f64(rstd * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat));
+                    }
                 }
+                (first_channel, dgamma, dbeta)
+            })
+            .collect();
+        let (mut dgamma, mut dbeta) = (vec![0f64; channels], vec![0f64; channels]);
+        for (first, dg, db) in partial {
+            for c in 0..per_channel {
+                dgamma[first + c] += dg[c];
+                dbeta[first + c] += db[c];
             }
         }
         for (c, (dg, db)) in dgamma.iter().zip(&dbeta).enumerate() {
@@ -816,7 +825,13 @@ pub fn lstm_layer(
 
 /// The float types the loop kernels run on.
 trait Real:
-    Copy + Default + std::ops::Add<Output = Self> + std::ops::Mul<Output = Self> + std::ops::AddAssign
+    Copy
+    + Default
+    + Send
+    + Sync
+    + std::ops::Add<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::AddAssign
 {
 }
 impl Real for f32 {}
@@ -1051,31 +1066,37 @@ impl Im2Col {
         })
     }
 
-    /// Calls `f(input index, column-matrix index)` for every entry that reads the input.
-    fn each_entry(&self, d: &Im2ColDims, mut f: impl FnMut(usize, usize)) {
+    /// Calls `f(input index, column)` for every entry of matrix row `row` (`(c, i, j)`) that
+    /// reads the input.
+    fn each_in_row(&self, d: &Im2ColDims, row: usize, mut f: impl FnMut(usize, usize)) {
+        let c = row / (self.k * self.k);
+        for b in 0..d.b {
+            let plane = (b * d.c + c) * d.h * d.w;
+            self.each_in_row_of_sample(d, row, b, |xi, ci| f(plane + xi, ci));
+        }
+    }
+
+    /// [`Im2Col::each_in_row`] for sample `b` only, with input indices within the plane
+    /// `(b, c)`.
+    fn each_in_row_of_sample(
+        &self,
+        d: &Im2ColDims,
+        row: usize,
+        b: usize,
+        mut f: impl FnMut(usize, usize),
+    ) {
         let (k, p, s) = (self.k, self.padding as isize, self.stride as isize);
-        let cols = d.b * d.oh * d.ow;
-        for c in 0..d.c {
-            for i in 0..k {
-                for j in 0..k {
-                    let row = ((c * k + i) * k + j) * cols;
-                    for b in 0..d.b {
-                        let plane = (b * d.c + c) * d.h * d.w;
-                        for oy in 0..d.oh {
-                            let y = oy as isize * s + i as isize - p;
-                            if y < 0 || y >= d.h as isize {
-                                continue;
-                            }
-                            let (src, dst) =
-                                (plane + y as usize * d.w, row + (b * d.oh + oy) * d.ow);
-                            for ox in 0..d.ow {
-                                let x = ox as isize * s + j as isize - p;
-                                if x >= 0 && x < d.w as isize {
-                                    f(src + x as usize, dst + ox);
-                                }
-                            }
-                        }
-                    }
+        let (i, j) = (row / k % k, row % k);
+        for oy in 0..d.oh {
+            let y = oy as isize * s + i as isize - p;
+            if y < 0 || y >= d.h as isize {
+                continue;
+            }
+            let col = (b * d.oh + oy) * d.ow;
+            for ox in 0..d.ow {
+                let x = ox as isize * s + j as isize - p;
+                if x >= 0 && x < d.w as isize {
+                    f(y as usize * d.w + x as usize, col + ox);
                 }
             }
         }
@@ -1092,7 +1113,10 @@ impl CustomOp1 for Im2Col {
         let len = d.c * self.k * self.k * d.b * d.oh * d.ow;
         fn gather<T: Real>(op: &Im2Col, d: &Im2ColDims, x: &[T], len: usize) -> Vec<T> {
             let mut out = vec![T::default(); len];
-            op.each_entry(d, |xi, ci| out[ci] = x[xi]);
+            let cols = d.b * d.oh * d.ow;
+            out.par_chunks_mut(cols).enumerate().for_each(|(row, dst)| {
+                op.each_in_row(d, row, |xi, ci| dst[ci] = x[xi]);
+            });
             out
         }
         let out = match s {
@@ -1133,7 +1157,18 @@ impl CustomOp1 for Col2Im {
         let d = self.op.dims(&shape)?;
         fn scatter<T: Real>(op: &Im2Col, d: &Im2ColDims, g: &[T], len: usize) -> Vec<T> {
             let mut out = vec![T::default(); len];
-            op.each_entry(d, |xi, ci| out[xi] += g[ci]);
+            // One input plane (b, c) per task: the rows (c, i, j) it feeds, its columns.
+            out.par_chunks_mut(d.h * d.w)
+                .enumerate()
+                .for_each(|(plane, dst)| {
+                    let (b, c) = (plane / d.c, plane % d.c);
+                    let cols = d.b * d.oh * d.ow;
+                    for ij in 0..op.k * op.k {
+                        let row = c * op.k * op.k + ij;
+                        let g = &g[row * cols..(row + 1) * cols];
+                        op.each_in_row_of_sample(d, row, b, |xi, ci| dst[xi] += g[ci]);
+                    }
+                });
             out
         }
         let len = shape.elem_count();

@@ -18,6 +18,9 @@ use rayon::prelude::*;
 
 use crate::{Error, Result};
 
+/// Elements per parallel task of the element-wise kernels (small tensors stay on one thread).
+const CHUNK: usize = 1 << 15;
+
 /// How a per-channel vector combines with the tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Combine {
@@ -41,21 +44,24 @@ impl Channel {
         (outer, dims[self.dim], inner)
     }
 
-    fn apply<T: Copy + std::ops::Add<Output = T> + std::ops::Mul<Output = T>>(
-        &self,
-        x: &[T],
-        v: &[T],
-        inner: usize,
-    ) -> Vec<T> {
+    fn apply<T: Real>(&self, x: &[T], v: &[T], inner: usize) -> Vec<T> {
         let channels = v.len();
+        let inner = inner.max(1);
         let mut out = x.to_vec();
-        for (block, chunk) in out.chunks_mut(inner.max(1)).enumerate() {
-            let c = v[block % channels];
-            match self.combine {
-                Combine::Add => chunk.iter_mut().for_each(|e| *e = *e + c),
-                Combine::Mul => chunk.iter_mut().for_each(|e| *e = *e * c),
-            }
-        }
+        // Whole blocks of `inner` elements per task, about CHUNK elements each.
+        let per_task = (CHUNK / inner).max(1) * inner;
+        out.par_chunks_mut(per_task)
+            .enumerate()
+            .for_each(|(task, part)| {
+                let first = task * per_task / inner;
+                for (i, block) in part.chunks_mut(inner).enumerate() {
+                    let c = v[(first + i) % channels];
+                    match self.combine {
+                        Combine::Add => block.iter_mut().for_each(|e| *e += c),
+                        Combine::Mul => block.iter_mut().for_each(|e| *e = *e * c),
+                    }
+                }
+            });
         out
     }
 }
@@ -476,11 +482,16 @@ impl Moments {
     fn apply<T: WithDType>(&self, mv: &mut [T], g: &[T]) {
         let (b1, b2) = (self.0.beta1, self.0.beta2);
         let (m, v) = mv.split_at_mut(g.len());
-        for ((m, v), g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
-            let g = g.to_f64();
-            *m = T::from_f64(b1 * m.to_f64() + (1.0 - b1) * g);
-            *v = T::from_f64(b2 * v.to_f64() + (1.0 - b2) * g * g);
-        }
+        m.par_chunks_mut(CHUNK)
+            .zip(v.par_chunks_mut(CHUNK))
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|((m, v), g)| {
+                for ((m, v), g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
+                    let g = g.to_f64();
+                    *m = T::from_f64(b1 * m.to_f64() + (1.0 - b1) * g);
+                    *v = T::from_f64(b2 * v.to_f64() + (1.0 - b2) * g * g);
+                }
+            });
     }
 }
 
@@ -491,10 +502,14 @@ impl Update {
         let bc2 = 1.0 - h.beta2.powi(h.step);
         let decay = 1.0 - h.lr * h.weight_decay;
         let (m, v) = mv.split_at(p.len());
-        for ((p, m), v) in p.iter_mut().zip(m).zip(v) {
-            let update = (m.to_f64() / bc1) / ((v.to_f64() / bc2).sqrt() + h.eps);
-            *p = T::from_f64(p.to_f64() * decay - h.lr * update);
-        }
+        p.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
+            .for_each(|(p, (m, v))| {
+                for ((p, m), v) in p.iter_mut().zip(m).zip(v) {
+                    let update = (m.to_f64() / bc1) / ((v.to_f64() / bc2).sqrt() + h.eps);
+                    *p = T::from_f64(p.to_f64() * decay - h.lr * update);
+                }
+            });
     }
 }
 
@@ -1207,78 +1222,95 @@ mod tests {
         Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
     }
 
-    /// Forward values and both gradients equal the composed candle ops to 1e-12 (f64).
+    type Loss<'a> = &'a dyn Fn(&[Tensor]) -> Result<Tensor>;
+
+    /// `ours` and `theirs` (two computations from the same `inputs`, f64) give the same values,
+    /// and the same gradients of a weighted sum of squares w.r.t. every input.
+    fn assert_same(ours: Loss<'_>, theirs: Loss<'_>, inputs: &[Tensor], what: &str) -> Result<()> {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(Var::from_tensor)
+            .collect::<candle_core::Result<_>>()?;
+        let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let (a, b) = (ours(&tensors)?, theirs(&tensors)?);
+        assert_eq!(a.dims(), b.dims(), "{what}");
+        assert!(max_abs_difference(&a, &b)? < 1e-12, "{what}: values differ");
+        let w = seq(a.dims(), 0.7)?;
+        let ga = (&a * &w)?.sqr()?.sum_all()?.backward()?;
+        let gb = (&b * &w)?.sqr()?.sum_all()?.backward()?;
+        for (i, var) in vars.iter().enumerate() {
+            match (ga.get(var.as_tensor()), gb.get(var.as_tensor())) {
+                (Some(x), Some(y)) => {
+                    let err = max_relative_error(x, y, 1e-9)?;
+                    assert!(err < 1e-9, "{what}: input {i}: relative error {err}");
+                }
+                _ => panic!("{what}: input {i} has no gradient"),
+            }
+        }
+        Ok(())
+    }
+
+    /// The gradients of the scalar `loss` w.r.t. every input against central differences.
+    fn assert_finite_differences(loss: Loss<'_>, inputs: &[Tensor], what: &str) -> Result<()> {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(Var::from_tensor)
+            .collect::<candle_core::Result<_>>()?;
+        let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let grads = loss(&tensors)?.backward()?;
+        for (i, var) in vars.iter().enumerate() {
+            let at = |v: &Tensor| -> Result<f64> {
+                let mut probe = inputs.to_vec();
+                probe[i] = v.clone();
+                Ok(loss(&probe)?.to_scalar::<f64>()?)
+            };
+            let numeric = central_differences(at, &inputs[i], 1e-6)?;
+            let analytic = grads
+                .get(var.as_tensor())
+                .ok_or_else(|| Error::Invalid(format!("{what}: input {i} has no gradient")))?;
+            let err = max_relative_error(analytic, &numeric, 1e-6)?;
+            assert!(err < 1e-5, "{what}: input {i}: relative error {err}");
+        }
+        Ok(())
+    }
+
     #[test]
-    fn channel_ops_equal_the_broadcast_ops() -> Result<()> {
+    fn channel_ops_equal_the_broadcast_ops_and_finite_differences() -> Result<()> {
         for (shape, dim) in [
             (vec![4, 3, 5, 2], 1),
             (vec![6, 7], 1),
             (vec![5, 4], 0),
             (vec![2, 3, 4], 2),
         ] {
-            let x = Var::from_tensor(&seq(&shape, 1.0)?)?;
-            let v = Var::from_tensor(&seq(&[shape[dim]], 0.7)?)?;
             let mut view = vec![1; shape.len()];
             view[dim] = shape[dim];
-            let w = seq(&shape, 0.3)?; // weights of the scalar the gradients are of
+            let inputs = [seq(&shape, 1.0)?, seq(&[shape[dim]], 0.7)?];
             for combine in [Combine::Add, Combine::Mul] {
-                let ours = channel_op(x.as_tensor(), v.as_tensor(), dim, combine)?;
-                let vb = v.as_tensor().reshape(view.as_slice())?;
-                let theirs = match combine {
-                    Combine::Add => x.as_tensor().broadcast_add(&vb)?,
-                    Combine::Mul => x.as_tensor().broadcast_mul(&vb)?,
+                let ours = |t: &[Tensor]| channel_op(&t[0], &t[1], dim, combine);
+                let theirs = |t: &[Tensor]| -> Result<Tensor> {
+                    let v = t[1].reshape(view.as_slice())?;
+                    Ok(match combine {
+                        Combine::Add => t[0].broadcast_add(&v)?,
+                        Combine::Mul => t[0].broadcast_mul(&v)?,
+                    })
                 };
-                assert!(max_abs_difference(&ours, &theirs)? < 1e-12);
-                let g1 = (&ours * &w)?.sum_all()?.backward()?;
-                let g2 = (&theirs * &w)?.sum_all()?.backward()?;
-                for var in [&x, &v] {
-                    let (a, b) = (g1.get(var.as_tensor()), g2.get(var.as_tensor()));
-                    match (a, b) {
-                        (Some(a), Some(b)) => {
-                            assert!(max_abs_difference(a, b)? < 1e-12, "{combine:?} {shape:?}")
-                        }
-                        _ => panic!("{combine:?} {shape:?}: a gradient is missing"),
-                    }
-                }
+                assert_same(&ours, &theirs, &inputs, &format!("{combine:?} {shape:?}"))?;
             }
         }
-        Ok(())
-    }
-
-    /// Gradients against central finite differences.
-    #[test]
-    fn channel_ops_match_finite_differences() -> Result<()> {
-        let x = seq(&[3, 4, 2, 2], 1.0)?;
-        let v = seq(&[4], 0.5)?;
         let w = seq(&[3, 4, 2, 2], 0.3)?;
+        let inputs = [seq(&[3, 4, 2, 2], 1.0)?, seq(&[4], 0.5)?];
         for combine in [Combine::Add, Combine::Mul] {
-            let loss = |x: &Tensor, v: &Tensor| -> Result<Tensor> {
-                let y = channel_op(x, v, 1, combine)?;
-                Ok((y.sqr()? * &w)?.sum_all()?)
+            let loss = |t: &[Tensor]| -> Result<Tensor> {
+                Ok((channel_op(&t[0], &t[1], 1, combine)?.sqr()? * &w)?.sum_all()?)
             };
-            let (xv, vv) = (Var::from_tensor(&x)?, Var::from_tensor(&v)?);
-            let grads = loss(xv.as_tensor(), vv.as_tensor())?.backward()?;
-            let scalar = |t: Tensor| -> Result<f64> { Ok(t.to_scalar::<f64>()?) };
-            let fx = central_differences(|x| scalar(loss(x, &v)?), &x, 1e-6)?;
-            let fv = central_differences(|v| scalar(loss(&x, v)?), &v, 1e-6)?;
-            for (var, numeric) in [(&xv, fx), (&vv, fv)] {
-                let analytic = grads
-                    .get(var.as_tensor())
-                    .ok_or_else(|| Error::Invalid("no gradient".into()))?;
-                let err = max_relative_error(analytic, &numeric, 1e-6)?;
-                assert!(err < 1e-6, "{combine:?}: relative error {err}");
-            }
+            assert_finite_differences(&loss, &inputs, &format!("{combine:?}"))?;
         }
         Ok(())
     }
 
     /// The composed form: statistics per sample and group, then the per-channel affine map.
-    fn composed_group_norm(
-        x: &Tensor,
-        gamma: &Tensor,
-        beta: &Tensor,
-        groups: usize,
-    ) -> Result<Tensor> {
+    fn composed_group_norm(t: &[Tensor], groups: usize) -> Result<Tensor> {
+        let (x, gamma, beta) = (&t[0], &t[1], &t[2]);
         let dims = x.dims().to_vec();
         let grouped = x.reshape((dims[0], groups, ()))?;
         let mean = grouped.mean_keepdim(2)?;
@@ -1295,90 +1327,39 @@ mod tests {
     }
 
     #[test]
-    fn group_norm_equals_the_composed_form_with_its_gradients() -> Result<()> {
+    fn group_norm_equals_the_composed_form_and_finite_differences() -> Result<()> {
         for (shape, groups) in [(vec![3, 4, 2, 3], 2), (vec![2, 6, 5], 3), (vec![5, 7], 1)] {
-            let x = Var::from_tensor(&seq(&shape, 2.0)?)?;
-            let gamma = Var::from_tensor(&(seq(&[shape[1]], 0.5)? + 1.0)?)?;
-            let beta = Var::from_tensor(&seq(&[shape[1]], 0.3)?)?;
-            let w = seq(&shape, 0.7)?;
-            let ours = group_norm(
-                x.as_tensor(),
-                gamma.as_tensor(),
-                beta.as_tensor(),
-                groups,
-                1e-5,
-            )?;
-            let theirs =
-                composed_group_norm(x.as_tensor(), gamma.as_tensor(), beta.as_tensor(), groups)?;
-            assert!(max_abs_difference(&ours, &theirs)? < 1e-12, "{shape:?}");
-            let g1 = (&ours * &w)?.sqr()?.sum_all()?.backward()?;
-            let g2 = (&theirs * &w)?.sqr()?.sum_all()?.backward()?;
-            for var in [&x, &gamma, &beta] {
-                match (g1.get(var.as_tensor()), g2.get(var.as_tensor())) {
-                    (Some(a), Some(b)) => {
-                        let err = max_relative_error(a, b, 1e-9)?;
-                        assert!(err < 1e-9, "{shape:?}: relative error {err}");
-                    }
-                    _ => panic!("{shape:?}: a gradient is missing"),
-                }
-            }
+            let c = shape[1];
+            let inputs = [seq(&shape, 2.0)?, (seq(&[c], 0.5)? + 1.0)?, seq(&[c], 0.3)?];
+            let ours = |t: &[Tensor]| group_norm(&t[0], &t[1], &t[2], groups, 1e-5);
+            let theirs = |t: &[Tensor]| composed_group_norm(t, groups);
+            assert_same(&ours, &theirs, &inputs, &format!("{shape:?}"))?;
         }
-        Ok(())
-    }
-
-    #[test]
-    fn group_norm_matches_finite_differences() -> Result<()> {
-        let (x, gamma, beta) = (
+        let w = seq(&[2, 4, 3], 0.7)?;
+        let inputs = [
             seq(&[2, 4, 3], 2.0)?,
             (seq(&[4], 0.5)? + 1.0)?,
             seq(&[4], 0.3)?,
-        );
-        let w = seq(&[2, 4, 3], 0.7)?;
-        let loss = |x: &Tensor, g: &Tensor, b: &Tensor| -> Result<Tensor> {
-            Ok((group_norm(x, g, b, 2, 1e-5)? * &w)?.sqr()?.sum_all()?)
+        ];
+        let loss = |t: &[Tensor]| -> Result<Tensor> {
+            Ok((group_norm(&t[0], &t[1], &t[2], 2, 1e-5)? * &w)?
+                .sqr()?
+                .sum_all()?)
         };
-        let vars = [
-            Var::from_tensor(&x)?,
-            Var::from_tensor(&gamma)?,
-            Var::from_tensor(&beta)?,
-        ];
-        let grads = loss(
-            vars[0].as_tensor(),
-            vars[1].as_tensor(),
-            vars[2].as_tensor(),
-        )?
-        .backward()?;
-        let scalar = |t: Tensor| -> Result<f64> { Ok(t.to_scalar::<f64>()?) };
-        let numeric = [
-            central_differences(|v| scalar(loss(v, &gamma, &beta)?), &x, 1e-6)?,
-            central_differences(|v| scalar(loss(&x, v, &beta)?), &gamma, 1e-6)?,
-            central_differences(|v| scalar(loss(&x, &gamma, v)?), &beta, 1e-6)?,
-        ];
-        for (var, numeric) in vars.iter().zip(&numeric) {
-            let analytic = grads
-                .get(var.as_tensor())
-                .ok_or_else(|| Error::Invalid("no gradient".into()))?;
-            let err = max_relative_error(analytic, numeric, 1e-6)?;
-            assert!(err < 1e-5, "relative error {err}");
-        }
-        Ok(())
+        assert_finite_differences(&loss, &inputs, "group norm")
     }
 
     /// The composed LSTM direction the kernel replaces (per-step slices and tensor ops).
-    fn composed_lstm(
-        gates_in: &Tensor,
-        w_hh: &Tensor,
-        mask: &Tensor,
-        backwards: bool,
-    ) -> Result<Tensor> {
-        let (t, b, four_h) = gates_in.dims3()?;
+    fn composed_lstm(t: &[Tensor], mask: &Tensor, backwards: bool) -> Result<Tensor> {
+        let (gates_in, w_hh) = (&t[0], &t[1]);
+        let (steps, b, four_h) = gates_in.dims3()?;
         let h = four_h / 4;
         let sig = |x: Tensor| -> Result<Tensor> { Ok((x.neg()?.exp()? + 1.0)?.recip()?) };
         let mut state = Tensor::zeros((b, h), gates_in.dtype(), gates_in.device())?;
         let mut cell = state.clone();
         let mut all = Vec::new();
-        for k in 0..t {
-            let s = if backwards { t - 1 - k } else { k };
+        for k in 0..steps {
+            let s = if backwards { steps - 1 - k } else { k };
             let g = (gates_in.get(s)? + state.matmul(&w_hh.t()?)?)?;
             let i = sig(g.narrow(1, 0, h)?)?;
             let f = sig(g.narrow(1, h, h)?)?;
@@ -1395,7 +1376,7 @@ mod tests {
     }
 
     #[test]
-    fn lstm_layer_equals_the_composed_recurrence_with_its_gradients() -> Result<()> {
+    fn lstm_layer_equals_the_composed_recurrence_and_finite_differences() -> Result<()> {
         let (t, b, h) = (4, 3, 2);
         let mask = Tensor::new(
             &[
@@ -1405,51 +1386,20 @@ mod tests {
             ],
             &Device::Cpu,
         )?;
-        let w = seq(&[t, b, 2 * h], 0.7)?;
+        let inputs = [seq(&[t, b, 4 * h], 1.5)?, seq(&[4 * h, h], 0.8)?];
         for backwards in [false, true] {
-            let gates = Var::from_tensor(&seq(&[t, b, 4 * h], 1.5)?)?;
-            let w_hh = Var::from_tensor(&seq(&[4 * h, h], 0.8)?)?;
-            let ours = lstm_layer(gates.as_tensor(), w_hh.as_tensor(), &mask, backwards)?;
-            let theirs = composed_lstm(gates.as_tensor(), w_hh.as_tensor(), &mask, backwards)?;
-            assert!(max_abs_difference(&ours, &theirs)? < 1e-12);
-            let g1 = (&ours * &w)?.sqr()?.sum_all()?.backward()?;
-            let g2 = (&theirs * &w)?.sqr()?.sum_all()?.backward()?;
-            for var in [&gates, &w_hh] {
-                match (g1.get(var.as_tensor()), g2.get(var.as_tensor())) {
-                    (Some(a), Some(b)) => {
-                        let err = max_relative_error(a, b, 1e-9)?;
-                        assert!(err < 1e-9, "backwards {backwards}: relative error {err}");
-                    }
-                    _ => panic!("a gradient is missing"),
-                }
-            }
+            let ours = |x: &[Tensor]| lstm_layer(&x[0], &x[1], &mask, backwards);
+            let theirs = |x: &[Tensor]| composed_lstm(x, &mask, backwards);
+            assert_same(&ours, &theirs, &inputs, &format!("backwards {backwards}"))?;
         }
-        Ok(())
-    }
-
-    #[test]
-    fn lstm_layer_matches_finite_differences() -> Result<()> {
         let mask = Tensor::new(&[[1.0f64, 1.0, 1.0], [1.0, 1.0, 0.0]], &Device::Cpu)?;
-        let (gates, w_hh) = (seq(&[3, 2, 8], 1.5)?, seq(&[8, 2], 0.8)?);
         let w = seq(&[3, 2, 4], 0.7)?;
-        let loss = |g: &Tensor, wh: &Tensor| -> Result<Tensor> {
-            Ok((lstm_layer(g, wh, &mask, false)? * &w)?.sqr()?.sum_all()?)
+        let loss = |x: &[Tensor]| -> Result<Tensor> {
+            Ok((lstm_layer(&x[0], &x[1], &mask, false)? * &w)?
+                .sqr()?
+                .sum_all()?)
         };
-        let vars = [Var::from_tensor(&gates)?, Var::from_tensor(&w_hh)?];
-        let grads = loss(vars[0].as_tensor(), vars[1].as_tensor())?.backward()?;
-        let scalar = |t: Tensor| -> Result<f64> { Ok(t.to_scalar::<f64>()?) };
-        let numeric = [
-            central_differences(|v| scalar(loss(v, &w_hh)?), &gates, 1e-6)?,
-            central_differences(|v| scalar(loss(&gates, v)?), &w_hh, 1e-6)?,
-        ];
-        for (var, numeric) in vars.iter().zip(&numeric) {
-            let analytic = grads
-                .get(var.as_tensor())
-                .ok_or_else(|| Error::Invalid("no gradient".into()))?;
-            let err = max_relative_error(analytic, numeric, 1e-6)?;
-            assert!(err < 1e-5, "relative error {err}");
-        }
-        Ok(())
+        assert_finite_differences(&loss, &[seq(&[3, 2, 8], 1.5)?, seq(&[8, 2], 0.8)?], "lstm")
     }
 
     /// Values against candle's grouped convolution (one group per channel), gradients against
@@ -1462,28 +1412,21 @@ mod tests {
             let theirs = x.conv2d(&w, padding, stride, 1, 3)?;
             assert_eq!(ours.dims(), theirs.dims());
             assert!(max_abs_difference(&ours, &theirs)? < 1e-12);
-
-            let (x, w) = (seq(&[1, 2, 5, 4], 1.0)?, seq(&[2, 1, 3, 3], 0.5)?);
-            let weights = seq(depthwise_conv(&x, &w, padding, stride)?.dims(), 0.7)?;
-            let loss = |x: &Tensor, w: &Tensor| -> Result<Tensor> {
-                Ok((depthwise_conv(x, w, padding, stride)? * &weights)?
+            let inputs = [seq(&[1, 2, 5, 4], 1.0)?, seq(&[2, 1, 3, 3], 0.5)?];
+            let weights = seq(
+                depthwise_conv(&inputs[0], &inputs[1], padding, stride)?.dims(),
+                0.7,
+            )?;
+            let loss = |t: &[Tensor]| -> Result<Tensor> {
+                Ok((depthwise_conv(&t[0], &t[1], padding, stride)? * &weights)?
                     .sqr()?
                     .sum_all()?)
             };
-            let vars = [Var::from_tensor(&x)?, Var::from_tensor(&w)?];
-            let grads = loss(vars[0].as_tensor(), vars[1].as_tensor())?.backward()?;
-            let scalar = |t: Tensor| -> Result<f64> { Ok(t.to_scalar::<f64>()?) };
-            let numeric = [
-                central_differences(|v| scalar(loss(v, &w)?), &x, 1e-6)?,
-                central_differences(|v| scalar(loss(&x, v)?), &w, 1e-6)?,
-            ];
-            for (var, numeric) in vars.iter().zip(&numeric) {
-                let analytic = grads
-                    .get(var.as_tensor())
-                    .ok_or_else(|| Error::Invalid("no gradient".into()))?;
-                let err = max_relative_error(analytic, numeric, 1e-6)?;
-                assert!(err < 1e-5, "padding {padding} stride {stride}: {err}");
-            }
+            assert_finite_differences(
+                &loss,
+                &inputs,
+                &format!("padding {padding} stride {stride}"),
+            )?;
         }
         Ok(())
     }
@@ -1492,35 +1435,24 @@ mod tests {
     #[test]
     fn im2col_convolution_equals_conv2d() -> Result<()> {
         for (k, padding, stride) in [(3, 1, 1), (3, 1, 2), (1, 0, 2), (5, 2, 1), (3, 0, 3)] {
-            let x = Var::from_tensor(&seq(&[2, 3, 7, 7], 1.0)?)?;
-            let w = Var::from_tensor(&seq(&[4, 3, k, k], 0.5)?)?;
-            let (b, out) = (2, 4);
-            let cols = im2col(x.as_tensor(), k, padding, stride)?;
-            let theirs = x.as_tensor().conv2d(w.as_tensor(), padding, stride, 1, 1)?;
-            let (oh, ow) = (theirs.dim(2)?, theirs.dim(3)?);
-            let ours = w
-                .as_tensor()
-                .reshape((out, ()))?
-                .matmul(&cols)?
-                .reshape((out, b, oh, ow))?
-                .transpose(0, 1)?
-                .contiguous()?;
-            assert!(
-                max_abs_difference(&ours, &theirs)? < 1e-12,
-                "k {k} stride {stride}"
-            );
-            let weights = seq(theirs.dims(), 0.7)?;
-            let g1 = (&ours * &weights)?.sqr()?.sum_all()?.backward()?;
-            let g2 = (&theirs * &weights)?.sqr()?.sum_all()?.backward()?;
-            for var in [&x, &w] {
-                match (g1.get(var.as_tensor()), g2.get(var.as_tensor())) {
-                    (Some(a), Some(b)) => assert!(
-                        max_relative_error(a, b, 1e-9)? < 1e-9,
-                        "k {k} padding {padding} stride {stride}"
-                    ),
-                    _ => panic!("a gradient is missing"),
-                }
-            }
+            let inputs = [seq(&[2, 3, 7, 7], 1.0)?, seq(&[4, 3, k, k], 0.5)?];
+            let ours = |t: &[Tensor]| -> Result<Tensor> {
+                let y = t[1]
+                    .reshape((4, ()))?
+                    .matmul(&im2col(&t[0], k, padding, stride)?)?;
+                let (oh, ow) = (
+                    (7 + 2 * padding - k) / stride + 1,
+                    (7 + 2 * padding - k) / stride + 1,
+                );
+                Ok(y.reshape((4, 2, oh, ow))?.transpose(0, 1)?.contiguous()?)
+            };
+            let theirs = |t: &[Tensor]| Ok(t[0].conv2d(&t[1], padding, stride, 1, 1)?);
+            assert_same(
+                &ours,
+                &theirs,
+                &inputs,
+                &format!("k {k} padding {padding} stride {stride}"),
+            )?;
         }
         Ok(())
     }

@@ -12,6 +12,7 @@ use std::sync::OnceLock;
 
 use distill_engine::job::{JobRecord, Status};
 use plotters::coord::Shift;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::register_font;
 
@@ -264,6 +265,43 @@ type Line = (String, Vec<Band>);
 /// Dataset, teacher (empty without one) and student: what one curves / losses plot covers.
 type Group = (String, String, String);
 
+/// A chart with epochs across and linear values up.
+type EpochChart<'a, DB> = ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// Draws the per-epoch means of `bands` as a line of `color`, with a legend entry `name`.
+fn mean_line<'a, DB: DrawingBackend + 'a>(
+    chart: &mut EpochChart<'a, DB>,
+    bands: &[Band],
+    name: &str,
+    color: RGBColor,
+) -> DrawResult {
+    chart
+        .draw_series(LineSeries::new(
+            bands.iter().map(|b| (b.epoch as f64 + 1.0, b.mean)),
+            color.stroke_width(2),
+        ))
+        .map_err(text)?
+        .label(name)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+    Ok(())
+}
+
+/// The legend box of `chart`: the labels of its series in `size` points at `position`.
+fn legend<'a, DB: DrawingBackend + 'a, X: Ranged, Y: Ranged>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>,
+    size: u32,
+    position: SeriesLabelPosition,
+) -> DrawResult {
+    chart
+        .configure_series_labels()
+        .label_font((FAMILY, size))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(position)
+        .draw()
+        .map_err(text)
+}
+
 /// Learning curves of one dataset / teacher / student group.
 struct Curves {
     title: String,
@@ -310,26 +348,9 @@ impl Figure for Curves {
                     color.mix(0.15).filled(),
                 )))
                 .map_err(text)?;
-            chart
-                .draw_series(LineSeries::new(
-                    bands.iter().map(|b| (x(b), b.mean)),
-                    color.stroke_width(2),
-                ))
-                .map_err(text)?
-                .label(name.as_str())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-                });
+            mean_line(&mut chart, bands, name, color)?;
         }
-        chart
-            .configure_series_labels()
-            .label_font((FAMILY, 12))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::LowerRight)
-            .draw()
-            .map_err(text)?;
-        Ok(())
+        legend(&mut chart, 12, SeriesLabelPosition::LowerRight)
     }
 }
 
@@ -394,25 +415,9 @@ impl Figure for Losses {
                     Some(i) => color(i),
                     None => color(0),
                 };
-                chart
-                    .draw_series(LineSeries::new(
-                        bands.iter().map(|b| (b.epoch as f64 + 1.0, b.mean)),
-                        color.stroke_width(2),
-                    ))
-                    .map_err(text)?
-                    .label(term.as_str())
-                    .legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
-                    });
+                mean_line(&mut chart, bands, term, color)?;
             }
-            chart
-                .configure_series_labels()
-                .label_font((FAMILY, 10))
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .position(SeriesLabelPosition::UpperRight)
-                .draw()
-                .map_err(text)?;
+            legend(&mut chart, 10, SeriesLabelPosition::UpperRight)?;
         }
         Ok(())
     }
@@ -518,15 +523,7 @@ impl Figure for Pareto {
                     + Text::new(p.label.clone(), (9, -14), (FAMILY, 12))
             }))
             .map_err(text)?;
-        chart
-            .configure_series_labels()
-            .label_font((FAMILY, 12))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::LowerRight)
-            .draw()
-            .map_err(text)?;
-        Ok(())
+        legend(&mut chart, 12, SeriesLabelPosition::LowerRight)
     }
 }
 

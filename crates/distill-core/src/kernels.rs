@@ -513,59 +513,39 @@ impl Update {
     }
 }
 
-impl InplaceOp2 for Moments {
-    fn name(&self) -> &'static str {
-        "adamw-moments"
-    }
+/// Implements `InplaceOp2` for `$op`, whose `apply` updates an f32 or f64 slice in place from
+/// another of the same dtype.
+macro_rules! in_place_op {
+    ($op:ty, $name:literal) => {
+        impl InplaceOp2 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
 
-    fn cpu_fwd(
-        &self,
-        dst: &mut CpuStorage,
-        dst_l: &Layout,
-        g: &CpuStorage,
-        gl: &Layout,
-    ) -> candle_core::Result<()> {
-        match (dst, g) {
-            (CpuStorage::F32(mv), CpuStorage::F32(g)) => self.apply(
-                slice_mut(mv, dst_l, self.name())?,
-                contiguous(g, gl, self.name())?,
-            ),
-            (CpuStorage::F64(mv), CpuStorage::F64(g)) => self.apply(
-                slice_mut(mv, dst_l, self.name())?,
-                contiguous(g, gl, self.name())?,
-            ),
-            _ => candle_core::bail!("{}: f32 or f64 tensors of one dtype", self.name()),
+            fn cpu_fwd(
+                &self,
+                dst: &mut CpuStorage,
+                dst_l: &Layout,
+                src: &CpuStorage,
+                src_l: &Layout,
+            ) -> candle_core::Result<()> {
+                match (dst, src) {
+                    (CpuStorage::F32(d), CpuStorage::F32(s)) => {
+                        self.apply(slice_mut(d, dst_l, $name)?, contiguous(s, src_l, $name)?)
+                    }
+                    (CpuStorage::F64(d), CpuStorage::F64(s)) => {
+                        self.apply(slice_mut(d, dst_l, $name)?, contiguous(s, src_l, $name)?)
+                    }
+                    _ => candle_core::bail!("{}: f32 or f64 tensors of one dtype", $name),
+                }
+                Ok(())
+            }
         }
-        Ok(())
-    }
+    };
 }
 
-impl InplaceOp2 for Update {
-    fn name(&self) -> &'static str {
-        "adamw-update"
-    }
-
-    fn cpu_fwd(
-        &self,
-        dst: &mut CpuStorage,
-        dst_l: &Layout,
-        mv: &CpuStorage,
-        l: &Layout,
-    ) -> candle_core::Result<()> {
-        match (dst, mv) {
-            (CpuStorage::F32(p), CpuStorage::F32(mv)) => self.apply(
-                slice_mut(p, dst_l, self.name())?,
-                contiguous(mv, l, self.name())?,
-            ),
-            (CpuStorage::F64(p), CpuStorage::F64(mv)) => self.apply(
-                slice_mut(p, dst_l, self.name())?,
-                contiguous(mv, l, self.name())?,
-            ),
-            _ => candle_core::bail!("{}: f32 or f64 tensors of one dtype", self.name()),
-        }
-        Ok(())
-    }
-}
+in_place_op!(Moments, "adamw-moments");
+in_place_op!(Update, "adamw-update");
 
 /// The packed AdamW moments `[m; v]` for `p`: zeros of shape `[2, p.elem_count()]`.
 pub fn adamw_moments(p: &Tensor) -> Result<Tensor> {

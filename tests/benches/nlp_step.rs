@@ -32,7 +32,8 @@ fn bench(c: &mut Criterion) {
     }
     let r = host.registrar();
     let dev = Device::Cpu;
-    let sst2 = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/datasets/sst2");
+    let sst2 = distill_rt::testing::manifest_dir(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/datasets/sst2");
     let mut run = || -> distill_rt::Result<()> {
         let data = r.get_dataset("nlp.sst2")?.build(&json!({
             "path": sst2, "wordpiece": "all-MiniLM-L6-v2", "max_train": 4096

@@ -14,18 +14,12 @@ use std::process::Command;
 /// `package [features]` lines of `cargo tree` for `selection`.
 fn tree(selection: &[&str]) -> BTreeSet<String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
+    let manifest =
+        distill_rt::testing::manifest_dir(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
     let out = Command::new(cargo)
-        .args([
-            "tree",
-            "--offline",
-            "--manifest-path",
-            manifest,
-            "-e",
-            "normal",
-            "--prefix",
-            "none",
-        ])
+        .args(["tree", "--offline", "--manifest-path"])
+        .arg(&manifest)
+        .args(["-e", "normal", "--prefix", "none"])
         .args(["-f", "{p} [{f}]"])
         .args(selection)
         .output()

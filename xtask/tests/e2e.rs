@@ -16,7 +16,11 @@ use polars::prelude::*;
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    // `cargo test` sets the variable when it runs the test, for the checkout it runs in; the
+    // compiled-in path can name another clone that shared the target folder.
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    manifest.join("..")
 }
 
 fn temp(tag: &str) -> PathBuf {

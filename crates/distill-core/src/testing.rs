@@ -122,6 +122,16 @@ pub fn max_abs_difference(a: &Tensor, b: &Tensor) -> Result<f64> {
         .to_scalar::<f64>()?)
 }
 
+/// The package folder of a running test: `CARGO_MANIFEST_DIR` as `cargo test` sets it when it
+/// runs the test, else `compiled` (pass `env!("CARGO_MANIFEST_DIR")`). The compiled-in path
+/// alone can name another clone that built into the same shared target folder.
+pub fn manifest_dir(compiled: &str) -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(
+        || std::path::PathBuf::from(compiled),
+        std::path::PathBuf::from,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

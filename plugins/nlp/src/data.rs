@@ -502,7 +502,8 @@ mod tests {
     use distill_rt::serde_json::json;
 
     fn shared() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/datasets")
+        distill_rt::testing::manifest_dir(env!("CARGO_MANIFEST_DIR"))
+            .join("../../../shared/datasets")
     }
 
     #[test]

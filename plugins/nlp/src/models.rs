@@ -638,7 +638,7 @@ mod tests {
 
     /// The reference file of `tests/fixtures/minilm_reference.py`.
     fn reference() -> Result<Value> {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        let path = distill_rt::testing::manifest_dir(env!("CARGO_MANIFEST_DIR"))
             .join("../../tests/fixtures/minilm_reference.json");
         let text = std::fs::read_to_string(&path).map_err(|e| Error::data(&path, e.to_string()))?;
         distill_rt::serde_json::from_str(&text).map_err(|e| Error::data(&path, e.to_string()))

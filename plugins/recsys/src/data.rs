@@ -398,7 +398,7 @@ mod tests {
     const DEV: Device = Device::Cpu;
 
     fn movielens(extra: distill_rt::serde_json::Value) -> Result<Box<dyn Dataset>> {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        let path = distill_rt::testing::manifest_dir(env!("CARGO_MANIFEST_DIR"))
             .join("../../../shared/datasets/ml-latest-small/ratings.csv");
         let mut cfg = json!({ "path": path });
         if let (Some(t), Some(e)) = (cfg.as_object_mut(), extra.as_object()) {

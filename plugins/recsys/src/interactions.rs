@@ -186,7 +186,7 @@ mod tests {
     }
 
     fn movielens() -> Result<Interactions> {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        let path = distill_rt::testing::manifest_dir(env!("CARGO_MANIFEST_DIR"))
             .join("../../../shared/datasets/ml-latest-small/ratings.csv");
         leave_one_out(&read_ratings(&path, Format::Csv)?, rule())
     }

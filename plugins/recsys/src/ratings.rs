@@ -117,7 +117,7 @@ mod tests {
 
     #[test]
     fn ml_latest_small_has_its_published_counts() -> Result<()> {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        let path = distill_rt::testing::manifest_dir(env!("CARGO_MANIFEST_DIR"))
             .join("../../../shared/datasets/ml-latest-small/ratings.csv");
         let r = read_ratings(&path, Format::Csv)?;
         assert_eq!(r.len(), 100_836);

@@ -52,13 +52,11 @@ struct Fixture {
 
 /// The golden cases of `strategy`.
 pub fn golden_cases(strategy: &str) -> Vec<Case> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/fixtures/strategies_golden.json"
-    );
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    let fixture: Fixture =
-        distill_rt::serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let path = testing::manifest_dir(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/strategies_golden.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let fixture: Fixture = distill_rt::serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     fixture
         .cases
         .into_iter()

@@ -454,10 +454,11 @@ mod tests {
     use super::*;
     use distill_rt::serde_json::json;
 
-    const MNIST: &str = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/datasets/mnist-t10k"
-    );
+    /// The shared MNIST test set (`../shared/datasets`).
+    fn mnist() -> std::path::PathBuf {
+        distill_rt::testing::manifest_dir(env!("CARGO_MANIFEST_DIR"))
+            .join("../../../shared/datasets/mnist-t10k")
+    }
 
     #[test]
     fn synthetic_is_deterministic_and_normalised() -> Result<()> {
@@ -487,7 +488,7 @@ mod tests {
 
     #[test]
     fn mnist_test_set_carved_into_three_splits() -> Result<()> {
-        let cfg = json!({"path": MNIST, "train": "t10k", "test": "", "test_fraction": 0.2, "validation_fraction": 0.1});
+        let cfg = json!({"path": mnist(), "train": "t10k", "test": "", "test_fraction": 0.2, "validation_fraction": 0.1});
         let d = IdxFactory.build(&cfg)?;
         assert_eq!(d.info().split_sizes, [7000, 1000, 2000]);
         assert_eq!(d.info().inputs[IMAGE], vec![1, 28, 28]);
@@ -495,7 +496,7 @@ mod tests {
         assert_eq!(b.inputs[IMAGE].dims(), &[3, 1, 28, 28]);
         assert_eq!(b.indices.to_vec1::<u32>()?, vec![0, 1, 2]);
         // Another split seed gives another split.
-        let other = IdxFactory.build(&json!({"path": MNIST, "train": "t10k", "test": "", "test_fraction": 0.2, "split_seed": 1}))?;
+        let other = IdxFactory.build(&json!({"path": mnist(), "train": "t10k", "test": "", "test_fraction": 0.2, "split_seed": 1}))?;
         let la = d
             .batch(Split::Test, &[0, 1, 2, 3, 4, 5, 6, 7], &Device::Cpu)?
             .targets
@@ -513,12 +514,12 @@ mod tests {
         let msg = |r: Result<Box<dyn Dataset>>| r.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(msg(IdxFactory.build(&json!({"path": "/nonexistent/fashion"}))).contains("`path`"));
         assert!(
-            msg(IdxFactory.build(&json!({"path": MNIST, "train": "t10k", "test": ""})))
+            msg(IdxFactory.build(&json!({"path": mnist(), "train": "t10k", "test": ""})))
                 .contains("test_fraction")
         );
         assert!(
             msg(IdxFactory
-                .build(&json!({"path": MNIST, "train": "t10k", "validation_fraction": 1.5})))
+                .build(&json!({"path": mnist(), "train": "t10k", "validation_fraction": 1.5})))
             .contains("validation_fraction")
         );
         assert!(msg(SyntheticFactory.build(&json!({"clases": 3}))).contains("clases"));

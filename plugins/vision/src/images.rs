@@ -210,14 +210,15 @@ pub fn load_cifar10(dir: &Path, files: &[&str]) -> Result<Images> {
 mod tests {
     use super::*;
 
-    const MNIST: &str = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/datasets/mnist-t10k"
-    );
+    /// The shared MNIST test set (`../shared/datasets`).
+    fn mnist() -> std::path::PathBuf {
+        distill_rt::testing::manifest_dir(env!("CARGO_MANIFEST_DIR"))
+            .join("../../../shared/datasets/mnist-t10k")
+    }
 
     #[test]
     fn reads_the_real_mnist_test_set() -> Result<()> {
-        let images = load_idx(Path::new(MNIST), "t10k")?;
+        let images = load_idx(&mnist(), "t10k")?;
         assert_eq!(
             (images.len(), images.channels, images.height, images.width),
             (10_000, 1, 28, 28)

@@ -195,10 +195,7 @@ impl Strategy for {title} {
         let ce = (label_loss(&s.logits, &batch.targets)? * self.config.ce_weight)?;
         let diff = (&s.logits - t.logits.detach())?;
         let matching = (diff.sqr()?.mean_all()? * self.config.weight)?;
-        Ok(LossTerms {
-            total: (&ce + &matching)?,
-            terms: vec![("ce".into(), ce), ("{ident}".into(), matching)],
-        })
+        LossTerms::sum([("ce", ce), ("{ident}", matching)])
     }
 }
 

@@ -129,6 +129,26 @@ pub struct LossTerms {
     pub terms: Vec<(String, Tensor)>,
 }
 
+impl LossTerms {
+    /// The terms with their sum as the total (terms are reported weighted, so they add up to
+    /// what is minimised); an error without any term.
+    pub fn sum<'a>(terms: impl IntoIterator<Item = (&'a str, Tensor)>) -> Result<Self> {
+        let terms: Vec<(String, Tensor)> = terms
+            .into_iter()
+            .map(|(name, t)| (name.to_string(), t))
+            .collect();
+        let mut parts = terms.iter().map(|(_, t)| t);
+        let first = parts
+            .next()
+            .ok_or_else(|| Error::Invalid("a loss without any term".into()))?;
+        let mut total = first.clone();
+        for t in parts {
+            total = (total + t)?;
+        }
+        Ok(Self { total, terms })
+    }
+}
+
 /// What a strategy factory receives besides its configuration.
 pub struct StrategyContext<'a> {
     /// Number of classes of the task.

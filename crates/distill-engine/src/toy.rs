@@ -153,10 +153,7 @@ impl Strategy for MatchLogits {
         let n = s.logits.dim(0)? as f64;
         let m = ((&s.logits - &t.logits)?.sqr()?.sum_all()? * (0.5 / n))?;
         let ce = ops::cross_entropy(&s.logits, &b.targets)?;
-        Ok(LossTerms {
-            total: (&m + &ce)?,
-            terms: vec![("match".into(), m), ("ce".into(), ce)],
-        })
+        LossTerms::sum([("match", m), ("ce", ce)])
     }
 }
 

@@ -168,10 +168,7 @@ impl Strategy for Supervised {
         _step: &StepInfo,
     ) -> Result<LossTerms> {
         let ce = ops::label_loss(&s.logits, &batch.targets)?;
-        Ok(LossTerms {
-            total: ce.clone(),
-            terms: vec![("ce".into(), ce)],
-        })
+        LossTerms::sum([("ce", ce)])
     }
 }
 

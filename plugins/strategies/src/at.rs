@@ -190,10 +190,7 @@ impl Strategy for At {
         }
         let ce = (label_loss(&s.logits, &batch.targets)? * c.ce_weight)?;
         let at = (at * c.feature_weight)?;
-        Ok(LossTerms {
-            total: (&ce + &at)?,
-            terms: vec![("ce".into(), ce), ("at".into(), at)],
-        })
+        LossTerms::sum([("ce", ce), ("at", at)])
     }
 }
 

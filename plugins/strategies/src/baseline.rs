@@ -44,9 +44,6 @@ impl Strategy for Baseline {
         _step: &StepInfo,
     ) -> Result<LossTerms> {
         let ce = label_loss(&s.logits, &batch.targets)?;
-        Ok(LossTerms {
-            total: ce.clone(),
-            terms: vec![("ce".into(), ce)],
-        })
+        LossTerms::sum([("ce", ce)])
     }
 }

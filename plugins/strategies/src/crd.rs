@@ -276,10 +276,7 @@ impl Strategy for Crd {
         *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(pending);
         let ce = (label_loss(&s.logits, &batch.targets)? * c.ce_weight)?;
         let crd = (nce * c.feature_weight)?;
-        Ok(LossTerms {
-            total: (&ce + &crd)?,
-            terms: vec![("ce".into(), ce), ("crd".into(), crd)],
-        })
+        LossTerms::sum([("ce", ce), ("crd", crd)])
     }
 
     fn end_step(

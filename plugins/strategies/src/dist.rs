@@ -103,14 +103,7 @@ impl Strategy for Dist {
         let inter = (one_minus_pearson(&p_s, &p_t)? * (t2 * c.beta))?;
         let intra = (one_minus_pearson(&p_s.t()?.contiguous()?, &p_t.t()?.contiguous()?)?
             * (t2 * c.gamma))?;
-        Ok(LossTerms {
-            total: ((&ce + &inter)? + &intra)?,
-            terms: vec![
-                ("ce".into(), ce),
-                ("inter".into(), inter),
-                ("intra".into(), intra),
-            ],
-        })
+        LossTerms::sum([("ce", ce), ("inter", inter), ("intra", intra)])
     }
 }
 

@@ -141,14 +141,7 @@ impl Strategy for Dkd {
         let ce = (cross_entropy(&s.logits, &batch.targets)? * c.ce_weight)?;
         let tckd = (kl_sum_over_batch(&bin_s, &bin_t)? * (warm * c.alpha * t2))?;
         let nckd = (kl_sum_over_batch(&others_s, &others_t)? * (warm * c.beta * t2))?;
-        Ok(LossTerms {
-            total: ((&ce + &tckd)? + &nckd)?,
-            terms: vec![
-                ("ce".into(), ce),
-                ("tckd".into(), tckd),
-                ("nckd".into(), nckd),
-            ],
-        })
+        LossTerms::sum([("ce", ce), ("tckd", tckd), ("nckd", nckd)])
     }
 }
 

@@ -257,10 +257,7 @@ impl Strategy for FeatureMse {
             Matching::FitNets => ("hint", (&h_s - h_t.detach())?.sqr()?.mean_all()?),
         };
         let feat = (distance * self.config.feature_weight)?;
-        Ok(LossTerms {
-            total: (&ce + &feat)?,
-            terms: vec![("ce".into(), ce), (name.into(), feat)],
-        })
+        LossTerms::sum([("ce", ce), (name, feat)])
     }
 }
 

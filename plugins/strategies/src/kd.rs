@@ -135,10 +135,7 @@ impl Strategy for Kd {
             kl_batchmean(&s.logits, &t.logits, self.temperature)?
         };
         let kd = (kl * ((1.0 - self.alpha) * t2))?;
-        Ok(LossTerms {
-            total: (&ce + &kd)?,
-            terms: vec![("ce".into(), ce), ("kd".into(), kd)],
-        })
+        LossTerms::sum([("ce", ce), ("kd", kd)])
     }
 }
 

@@ -212,14 +212,7 @@ impl Strategy for MultiTeacher {
             }
         }
         let hint = (hint * c.feature_weight)?;
-        Ok(LossTerms {
-            total: ((&ce + &kd)? + &hint)?,
-            terms: vec![
-                ("ce".into(), ce),
-                ("kd".into(), kd),
-                ("feature".into(), hint),
-            ],
-        })
+        LossTerms::sum([("ce", ce), ("kd", kd), ("feature", hint)])
     }
 }
 

@@ -170,10 +170,7 @@ impl Strategy for RankingKd {
             .sum_all()?
             .to_scalar::<f64>()?;
         let rd = (rd * (self.config.alpha / labelled.max(1.0)))?;
-        Ok(LossTerms {
-            total: (&ce + &rd)?,
-            terms: vec![("ce".into(), ce), ("rd".into(), rd)],
-        })
+        LossTerms::sum([("ce", ce), ("rd", rd)])
     }
 }
 

@@ -168,10 +168,7 @@ impl Strategy for RelationStrategy {
         let f_t = feature(&self.owner, "teacher", t, &self.teacher_feature)?;
         let ce = (label_loss(&s.logits, &batch.targets)? * self.ce_weight)?;
         let relation = (self.relation.loss(f_s, f_t)? * self.feature_weight)?;
-        Ok(LossTerms {
-            total: (&ce + &relation)?,
-            terms: vec![("ce".into(), ce), (self.relation.name().into(), relation)],
-        })
+        LossTerms::sum([("ce", ce), (self.relation.name(), relation)])
     }
 }
 

@@ -136,14 +136,7 @@ impl Strategy for Rkd {
         } else {
             (smooth_l1(&(angles(&f_s)? - angles(&f_t)?)?)? * self.config.angle_weight)?
         };
-        Ok(LossTerms {
-            total: ((&ce + &distance)? + &angle)?,
-            terms: vec![
-                ("ce".into(), ce),
-                ("distance".into(), distance),
-                ("angle".into(), angle),
-            ],
-        })
+        LossTerms::sum([("ce", ce), ("distance", distance), ("angle", angle)])
     }
 }
 

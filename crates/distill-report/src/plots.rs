@@ -623,10 +623,14 @@ pub fn write_plots(dir: &Path, records: &[JobRecord], metric: &str) -> Result<Ve
                 })
             })
             .collect();
-        for ((d, _, student, strategy), runs) in cells(records) {
+        let students = groups
+            .iter()
+            .filter(|((d, _, _), _)| d == dataset)
+            .flat_map(|((_, _, student), cells)| cells.iter().map(move |c| (student, c)));
+        for (student, (strategy, runs)) in students {
             let ok: Vec<&&JobRecord> = runs.iter().filter(|r| r.status == Status::Ok).collect();
             let values: Vec<f64> = ok.iter().filter_map(|r| r.best_metric).collect();
-            if &d != dataset || values.is_empty() {
+            if values.is_empty() {
                 continue;
             }
             points.push(Point {

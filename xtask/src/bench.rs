@@ -36,7 +36,8 @@ pub struct BenchOptions<'a> {
     pub compare: bool,
 }
 
-fn parse(out: &std::process::Output, what: &str) -> Result<Sample> {
+/// The JSON object a successful `bench-step` or `steps.py` run printed last.
+fn last_json(out: &std::process::Output, what: &str) -> Result<Value> {
     if !out.status.success() {
         bail!(
             "{what} failed with {}:\n{}{}",
@@ -47,8 +48,11 @@ fn parse(out: &std::process::Output, what: &str) -> Result<Sample> {
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text.lines().last().unwrap_or_default();
-    let v: Value =
-        serde_json::from_str(line).with_context(|| format!("{what} printed {line:?}, not JSON"))?;
+    serde_json::from_str(line).with_context(|| format!("{what} printed {line:?}, not JSON"))
+}
+
+fn parse(out: &std::process::Output, what: &str) -> Result<Sample> {
+    let v = last_json(out, what)?;
     Ok(Sample {
         steps_per_s: v["steps_per_s"].as_f64().context("no steps_per_s")?,
         peak_rss_mib: v["peak_rss_mib"].as_f64().unwrap_or(f64::NAN),
@@ -87,17 +91,7 @@ pub const CHECKED: [&str; 4] = ["mlp-kd", "mlp-kd-cached", "cnn-kd", "transforme
 pub const CHECK_TOLERANCE: f64 = 1e-4;
 
 fn losses(out: &std::process::Output, what: &str) -> Result<Vec<f64>> {
-    if !out.status.success() {
-        bail!(
-            "{what} failed with {}:\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let v: Value = serde_json::from_str(text.lines().last().unwrap_or_default())
-        .with_context(|| format!("{what} printed {text:?}, not JSON"))?;
-    v["losses"]
+    last_json(out, what)?["losses"]
         .as_array()
         .context("no losses")?
         .iter()

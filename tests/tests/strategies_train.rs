@@ -111,12 +111,6 @@ fn every_strategy_trains_a_student_without_nan() -> Result<()> {
         vb: seeded_var_builder(vars, seed, DType::F32, &dev),
     };
     let probe = data.batch(Split::Train, &[0, 1], &dev)?;
-    let shapes = |out: &distill_rt::ModelOutput| -> BTreeMap<String, Vec<usize>> {
-        out.features
-            .iter()
-            .map(|(k, v)| (k.clone(), v.dims()[1..].to_vec()))
-            .collect()
-    };
     let strategies: Vec<String> = r
         .list()
         .into_iter()
@@ -160,12 +154,12 @@ fn every_strategy_trains_a_student_without_nan() -> Result<()> {
             .iter()
             .map(|t| t.forward(&probe.inputs, false))
             .collect::<Result<Vec<_>>>()?;
-        let teacher_features = shapes(&combine_teachers(outputs)?);
+        let teacher_features = combine_teachers(outputs)?.feature_shapes();
         let varmap = VarMap::new();
         let student = r
             .get_model(pair.model)?
             .build(&pair.student, context(&varmap, 1))?;
-        let student_features = shapes(&student.forward(&probe.inputs, false)?);
+        let student_features = student.forward(&probe.inputs, false)?.feature_shapes();
         assert!(student_features.contains_key(PENULTIMATE));
         let strategy_vars = VarMap::new();
         let mut strategy = r.get_strategy(&name)?.build(

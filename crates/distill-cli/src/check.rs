@@ -131,13 +131,7 @@ pub fn check(registrar: &Registrar, plan: &Plan) -> Vec<String> {
         let probe = (|| -> distill_rt::Result<_> {
             let n = data.info().len(Split::Train);
             let batch = data.batch(Split::Train, &[0, 1.min(n.saturating_sub(1))], &device)?;
-            let shapes = |out: distill_rt::ModelOutput| -> BTreeMap<String, Vec<usize>> {
-                out.features
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.dims()[1..].to_vec()))
-                    .collect()
-            };
-            let s = shapes(student.0.forward(&batch.inputs, false)?);
+            let s = student.0.forward(&batch.inputs, false)?.feature_shapes();
             let t = if teacher_models.is_empty() {
                 BTreeMap::new()
             } else {
@@ -145,7 +139,7 @@ pub fn check(registrar: &Registrar, plan: &Plan) -> Vec<String> {
                     .iter()
                     .map(|(m, _)| m.forward(&batch.inputs, false))
                     .collect::<distill_rt::Result<Vec<_>>>()?;
-                shapes(combine_teachers(outputs)?)
+                combine_teachers(outputs)?.feature_shapes()
             };
             Ok((s, t))
         })();

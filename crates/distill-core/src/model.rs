@@ -18,6 +18,17 @@ pub struct ModelOutput {
     pub features: TensorMap,
 }
 
+impl ModelOutput {
+    /// The shape of each feature without the batch dimension: what strategy factories are told
+    /// (`StrategyContext::student_features`, `teacher_features`).
+    pub fn feature_shapes(&self) -> std::collections::BTreeMap<String, Vec<usize>> {
+        self.features
+            .iter()
+            .map(|(k, v)| (k.clone(), v.dims().get(1..).unwrap_or_default().to_vec()))
+            .collect()
+    }
+}
+
 /// A teacher or student network.
 pub trait Model: Send {
     /// Runs the model on named inputs; `train` enables dropout and similar.

@@ -564,13 +564,10 @@ fn run_job_inner(
                 &[0, 1.min(data.info().len(Split::Train) - 1)],
                 device,
             )?;
-            let shapes = |out: &distill_rt::ModelOutput| -> BTreeMap<String, Vec<usize>> {
-                out.features
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.dims()[1..].to_vec()))
-                    .collect()
-            };
-            let student_features = shapes(&built.model.forward(&probe_batch.inputs, false)?);
+            let student_features = built
+                .model
+                .forward(&probe_batch.inputs, false)?
+                .feature_shapes();
             let teacher_models = teachers
                 .iter()
                 .map(|t| load_teacher(registrar, t, &*data, device))
@@ -587,7 +584,7 @@ fn run_job_inner(
                     .iter()
                     .map(|(tb, _)| tb.model.forward(&probe_batch.inputs, false))
                     .collect::<Result<Vec<_>>>()?;
-                shapes(&combine_teachers(outputs)?)
+                combine_teachers(outputs)?.feature_shapes()
             };
             let strategy_vars = VarMap::new();
             let ctx = StrategyContext {

@@ -177,17 +177,12 @@ impl Probe {
         options: &ProbeOptions<'_>,
     ) -> Result<Self> {
         let c = call(inputs, options.dtype)?;
-        let shapes = |o: Option<&ModelOutput>| -> BTreeMap<String, Vec<usize>> {
-            o.map(|o| {
-                o.features
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.dims()[1..].to_vec()))
-                    .collect()
-            })
-            .unwrap_or_default()
-        };
-        let (student_features, teacher_features) =
-            (shapes(Some(&c.student)), shapes(c.teacher.as_ref()));
+        let student_features = c.student.feature_shapes();
+        let teacher_features = c
+            .teacher
+            .as_ref()
+            .map(ModelOutput::feature_shapes)
+            .unwrap_or_default();
         let mut varmap = VarMap::new();
         let ctx = StrategyContext {
             num_classes: c.student.logits.dims().last().copied().unwrap_or(0),

@@ -211,8 +211,8 @@ fn last_validation(outcome: &Outcome, metric: &str) -> f64 {
     outcome
         .epochs
         .last()
-        .and_then(|e| e.validation.iter().find(|(k, _)| k == metric))
-        .map_or(0.0, |(_, v)| *v)
+        .and_then(|e| distill_engine::train::metric(&e.validation, metric))
+        .unwrap_or(0.0)
 }
 
 #[test]

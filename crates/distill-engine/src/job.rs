@@ -20,6 +20,7 @@ use distill_rt::{
 use crate::cache::TeacherCache;
 use crate::train::{
     EpochRecord, FitInputs, StopReason, Supervised, TeacherSource, TrainConfig, evaluate, fit,
+    metric,
 };
 
 /// A registered name with its configuration table.
@@ -431,10 +432,6 @@ fn usable_cache(
     Ok((has_all && cache.samples()? == n_train).then_some(cache))
 }
 
-fn metric(metrics: &[(String, f64)], name: &str) -> Option<f64> {
-    metrics.iter().find(|(k, _)| k == name).map(|(_, v)| *v)
-}
-
 /// Fills the training results of `record` from `outcome`.
 fn record_outcome(record: &mut JobRecord, outcome: crate::train::Outcome) {
     let primary = record.primary_metric.clone();
@@ -561,7 +558,7 @@ fn run_job_inner(
             // Feature shapes, from one forward pass on two training samples.
             let probe_batch = data.batch(
                 Split::Train,
-                &[0, 1.min(data.info().len(Split::Train) - 1)],
+                &[0, 1.min(data.info().len(Split::Train).saturating_sub(1))],
                 device,
             )?;
             let student_features = built

@@ -216,7 +216,8 @@ pub fn evaluate(
     acc.finish()
 }
 
-fn metric(metrics: &Metrics, name: &str) -> Option<f64> {
+/// The value of the metric (or loss term) `name` in `metrics`.
+pub fn metric(metrics: &[(String, f64)], name: &str) -> Option<f64> {
     metrics.iter().find(|(k, _)| k == name).map(|(_, v)| *v)
 }
 

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use distill_engine::job::{JobRecord, Status};
+use distill_engine::train;
 use plotters::coord::Shift;
 use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
@@ -244,10 +245,6 @@ fn bands(
             max: v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
         })
         .collect()
-}
-
-fn lookup(metrics: &[(String, f64)], name: &str) -> Option<f64> {
-    metrics.iter().find(|(k, _)| k == name).map(|(_, v)| *v)
 }
 
 /// `lo..hi` widened by 5% on each side (and to a unit width around a single value).
@@ -569,7 +566,7 @@ pub fn write_plots(dir: &Path, records: &[JobRecord], metric: &str) -> Result<Ve
                 .map(|(strategy, runs)| {
                     (
                         strategy.clone(),
-                        bands(runs, |e| lookup(&e.validation, metric)),
+                        bands(runs, |e| train::metric(&e.validation, metric)),
                     )
                 })
                 .collect(),
@@ -593,7 +590,12 @@ pub fn write_plots(dir: &Path, records: &[JobRecord], metric: &str) -> Result<Ve
                     names.dedup();
                     let lines = names
                         .into_iter()
-                        .map(|term| (term.to_string(), bands(runs, |e| lookup(&e.train, term))))
+                        .map(|term| {
+                            (
+                                term.to_string(),
+                                bands(runs, |e| train::metric(&e.train, term)),
+                            )
+                        })
                         .collect();
                     (strategy.clone(), lines)
                 })
@@ -753,7 +755,7 @@ mod tests {
     fn bands_are_mean_min_max_over_seeds() {
         let rs = records(0.7);
         let kd: Vec<&JobRecord> = rs.iter().filter(|r| r.id.starts_with('k')).collect();
-        let b = bands(&kd, |e| lookup(&e.validation, "accuracy"));
+        let b = bands(&kd, |e| train::metric(&e.validation, "accuracy"));
         assert_eq!(b.len(), 3);
         assert_eq!((b[0].min, b[0].max), (0.3, 0.35));
         assert!((b[0].mean - 0.325).abs() < 1e-12 && (b[2].mean - 0.69).abs() < 1e-12);

@@ -10,8 +10,7 @@
 //! candle ops (values and gradients) and against finite differences.
 
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, InplaceOp2, Layout, Shape, Tensor,
-    WithDType,
+    CpuStorage, CustomOp2, CustomOp3, DType, InplaceOp2, Layout, Shape, Tensor, WithDType,
 };
 
 use rayon::prelude::*;
@@ -820,7 +819,8 @@ pub fn lstm_layer(
 
 /// The float types the loop kernels run on.
 trait Real:
-    Copy
+    'static
+    + Copy
     + Default
     + Send
     + Sync
@@ -828,9 +828,15 @@ trait Real:
     + std::ops::Mul<Output = Self>
     + std::ops::AddAssign
 {
+    /// The multiplicative identity.
+    const ONE: Self;
 }
-impl Real for f32 {}
-impl Real for f64 {}
+impl Real for f32 {
+    const ONE: Self = 1.0;
+}
+impl Real for f64 {
+    const ONE: Self = 1.0;
+}
 
 /// A depthwise `k x k` convolution (one filter per channel, no bias) of `[b, c, h, w]`.
 #[derive(Clone, Copy)]
@@ -1025,168 +1031,8 @@ pub fn depthwise_conv(
         .apply_op2(&weight.contiguous()?, Depthwise { padding, stride })?)
 }
 
-/// The im2col matrix of a `k x k` convolution: `[b, c, h, w]` -> `[c * k * k, b * oh * ow]`
-/// (row `(c, i, j)`, column `(b, oy, ox)`, zero where the window reaches into the padding).
-#[derive(Clone, Copy)]
-struct Im2Col {
-    k: usize,
-    padding: usize,
-    stride: usize,
-}
-
-/// The sizes an [`Im2Col`] works on.
-#[derive(Clone, Copy)]
-struct Im2ColDims {
-    b: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    oh: usize,
-    ow: usize,
-}
-
-impl Im2Col {
-    fn dims(&self, x: &Shape) -> candle_core::Result<Im2ColDims> {
-        let (b, c, h, w) = x.dims4()?;
-        if h + 2 * self.padding < self.k || w + 2 * self.padding < self.k || self.stride == 0 {
-            candle_core::bail!("im2col: a {0}x{0} window does not fit {x:?}", self.k);
-        }
-        Ok(Im2ColDims {
-            b,
-            c,
-            h,
-            w,
-            oh: (h + 2 * self.padding - self.k) / self.stride + 1,
-            ow: (w + 2 * self.padding - self.k) / self.stride + 1,
-        })
-    }
-
-    /// Calls `f(input index, column)` for every entry of matrix row `row` (`(c, i, j)`) that
-    /// reads the input.
-    fn each_in_row(&self, d: &Im2ColDims, row: usize, mut f: impl FnMut(usize, usize)) {
-        let c = row / (self.k * self.k);
-        for b in 0..d.b {
-            let plane = (b * d.c + c) * d.h * d.w;
-            self.each_in_row_of_sample(d, row, b, |xi, ci| f(plane + xi, ci));
-        }
-    }
-
-    /// [`Im2Col::each_in_row`] for sample `b` only, with input indices within the plane
-    /// `(b, c)`.
-    fn each_in_row_of_sample(
-        &self,
-        d: &Im2ColDims,
-        row: usize,
-        b: usize,
-        mut f: impl FnMut(usize, usize),
-    ) {
-        let (k, p, s) = (self.k, self.padding as isize, self.stride as isize);
-        let (i, j) = (row / k % k, row % k);
-        for oy in 0..d.oh {
-            let y = oy as isize * s + i as isize - p;
-            if y < 0 || y >= d.h as isize {
-                continue;
-            }
-            let col = (b * d.oh + oy) * d.ow;
-            for ox in 0..d.ow {
-                let x = ox as isize * s + j as isize - p;
-                if x >= 0 && x < d.w as isize {
-                    f(y as usize * d.w + x as usize, col + ox);
-                }
-            }
-        }
-    }
-}
-
-impl CustomOp1 for Im2Col {
-    fn name(&self) -> &'static str {
-        "im2col"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = self.dims(l.shape())?;
-        let len = d.c * self.k * self.k * d.b * d.oh * d.ow;
-        fn gather<T: Real>(op: &Im2Col, d: &Im2ColDims, x: &[T], len: usize) -> Vec<T> {
-            let mut out = vec![T::default(); len];
-            let cols = d.b * d.oh * d.ow;
-            out.par_chunks_mut(cols).enumerate().for_each(|(row, dst)| {
-                op.each_in_row(d, row, |xi, ci| dst[ci] = x[xi]);
-            });
-            out
-        }
-        let out = match s {
-            CpuStorage::F32(x) => {
-                CpuStorage::F32(gather(self, &d, contiguous(x, l, self.name())?, len))
-            }
-            CpuStorage::F64(x) => {
-                CpuStorage::F64(gather(self, &d, contiguous(x, l, self.name())?, len))
-            }
-            _ => candle_core::bail!("{}: f32 or f64", self.name()),
-        };
-        Ok((out, Shape::from((d.c * self.k * self.k, d.b * d.oh * d.ow))))
-    }
-
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let dx = grad.contiguous()?.apply_op1_no_bwd(&Col2Im {
-            op: *self,
-            input: x.dims4()?,
-        })?;
-        Ok(Some(dx))
-    }
-}
-
-/// The backward pass of [`Im2Col`]: each input position collects the gradients of the entries
-/// that read it.
-struct Col2Im {
-    op: Im2Col,
-    input: (usize, usize, usize, usize),
-}
-
-impl CustomOp1 for Col2Im {
-    fn name(&self) -> &'static str {
-        "col2im"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let shape = Shape::from(self.input);
-        let d = self.op.dims(&shape)?;
-        fn scatter<T: Real>(op: &Im2Col, d: &Im2ColDims, g: &[T], len: usize) -> Vec<T> {
-            let mut out = vec![T::default(); len];
-            // One input plane (b, c) per task: the rows (c, i, j) it feeds, its columns.
-            out.par_chunks_mut(d.h * d.w)
-                .enumerate()
-                .for_each(|(plane, dst)| {
-                    let (b, c) = (plane / d.c, plane % d.c);
-                    let cols = d.b * d.oh * d.ow;
-                    for ij in 0..op.k * op.k {
-                        let row = c * op.k * op.k + ij;
-                        let g = &g[row * cols..(row + 1) * cols];
-                        op.each_in_row_of_sample(d, row, b, |xi, ci| dst[xi] += g[ci]);
-                    }
-                });
-            out
-        }
-        let len = shape.elem_count();
-        let out = match s {
-            CpuStorage::F32(g) => {
-                CpuStorage::F32(scatter(&self.op, &d, contiguous(g, l, self.name())?, len))
-            }
-            CpuStorage::F64(g) => {
-                CpuStorage::F64(scatter(&self.op, &d, contiguous(g, l, self.name())?, len))
-            }
-            _ => candle_core::bail!("{}: f32 or f64", self.name()),
-        };
-        Ok((out, shape))
-    }
-}
-
-/// The im2col matrix of a `k x k` convolution with zero `padding` and `stride`: `x`
-/// (`[b, c, h, w]`) -> `[c * k * k, b * oh * ow]`, one pass forward and one backward (col2im),
-/// where building it from shifted, padded views costs a copy per view and a full-size
-/// zero-padded gradient per view.
-pub fn im2col(x: &Tensor, k: usize, padding: usize, stride: usize) -> Result<Tensor> {
-    Ok(x.contiguous()?.apply_op1(Im2Col { k, padding, stride })?)
-}
+mod conv;
+pub use conv::conv2d;
 
 #[cfg(test)]
 mod tests {
@@ -1411,29 +1257,60 @@ mod tests {
         Ok(())
     }
 
-    /// A convolution through [`im2col`] equals candle's `conv2d`, values and gradients.
+    /// The fused convolution equals candle's `conv2d` plus a bias, values and gradients, at
+    /// every kernel size, padding and stride the models use (1x1 included) and on batches
+    /// smaller than the thread pool.
     #[test]
-    fn im2col_convolution_equals_conv2d() -> Result<()> {
-        for (k, padding, stride) in [(3, 1, 1), (3, 1, 2), (1, 0, 2), (5, 2, 1), (3, 0, 3)] {
-            let inputs = [seq(&[2, 3, 7, 7], 1.0)?, seq(&[4, 3, k, k], 0.5)?];
-            let ours = |t: &[Tensor]| -> Result<Tensor> {
-                let y = t[1]
-                    .reshape((4, ()))?
-                    .matmul(&im2col(&t[0], k, padding, stride)?)?;
-                let (oh, ow) = (
-                    (7 + 2 * padding - k) / stride + 1,
-                    (7 + 2 * padding - k) / stride + 1,
-                );
-                Ok(y.reshape((4, 2, oh, ow))?.transpose(0, 1)?.contiguous()?)
+    fn conv2d_equals_candle_conv2d_plus_bias() -> Result<()> {
+        for (b, k, padding, stride) in [
+            (2, 3, 1, 1),
+            (3, 3, 1, 2),
+            (2, 1, 0, 1),
+            (2, 1, 0, 2),
+            (1, 5, 2, 1),
+            (5, 3, 0, 3),
+            (2, 5, 0, 1),
+        ] {
+            let inputs = [
+                seq(&[b, 3, 7, 7], 1.0)?,
+                seq(&[4, 3, k, k], 0.5)?,
+                seq(&[4], 0.3)?,
+            ];
+            let ours = |t: &[Tensor]| conv2d(&t[0], &t[1], &t[2], padding, stride);
+            let theirs = |t: &[Tensor]| {
+                let y = t[0].conv2d(&t[1], padding, stride, 1, 1)?;
+                Ok(y.broadcast_add(&t[2].reshape((1, 4, 1, 1))?)?)
             };
-            let theirs = |t: &[Tensor]| Ok(t[0].conv2d(&t[1], padding, stride, 1, 1)?);
-            assert_same(
-                &ours,
-                &theirs,
-                &inputs,
-                &format!("k {k} padding {padding} stride {stride}"),
-            )?;
+            let what = format!("batch {b} k {k} padding {padding} stride {stride}");
+            assert_same(&ours, &theirs, &inputs, &what)?;
         }
+        Ok(())
+    }
+
+    /// The input gradient is computed only when the input needs one, and the weight gradient
+    /// is the same either way; in f32 the op matches candle to float precision.
+    #[test]
+    fn conv2d_skips_the_gradient_of_a_constant_input() -> Result<()> {
+        let x = seq(&[3, 2, 6, 6], 1.0)?.to_dtype(DType::F32)?;
+        let w = Var::from_tensor(&seq(&[5, 2, 3, 3], 0.5)?.to_dtype(DType::F32)?)?;
+        let bias = Var::from_tensor(&seq(&[5], 0.2)?.to_dtype(DType::F32)?)?;
+        let ours = conv2d(&x, w.as_tensor(), bias.as_tensor(), 1, 1)?;
+        let theirs = x
+            .conv2d(w.as_tensor(), 1, 1, 1, 1)?
+            .broadcast_add(&bias.as_tensor().reshape((1, 5, 1, 1))?)?;
+        assert!(max_relative_error(&ours, &theirs, 1.0)? < 1e-5);
+        let probe = seq(ours.dims(), 0.9)?.to_dtype(DType::F32)?;
+        let g_ours = (&ours * &probe)?.sum_all()?.backward()?;
+        let g_theirs = (&theirs * &probe)?.sum_all()?.backward()?;
+        assert!(g_ours.get(&x).is_none(), "a constant input got a gradient");
+        for v in [&w, &bias] {
+            let (a, b) = (g_ours.get(v.as_tensor()), g_theirs.get(v.as_tensor()));
+            let (Some(a), Some(b)) = (a, b) else {
+                panic!("a parameter has no gradient")
+            };
+            assert!(max_relative_error(a, b, 1.0)? < 1e-5);
+        }
+        assert!(conv2d(&x, &x, bias.as_tensor(), 1, 1).is_err());
         Ok(())
     }
 

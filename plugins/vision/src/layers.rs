@@ -5,7 +5,7 @@
 
 use distill_rt::candle::{D, Tensor};
 use distill_rt::candle_nn::{Init, VarBuilder};
-use distill_rt::kernels::{channel_add, depthwise_conv, group_norm, im2col};
+use distill_rt::kernels::{channel_add, conv2d, depthwise_conv, group_norm};
 pub use distill_rt::nn::Linear;
 use distill_rt::nn::fan_in_init;
 use distill_rt::{Error, Result};
@@ -53,10 +53,11 @@ impl Conv {
 
     /// Applies the convolution to `[batch, input, h, w]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = if self.groups > 1 && self.groups == self.input && self.input == self.output {
+        if self.groups == 1 {
+            return conv2d(x, &self.weight, &self.bias, self.padding, self.stride);
+        }
+        let y = if self.groups == self.input && self.input == self.output {
             depthwise_conv(x, &self.weight, self.padding, self.stride)?
-        } else if self.groups == 1 {
-            im2col_conv(x, &self.weight, self.padding, self.stride)?
         } else {
             x.conv2d(&self.weight, self.padding, self.stride, 1, self.groups)?
         };
@@ -73,30 +74,6 @@ impl Conv {
         let out = self.out_size(size) as u64;
         out * out * (self.output * (self.input / self.groups) * self.kernel * self.kernel) as u64
     }
-}
-
-/// A dense convolution as one matrix product over the im2col matrix (`kernels::im2col`, one
-/// gather pass; its backward one scatter pass): `[out, c * k * k] x [c * k * k, batch * out_h *
-/// out_w]`. Same result and gradients as candle's `conv2d`, whose backward pass computes the
-/// input gradient with a slow direct transposed convolution. One product
-/// over the whole batch (rather than one per sample against a broadcast weight) keeps the
-/// weight's gradient a single product too: a broadcast weight's gradient is a sum over the
-/// batch, which candle's CPU reduction does element by element.
-pub fn im2col_conv(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    let (out, _, k, _) = weight.dims4()?;
-    // [c * k * k, batch * oh * ow], rows in weight's [out, c, k, k] order; it checks the sizes.
-    let cols = im2col(x, k, padding, stride)?;
-    let (oh, ow) = (
-        (h + 2 * padding - k) / stride + 1,
-        (w + 2 * padding - k) / stride + 1,
-    );
-    Ok(weight
-        .reshape((out, c * k * k))?
-        .matmul(&cols)?
-        .reshape((out, b, oh, ow))?
-        .transpose(0, 1)?
-        .contiguous()?)
 }
 
 /// Group normalisation (Wu & He 2018) over `[batch, channels, h, w]`: statistics per sample and
@@ -170,30 +147,6 @@ mod tests {
             shape,
             &Device::Cpu,
         )?)?)
-    }
-
-    #[test]
-    fn im2col_conv_equals_conv2d_forward_and_backward() -> Result<()> {
-        for (size, k, padding, stride) in [
-            (6, 3, 1, 1),
-            (7, 3, 1, 2),
-            (8, 5, 2, 1),
-            (10, 5, 0, 1),
-            (8, 1, 0, 2),
-        ] {
-            let (x, w) = (random_var((2, 3, size, size))?, random_var((4, 3, k, k))?);
-            let ours = im2col_conv(x.as_tensor(), w.as_tensor(), padding, stride)?;
-            let candle = x.as_tensor().conv2d(w.as_tensor(), padding, stride, 1, 1)?;
-            assert_same(
-                ours,
-                candle,
-                [&x, &w],
-                1e-10,
-                1e-9,
-                &format!("size {size} k {k} stride {stride}"),
-            )?;
-        }
-        Ok(())
     }
 
     #[test]

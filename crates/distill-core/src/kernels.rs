@@ -10,7 +10,8 @@
 //! candle ops (values and gradients) and against finite differences.
 
 use candle_core::{
-    CpuStorage, CustomOp2, CustomOp3, DType, InplaceOp2, Layout, Shape, Tensor, WithDType,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, InplaceOp2, Layout, Shape, Tensor,
+    WithDType,
 };
 
 use rayon::prelude::*;
@@ -192,11 +193,99 @@ pub fn channel_mul(x: &Tensor, v: &Tensor, dim: usize) -> Result<Tensor> {
     channel_op(x, v, dim, Combine::Mul)
 }
 
+/// `max(x, 0)`, whose backward pass masks the gradient with the result in one pass (candle's
+/// `relu` backward builds a zero tensor, a comparison mask, its float copy and a product).
+struct Relu;
+
+impl CustomOp1 for Relu {
+    fn name(&self) -> &'static str {
+        "relu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn apply<T: Real + PartialOrd>(x: &[T]) -> Vec<T> {
+            let mut out = x.to_vec();
+            out.par_chunks_mut(CHUNK).for_each(|part| {
+                part.iter_mut().for_each(|v| {
+                    if *v < T::default() {
+                        *v = T::default()
+                    }
+                })
+            });
+            out
+        }
+        let out = match s {
+            CpuStorage::F32(x) => CpuStorage::F32(apply(contiguous(x, l, self.name())?)),
+            CpuStorage::F64(x) => CpuStorage::F64(apply(contiguous(x, l, self.name())?)),
+            _ => candle_core::bail!("{}: f32 or f64", self.name()),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op2_no_bwd(res, &ReluGrad)?))
+    }
+}
+
+/// The backward pass of [`Relu`] on `(dy, y)`: `dy` where `y > 0`, else 0.
+struct ReluGrad;
+
+impl CustomOp2 for ReluGrad {
+    fn name(&self) -> &'static str {
+        "relu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn apply<T: Real + PartialOrd>(g: &[T], y: &[T]) -> Vec<T> {
+            let mut out = g.to_vec();
+            out.par_chunks_mut(CHUNK)
+                .zip(y.par_chunks(CHUNK))
+                .for_each(|(part, ys)| {
+                    part.iter_mut().zip(ys).for_each(|(d, &y)| {
+                        if y <= T::default() {
+                            *d = T::default()
+                        }
+                    })
+                });
+            out
+        }
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("{}: {:?} vs {:?}", self.name(), l1.shape(), l2.shape());
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(g), CpuStorage::F32(y)) => CpuStorage::F32(apply(
+                contiguous(g, l1, self.name())?,
+                contiguous(y, l2, self.name())?,
+            )),
+            (CpuStorage::F64(g), CpuStorage::F64(y)) => CpuStorage::F64(apply(
+                contiguous(g, l1, self.name())?,
+                contiguous(y, l2, self.name())?,
+            )),
+            _ => candle_core::bail!("{}: f32 or f64 tensors of one dtype", self.name()),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// `max(x, 0)` (f32 or f64) with a one-pass backward; the gradient at 0 is 0, as PyTorch's.
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(Relu)?)
+}
+
 /// Group normalisation of a contiguous `[batch, channels, spatial...]` tensor: statistics per
 /// sample and group of `channels / groups` channels, then `gamma`, `beta` per channel.
+#[derive(Clone, Copy)]
 struct GroupNormOp {
     groups: usize,
     eps: f64,
+    /// Whether a ReLU follows (fused: its mask is recomputed from `x` in the backward pass).
+    relu: bool,
 }
 
 /// `(batch, channels, spatial)` of `shape`: its first, second and the product of the rest.
@@ -235,7 +324,8 @@ impl GroupNormOp {
                     );
                     let shift = b - mean * w;
                     for (xv, yv) in xc.iter().zip(yc.iter_mut()) {
-                        *yv = T::from_f64(xv.to_f64() * w + shift);
+                        let v = xv.to_f64() * w + shift;
+                        *yv = T::from_f64(if self.relu { v.max(0.0) } else { v });
                     }
                 }
             });
@@ -243,7 +333,14 @@ impl GroupNormOp {
     }
 
     /// `dx`, then `dgamma` and `dbeta` (`channels` each), in one vector.
-    fn backward<T: WithDType>(&self, x: &[T], gamma: &[T], dy: &[T], shape: &Shape) -> Vec<T> {
+    fn backward<T: WithDType>(
+        &self,
+        x: &[T],
+        gamma: &[T],
+        beta: &[T],
+        dy: &[T],
+        shape: &Shape,
+    ) -> Vec<T> {
         let (_, channels, spatial) = norm_dims(shape);
         let per_channel = channels / self.groups;
         let per_group = per_channel * spatial;
@@ -261,10 +358,23 @@ impl GroupNormOp {
                 let (mut dgamma, mut dbeta) = (vec![0f64; per_channel], vec![0f64; per_channel]);
                 // dxhat = dy * gamma; dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
                 let (mut sum_dxhat, mut sum_dxhat_xhat) = (0.0, 0.0);
+                // The fused ReLU passes no gradient where its input `xhat * w + b` is <= 0.
+                let masked = |xhat: f64, (w, b): (f64, f64), dv: &T| {
+                    if self.relu && xhat * w + b <= 0.0 {
+                        0.0
+                    } else {
+                        dv.to_f64()
+                    }
+                };
+                let param = |c: usize| {
+                    let c = first_channel + c;
+                    (gamma[c].to_f64(), beta[c].to_f64())
+                };
                 for (c, (xc, dyc)) in xs.chunks(spatial).zip(dys.chunks(spatial)).enumerate() {
-                    let w = gamma[first_channel + c].to_f64();
+                    let (w, b) = param(c);
                     for (xv, dv) in xc.iter().zip(dyc) {
-                        let (xhat, d) = ((xv.to_f64() - mean) * rstd, dv.to_f64());
+                        let xhat = (xv.to_f64() - mean) * rstd;
+                        let d = masked(xhat, (w, b), dv);
                         dgamma[c] += d * xhat;
                         dbeta[c] += d;
                         sum_dxhat += d * w;
@@ -278,10 +388,10 @@ impl GroupNormOp {
                     .zip(dxs.chunks_mut(spatial))
                     .enumerate()
                 {
-                    let w = gamma[first_channel + c].to_f64();
+                    let (w, b) = param(c);
                     for ((xv, dv), out) in xc.iter().zip(dyc).zip(dxc.iter_mut()) {
                         let xhat = (xv.to_f64() - mean) * rstd;
-                        let dxhat = dv.to_f64() * w;
+                        let dxhat = masked(xhat, (w, b), dv) * w;
                         *out = T::from_f64(rstd * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat));
                     }
                 }
@@ -346,19 +456,13 @@ impl CustomOp3 for GroupNormOp {
         &self,
         x: &Tensor,
         gamma: &Tensor,
-        _beta: &Tensor,
+        beta: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let packed = x.apply_op3_no_bwd(
-            gamma,
-            &grad,
-            &GroupNormGrad {
-                groups: self.groups,
-                eps: self.eps,
-            },
-        )?;
+        let params = Tensor::cat(&[gamma, beta], 0)?;
+        let packed = x.apply_op3_no_bwd(&params, &grad, &GroupNormGrad(*self))?;
         let (n, channels) = (x.elem_count(), gamma.elem_count());
         Ok((
             Some(packed.narrow(0, 0, n)?.reshape(x.shape())?),
@@ -368,12 +472,9 @@ impl CustomOp3 for GroupNormOp {
     }
 }
 
-/// The backward pass of [`GroupNormOp`] on `(x, gamma, dy)`: `dx`, `dgamma`, `dbeta` packed into
-/// one vector.
-struct GroupNormGrad {
-    groups: usize,
-    eps: f64,
-}
+/// The backward pass of [`GroupNormOp`] on `(x, [gamma, beta], dy)`: `dx`, `dgamma`, `dbeta`
+/// packed into one vector.
+struct GroupNormGrad(GroupNormOp);
 
 impl CustomOp3 for GroupNormGrad {
     fn name(&self) -> &'static str {
@@ -389,13 +490,25 @@ impl CustomOp3 for GroupNormGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let op = GroupNormOp {
-            groups: self.groups,
-            eps: self.eps,
-        };
         let shape = l1.shape();
-        let out = on_slices!(self.name(), (s1, l1), (s2, l2), (s3, l3), |x, g, d| op
-            .backward(x, g, d, shape));
+        let channels = shape.dims()[1];
+        if l2.shape().elem_count() != 2 * channels {
+            candle_core::bail!(
+                "{}: parameters {:?} for {channels} channels",
+                self.name(),
+                l2.shape()
+            );
+        }
+        let out = on_slices!(
+            self.name(),
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            |x, p: &[_], d| {
+                let (gamma, beta) = p.split_at(channels);
+                self.0.backward(x, gamma, beta, d, shape)
+            }
+        );
         let len = shape.elem_count() + 2 * shape.dims()[1];
         Ok((out, Shape::from(len)))
     }
@@ -412,6 +525,29 @@ pub fn group_norm(
     beta: &Tensor,
     groups: usize,
     eps: f64,
+) -> Result<Tensor> {
+    normalise(x, gamma, beta, groups, eps, false)
+}
+
+/// [`group_norm`] followed by a ReLU, in one op: the normalised values are never kept (the
+/// backward pass recomputes the ReLU's mask from `x`), where `relu(group_norm(..))` keeps both.
+pub fn group_norm_relu(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    groups: usize,
+    eps: f64,
+) -> Result<Tensor> {
+    normalise(x, gamma, beta, groups, eps, true)
+}
+
+fn normalise(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    groups: usize,
+    eps: f64,
+    relu: bool,
 ) -> Result<Tensor> {
     let dims = x.dims();
     let channels = dims.get(1).copied().unwrap_or(0);
@@ -439,7 +575,7 @@ pub fn group_norm(
     Ok(x.contiguous()?.apply_op3(
         &gamma.flatten_all()?.contiguous()?,
         &beta.flatten_all()?.contiguous()?,
-        GroupNormOp { groups, eps },
+        GroupNormOp { groups, eps, relu },
     )?)
 }
 
@@ -1173,6 +1309,25 @@ mod tests {
                 .sum_all()?)
         };
         assert_finite_differences(&loss, &inputs, "group norm")
+    }
+
+    /// The fused group norm + ReLU and the standalone ReLU equal candle's `relu` after the
+    /// composed form (no input lies exactly at a kink), values and gradients.
+    #[test]
+    fn relu_and_group_norm_relu_equal_the_composed_form() -> Result<()> {
+        for (shape, groups) in [(vec![3, 4, 2, 3], 2), (vec![2, 6, 5], 3), (vec![5, 7], 1)] {
+            let c = shape[1];
+            let inputs = [seq(&shape, 2.0)?, (seq(&[c], 0.5)? + 1.0)?, seq(&[c], 0.3)?];
+            let ours = |t: &[Tensor]| group_norm_relu(&t[0], &t[1], &t[2], groups, 1e-5);
+            let theirs = |t: &[Tensor]| Ok(composed_group_norm(t, groups)?.relu()?);
+            assert_same(&ours, &theirs, &inputs, &format!("{shape:?}"))?;
+            let ours = |t: &[Tensor]| relu(&t[0]);
+            let theirs = |t: &[Tensor]| Ok(t[0].relu()?);
+            // Shifted off the grid of `seq` values so that no input is exactly 0.
+            let x = [(seq(&shape, 2.0)? + 0.013)?];
+            assert_same(&ours, &theirs, &x, &format!("relu {shape:?}"))?;
+        }
+        Ok(())
     }
 
     /// The composed LSTM direction the kernel replaces (per-step slices and tensor ops).

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 
 use distill_rt::candle::Tensor;
 use distill_rt::candle_nn::VarBuilder;
-use distill_rt::kernels::{channel_add, lstm_layer};
+use distill_rt::kernels::{channel_add, lstm_layer, relu};
 use distill_rt::model::PENULTIMATE;
 use distill_rt::nn::{Embedding, Linear, fan_in_init};
 use distill_rt::serde::Deserialize;
@@ -387,7 +387,7 @@ impl Model for BiLstm {
             ],
             1,
         )?;
-        let penultimate = self.mlp.forward(&pooled)?.relu()?;
+        let penultimate = relu(&self.mlp.forward(&pooled)?)?;
         let logits = self.head.forward(&penultimate)?;
         Ok(output(
             logits,
@@ -496,7 +496,7 @@ impl Model for TextCnn {
             let windows: Vec<Tensor> = (0..*k)
                 .map(|j| x.narrow(1, j, n))
                 .collect::<std::result::Result<_, _>>()?;
-            let y = conv.forward(&Tensor::cat(&windows, 2)?)?.relu()?;
+            let y = relu(&conv.forward(&Tensor::cat(&windows, 2)?)?)?;
             // Windows that start on padding never win the max.
             let starts = ((mask.narrow(1, 0, n)? - 1.0)? * 1e4)?.unsqueeze(2)?;
             pooled.push(y.broadcast_add(&starts)?.max(1)?);

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 
 use distill_rt::candle::{D, Tensor};
 use distill_rt::candle_nn::{Init, VarBuilder};
-use distill_rt::kernels::channel_add;
+use distill_rt::kernels::{channel_add, relu};
 use distill_rt::model::PENULTIMATE;
 use distill_rt::nn::{Embedding, Linear, fan_in_init};
 use distill_rt::serde::Deserialize;
@@ -94,9 +94,9 @@ impl Tower {
         let w_item = self.first_weight.narrow(1, self.dim, self.dim)?;
         let from_user = p.matmul(&w_user.t()?)?.unsqueeze(1)?;
         let from_item = channel_add(&q.matmul(&w_item.t()?)?, &self.first_bias, 1)?.unsqueeze(0)?;
-        let mut h = from_user.broadcast_add(&from_item)?.relu()?;
+        let mut h = relu(&from_user.broadcast_add(&from_item)?)?;
         for layer in &self.rest {
-            h = layer.forward(&h)?.relu()?;
+            h = relu(&layer.forward(&h)?)?;
         }
         Ok((h, p, q))
     }

@@ -1,11 +1,11 @@
 //! Layers of the vision models, each created from a `VarBuilder` with PyTorch's default
 //! initialisation (weights and biases uniform in `±1/sqrt(fan_in)`, as `nn.Linear` and
 //! `nn.Conv2d` do; group-norm scale 1, shift 0), so initial losses match a PyTorch model of the
-//! same shape. Every op used has a backward pass in candle.
+//! same shape. Every op used has a backward pass (candle's or one of `distill_rt::kernels`).
 
 use distill_rt::candle::{D, Tensor};
 use distill_rt::candle_nn::{Init, VarBuilder};
-use distill_rt::kernels::{channel_add, conv2d, depthwise_conv, group_norm};
+use distill_rt::kernels::{channel_add, conv2d, depthwise_conv, group_norm, group_norm_relu};
 pub use distill_rt::nn::Linear;
 use distill_rt::nn::fan_in_init;
 use distill_rt::{Error, Result};
@@ -101,6 +101,12 @@ impl GroupNorm {
     /// Normalises `x` (one fused kernel, [`distill_rt::kernels::group_norm`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         group_norm(x, &self.gamma, &self.beta, self.groups, 1e-5)
+    }
+
+    /// `relu(self.forward(x))` in one op that keeps only `x`
+    /// ([`distill_rt::kernels::group_norm_relu`]).
+    pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
+        group_norm_relu(x, &self.gamma, &self.beta, self.groups, 1e-5)
     }
 }
 

@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 
 use distill_rt::candle::Tensor;
+use distill_rt::kernels::relu;
 use distill_rt::model::PENULTIMATE;
 use distill_rt::serde::Deserialize;
 use distill_rt::{
@@ -110,7 +111,7 @@ impl Model for Mlp {
         let mut x = image("vision.mlp", inputs)?.flatten_from(1)?;
         let mut features = Vec::new();
         for (i, layer) in self.hidden.iter().enumerate() {
-            x = layer.forward(&x)?.relu()?;
+            x = relu(&layer.forward(&x)?)?;
             features.push((format!("hidden{}", i + 1), x.clone()));
         }
         features.push((PENULTIMATE.into(), x.clone()));
@@ -193,10 +194,10 @@ impl ModelFactory for LeNetFactory {
 impl Model for LeNet {
     fn forward(&self, inputs: &TensorMap, _train: bool) -> Result<ModelOutput> {
         let x = image("vision.lenet5", inputs)?;
-        let c1 = self.conv1.forward(x)?.relu()?.max_pool2d(2)?;
-        let c2 = self.conv2.forward(&c1)?.relu()?.max_pool2d(2)?;
-        let h = self.fc1.forward(&c2.flatten_from(1)?)?.relu()?;
-        let h = self.fc2.forward(&h)?.relu()?;
+        let c1 = relu(&self.conv1.forward(x)?)?.max_pool2d(2)?;
+        let c2 = relu(&self.conv2.forward(&c1)?)?.max_pool2d(2)?;
+        let h = relu(&self.fc1.forward(&c2.flatten_from(1)?)?)?;
+        let h = relu(&self.fc2.forward(&h)?)?;
         let logits = self.head.forward(&h)?;
         Ok(output(
             logits,
@@ -308,17 +309,11 @@ impl ModelFactory for MobileNetFactory {
 impl Model for MobileNet {
     fn forward(&self, inputs: &TensorMap, _train: bool) -> Result<ModelOutput> {
         let x = self.stem.forward(image("vision.mobilenet", inputs)?)?;
-        let mut x = self.stem_norm.forward(&x)?.relu()?;
+        let mut x = self.stem_norm.forward_relu(&x)?;
         let mut features = Vec::new();
         for (i, b) in self.blocks.iter().enumerate() {
-            let h = b
-                .depthwise_norm
-                .forward(&b.depthwise.forward(&x)?)?
-                .relu()?;
-            x = b
-                .pointwise_norm
-                .forward(&b.pointwise.forward(&h)?)?
-                .relu()?;
+            let h = b.depthwise_norm.forward_relu(&b.depthwise.forward(&x)?)?;
+            x = b.pointwise_norm.forward_relu(&b.pointwise.forward(&h)?)?;
             features.push((format!("block{}", i + 1), x.clone()));
         }
         let pooled = global_avg_pool(&x)?;
@@ -366,13 +361,13 @@ struct BasicBlock {
 
 impl BasicBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.norm1.forward(&self.conv1.forward(x)?)?.relu()?;
+        let h = self.norm1.forward_relu(&self.conv1.forward(x)?)?;
         let h = self.norm2.forward(&self.conv2.forward(&h)?)?;
         let skip = match &self.shortcut {
             Some((conv, norm)) => norm.forward(&conv.forward(x)?)?,
             None => x.clone(),
         };
-        Ok((h + skip)?.relu()?)
+        relu(&(h + skip)?)
     }
 }
 
@@ -459,7 +454,7 @@ impl ModelFactory for ResNetFactory {
 impl Model for ResNet {
     fn forward(&self, inputs: &TensorMap, _train: bool) -> Result<ModelOutput> {
         let x = image("vision.resnet", inputs)?;
-        let mut x = self.stem_norm.forward(&self.stem.forward(x)?)?.relu()?;
+        let mut x = self.stem_norm.forward_relu(&self.stem.forward(x)?)?;
         let mut features = Vec::new();
         for (i, stage) in self.stages.iter().enumerate() {
             for block in stage {

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use distill_engine::optim::{Optimizer, OptimizerConfig};
 use distill_rt::candle::{DType, Device, Tensor};
 use distill_rt::candle_nn::VarMap;
-use distill_rt::init::seeded_var_builder;
+use distill_rt::init::{frozen_var_builder, seeded_var_builder};
 use distill_rt::rng::Rng;
 use distill_rt::serde_json::json;
 use distill_rt::strategy::StepInfo;
@@ -270,11 +270,24 @@ fn step(
     let (model, varmap) = build_model(r, &inputs.info, student.0, student.1, 1)?;
     let teacher = match teacher {
         Some((name, config)) => {
-            let (t, vars) = build_model(r, &inputs.info, name, config, 0)?;
+            let (t, vars) = build_model(r, &inputs.info, name, config.clone(), 0)?;
             if let (Some(tensors), Teacher::Live) = (import, mode) {
                 import_vars(&vars, tensors, "teacher.")?;
             }
-            Some(t)
+            // As the engine loads a live teacher: its weights as constants, so that its forward
+            // pass records no backward graph.
+            let weights = named_vars(&vars)
+                .into_iter()
+                .map(|(name, var)| (name, var.as_tensor().clone()))
+                .collect();
+            let frozen = ModelContext {
+                dataset: &inputs.info,
+                vb: frozen_var_builder(weights, DType::F32, &Device::Cpu),
+            };
+            match mode {
+                Teacher::Live => Some(r.get_model(name)?.build(&config, frozen)?),
+                _ => Some(t),
+            }
         }
         None => None,
     };

@@ -106,6 +106,23 @@ pub fn seeded_var_builder(
     VarBuilder::from_backend(backend, dtype, device.clone())
 }
 
+/// A `VarBuilder` over trained `weights` as constants rather than variables: a model built
+/// from it records no backward graph, so its forward pass frees every intermediate tensor as
+/// soon as the next op has read it (a frozen teacher; candle has no no-grad mode). A model
+/// must not overwrite weights that are not variables (they are the trained ones); a name the
+/// model asks for and `weights` lacks is an error.
+pub fn frozen_var_builder(
+    weights: std::collections::HashMap<String, Tensor>,
+    dtype: DType,
+    device: &Device,
+) -> VarBuilder<'static> {
+    let weights = weights
+        .into_iter()
+        .map(|(name, t)| (name, t.detach()))
+        .collect();
+    VarBuilder::from_tensors(weights, dtype, device)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

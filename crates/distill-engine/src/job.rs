@@ -8,7 +8,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use distill_rt::candle::{DType, Device, Tensor, Var};
 use distill_rt::candle_nn::VarMap;
-use distill_rt::init::seeded_var_builder;
+use distill_rt::init::{frozen_var_builder, seeded_var_builder};
 use distill_rt::serde::{Deserialize, Serialize};
 use distill_rt::strategy::combine_teachers;
 use distill_rt::testing::{named_vars, split_frozen};
@@ -391,13 +391,14 @@ fn best(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
     values.flatten().reduce(f64::max)
 }
 
-/// A finished teacher job's model with its weights, and its record.
+/// A finished teacher job's model, built on its trained weights as constants (it records no
+/// backward graph), and its record.
 fn load_teacher(
     registrar: &Registrar,
     t: &TeacherInput,
     data: &dyn Dataset,
     device: &Device,
-) -> Result<(Built, JobRecord)> {
+) -> Result<(Box<dyn Model>, JobRecord)> {
     let teacher_record = read_record(&t.dir)?;
     if teacher_record.status != Status::Ok {
         return Err(Error::Invalid(format!(
@@ -405,13 +406,18 @@ fn load_teacher(
             teacher_record.id, teacher_record.status
         )));
     }
-    let tb = build_model(registrar, &t.model, data, 0, device)?;
     let path = t.dir.join(WEIGHTS_FILE);
-    tb.varmap
-        .clone()
-        .load(&path)
+    let weights = distill_rt::candle::safetensors::load(&path, device)
         .map_err(|e| Error::data(&path, e.to_string()))?;
-    Ok((tb, teacher_record))
+    let ctx = ModelContext {
+        dataset: data.info(),
+        vb: frozen_var_builder(weights, DType::F32, device),
+    };
+    let model = registrar
+        .get_model(&t.model.name)?
+        .build(&t.model.config, ctx)
+        .map_err(|e| Error::data(&path, format!("building the teacher on these weights: {e}")))?;
+    Ok((model, teacher_record))
 }
 
 /// The teacher job's cache in `dir` when it holds `features` for all `n_train` training samples
@@ -579,7 +585,7 @@ fn run_job_inner(
             } else {
                 let outputs = teacher_models
                     .iter()
-                    .map(|(tb, _)| tb.model.forward(&probe_batch.inputs, false))
+                    .map(|(teacher, _)| teacher.forward(&probe_batch.inputs, false))
                     .collect::<Result<Vec<_>>>()?;
                 combine_teachers(outputs)?.feature_shapes()
             };
@@ -623,9 +629,9 @@ fn run_job_inner(
                 teacher_models
                     .iter()
                     .zip(&caches)
-                    .map(|((tb, _), cache)| match cache {
+                    .map(|((teacher, _), cache)| match cache {
                         Some(c) => TeacherSource::Cached(c),
-                        None => TeacherSource::Live(&*tb.model),
+                        None => TeacherSource::Live(&**teacher),
                     })
                     .collect()
             } else {

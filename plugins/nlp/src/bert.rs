@@ -243,7 +243,9 @@ pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
 }
 
 /// Copies every tensor of `model.safetensors` in `dir` that the encoder under `vb` uses into
-/// its variable, in place. Returns how many were copied; every encoder variable must be.
+/// its variable, in place. Returns how many were copied; every encoder variable must be. A
+/// model built from trained weights (`init::frozen_var_builder`: constants, not variables)
+/// keeps them: nothing is copied over a constant.
 pub fn load_pretrained(dir: &Path, vb: &VarBuilder, expected: usize) -> Result<usize> {
     let path = dir.join("model.safetensors");
     let weights: HashMap<String, Tensor> =
@@ -257,7 +259,9 @@ pub fn load_pretrained(dir: &Path, vb: &VarBuilder, expected: usize) -> Result<u
         let var = vb
             .get(w.shape(), name)
             .map_err(|e| Error::data(&path, format!("`{name}` does not fit the encoder: {e}")))?;
-        var.slice_set(&w.to_dtype(var.dtype())?.to_device(var.device())?, 0, 0)?;
+        if var.is_variable() {
+            var.slice_set(&w.to_dtype(var.dtype())?.to_device(var.device())?, 0, 0)?;
+        }
         copied += 1;
     }
     if copied != expected {

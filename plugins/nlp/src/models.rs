@@ -664,6 +664,40 @@ mod tests {
         Ok(())
     }
 
+    /// A pretrained encoder that was fine-tuned, rebuilt as a frozen teacher on its trained
+    /// weights (as the engine loads one), computes what the trained model computes: building it
+    /// copies no pretrained weight over the trained ones, and its forward records no graph.
+    #[test]
+    fn a_frozen_pretrained_teacher_keeps_its_trained_weights() -> Result<()> {
+        let data = minilm_data()?;
+        let varmap = VarMap::new();
+        let ctx = ModelContext {
+            dataset: data.info(),
+            vb: seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu),
+        };
+        let config = json!({"pretrained": MINILM});
+        let trained = BertFactory.build(&config, ctx)?;
+        // "Fine-tuning": every weight moves away from the pretrained value.
+        let mut weights = std::collections::HashMap::new();
+        for (name, var) in named_vars(&varmap) {
+            var.set(&(var.as_tensor() * 0.9)?)?;
+            weights.insert(name, var.as_tensor().copy()?);
+        }
+        let ctx = ModelContext {
+            dataset: data.info(),
+            vb: distill_rt::init::frozen_var_builder(weights, DType::F32, &Device::Cpu),
+        };
+        let frozen = BertFactory.build(&config, ctx)?;
+        let batch = data.batch(Split::Train, &[0, 1, 2], &Device::Cpu)?;
+        let (a, b) = (
+            trained.forward(&batch.inputs, false)?.logits,
+            frozen.forward(&batch.inputs, false)?.logits,
+        );
+        assert!(a.track_op() && !b.track_op());
+        assert!(max_abs_difference(&a, &b)? < 1e-6);
+        Ok(())
+    }
+
     #[test]
     fn minilm_embeddings_equal_the_reference() -> Result<()> {
         let data = minilm_data()?;

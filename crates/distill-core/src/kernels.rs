@@ -1168,7 +1168,10 @@ pub fn depthwise_conv(
 }
 
 mod conv;
+mod linear;
+mod matmul;
 pub use conv::conv2d;
+pub use linear::linear;
 
 #[cfg(test)]
 mod tests {
@@ -1466,6 +1469,33 @@ mod tests {
             assert!(max_relative_error(a, b, 1.0)? < 1e-5);
         }
         assert!(conv2d(&x, &x, bias.as_tensor(), 1, 1).is_err());
+        Ok(())
+    }
+
+    /// The fused layer equals `x W^T + b` composed from candle ops, values and gradients, also
+    /// with widths that split into bands over threads (`matmul` divides output columns).
+    #[test]
+    fn linear_equals_the_composed_product_plus_bias() -> Result<()> {
+        for (rows, input, output) in [(3, 4, 5), (1, 7, 2), (6, 3, 300), (5, 9, 257)] {
+            let inputs = [
+                seq(&[rows, input], 1.0)?,
+                seq(&[output, input], 0.5)?,
+                seq(&[output], 0.3)?,
+            ];
+            let ours = |t: &[Tensor]| linear(&t[0], &t[1], &t[2]);
+            let theirs = |t: &[Tensor]| Ok(t[0].matmul(&t[1].t()?)?.broadcast_add(&t[2])?);
+            let what = format!("{rows}x{input} -> {output}");
+            assert_same(&ours, &theirs, &inputs, &what)?;
+        }
+        let x = seq(&[4, 3], 1.0)?;
+        let w = Var::from_tensor(&seq(&[2, 3], 0.5)?)?;
+        let b = Var::from_tensor(&seq(&[2], 0.5)?)?;
+        let grads = linear(&x, w.as_tensor(), b.as_tensor())?
+            .sum_all()?
+            .backward()?;
+        assert!(grads.get(&x).is_none(), "a constant input got a gradient");
+        assert!(grads.get(w.as_tensor()).is_some() && grads.get(b.as_tensor()).is_some());
+        assert!(linear(&x, &x, b.as_tensor()).is_err());
         Ok(())
     }
 

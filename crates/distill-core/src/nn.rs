@@ -49,13 +49,12 @@ impl Linear {
         })
     }
 
-    /// Applies the layer to `[..., input]`: one matrix product over all rows (a broadcast
-    /// batched product would multiply row block by row block).
+    /// Applies the layer to `[..., input]`: one [`crate::kernels::linear`] over all rows (a
+    /// broadcast batched product would multiply row block by row block).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut shape = x.dims().to_vec();
         let rows = x.elem_count() / self.input.max(1);
-        let y = x.reshape((rows, self.input))?.matmul(&self.weight.t()?)?;
-        let y = crate::kernels::channel_add(&y, &self.bias, 1)?;
+        let y = crate::kernels::linear(&x.reshape((rows, self.input))?, &self.weight, &self.bias)?;
         if let Some(last) = shape.last_mut() {
             *last = self.output;
         }

@@ -6,9 +6,9 @@
 //! input gradient only when something upstream needs it (never for the images themselves).
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
-use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
+use super::matmul::{Threads, matmul_into};
 use super::{Real, contiguous};
 use crate::{Error, Result};
 
@@ -50,55 +50,12 @@ impl Dims {
 
     /// How the products of one image run: on one thread when there are enough images for every
     /// thread, else spread over the pool.
-    fn parallelism(&self) -> Parallelism {
-        let threads = rayon::current_num_threads();
-        if self.b >= threads {
-            Parallelism::None
+    fn threads(&self) -> Threads {
+        if self.b >= rayon::current_num_threads() {
+            Threads::One
         } else {
-            Parallelism::Rayon(threads)
+            Threads::Pool
         }
-    }
-}
-
-/// `dst := alpha * dst + beta * lhs * rhs` for row-major `dst` (`m x n`); `lhs` (`m x k`) and
-/// `rhs` (`k x n`) are given with their (row, column) strides.
-#[allow(clippy::too_many_arguments)]
-fn matmul_into<T: Real>(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [T],
-    alpha: Option<T>,
-    lhs: (&[T], usize, usize),
-    rhs: (&[T], usize, usize),
-    parallelism: Parallelism,
-) {
-    let reach = |(s, rs, cs): (&[T], usize, usize), rows: usize, cols: usize| {
-        rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < s.len()
-    };
-    assert!(dst.len() >= m * n && reach(lhs, m, k) && reach(rhs, k, n));
-    // SAFETY: the asserts above keep every index gemm reads or writes inside the slices, and
-    // `dst` is borrowed mutably, so it aliases neither operand.
-    unsafe {
-        gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            alpha.is_some(),
-            lhs.0.as_ptr(),
-            lhs.2 as isize,
-            lhs.1 as isize,
-            rhs.0.as_ptr(),
-            rhs.2 as isize,
-            rhs.1 as isize,
-            alpha.unwrap_or(T::ONE),
-            T::ONE,
-            false,
-            false,
-            false,
-            parallelism,
-        )
     }
 }
 
@@ -206,7 +163,7 @@ impl Conv2d {
         let (rows, plane) = (d.rows(self.k), d.plane());
         let mut y = vec![T::default(); d.b * d.out * plane];
         let scratch = if self.pointwise() { 0 } else { rows * plane };
-        let parallelism = d.parallelism();
+        let threads = d.threads();
         y.par_chunks_mut(d.out * plane).enumerate().for_each_init(
             || vec![T::default(); scratch],
             |cols, (n, y_n)| {
@@ -226,7 +183,7 @@ impl Conv2d {
                     Some(T::ONE),
                     (w, rows, 1),
                     (cols, plane, 1),
-                    parallelism,
+                    threads,
                 );
             },
         );
@@ -238,7 +195,7 @@ impl Conv2d {
         let (rows, plane) = (d.rows(self.k), d.plane());
         let (nw, nb) = (d.out * rows, d.out);
         let scratch = if self.pointwise() { 0 } else { rows * plane };
-        let parallelism = d.parallelism();
+        let threads = d.threads();
         let mut dx = vec![T::default(); if input_grad { d.b * d.image() } else { 0 }];
         // Per task: partial weight and bias gradients, and the im2col scratch buffers.
         let start = || {
@@ -267,7 +224,7 @@ impl Conv2d {
                 Some(T::ONE),
                 (g_n, plane, 1),
                 (cols_n, 1, plane),
-                parallelism,
+                threads,
             );
             for (o, line) in g_n.chunks(plane).enumerate() {
                 db[o] += line.iter().fold(T::default(), |s, &v| s + v);
@@ -280,7 +237,7 @@ impl Conv2d {
                     None,
                     (w, 1, rows),
                     (g_n, plane, 1),
-                    parallelism,
+                    threads,
                 );
                 self.scatter(d, &mut dcols, dx_n);
             }

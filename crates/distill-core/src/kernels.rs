@@ -1228,10 +1228,20 @@ mod tests {
     }
 
     /// The fused layer equals `x W^T + b` composed from candle ops, values and gradients, also
-    /// with widths that split into bands over threads (`matmul` divides output columns).
+    /// with widths that split into bands over threads (`matmul` divides output columns) and
+    /// with one output or one input (`matmul`'s row loops, parallel from 1,024 rows).
     #[test]
     fn linear_equals_the_composed_product_plus_bias() -> Result<()> {
-        for (rows, input, output) in [(3, 4, 5), (1, 7, 2), (6, 3, 300), (5, 9, 257)] {
+        for (rows, input, output) in [
+            (3, 4, 5),
+            (1, 7, 2),
+            (6, 3, 300),
+            (5, 9, 257),
+            (4, 5, 1),
+            (3, 1, 6),
+            (1100, 3, 1),
+            (1030, 1, 4),
+        ] {
             let inputs = [
                 seq(&[rows, input], 1.0)?,
                 seq(&[output, input], 0.5)?,

@@ -21,7 +21,7 @@ use crate::{Error, Result};
 /// Elements per parallel task of the element-wise kernels (small tensors stay on one thread).
 const CHUNK: usize = 1 << 15;
 
-/// How a per-channel vector combines with the tensor.
+/// How a per-channel vector (or a pair of rows) combines.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Combine {
     Add,
@@ -924,9 +924,11 @@ mod conv;
 mod linear;
 mod lstm;
 mod matmul;
+mod pairwise;
 pub use conv::conv2d;
 pub use linear::linear;
 pub use lstm::lstm_layer;
+pub use pairwise::{pairwise_add, pairwise_mul};
 
 #[cfg(test)]
 mod tests {
@@ -1261,6 +1263,24 @@ mod tests {
         assert!(grads.get(&x).is_none(), "a constant input got a gradient");
         assert!(grads.get(w.as_tensor()).is_some() && grads.get(b.as_tensor()).is_some());
         assert!(linear(&x, &x, b.as_tensor()).is_err());
+        Ok(())
+    }
+
+    /// The pairwise sum and product equal candle's broadcast forms, values and gradients.
+    #[test]
+    fn pairwise_ops_equal_the_broadcast_forms() -> Result<()> {
+        for (b, n, d) in [(3, 5, 2), (1, 9, 4), (6, 1, 3)] {
+            let inputs = [seq(&[b, d], 1.0)?, seq(&[n, d], 0.7)?];
+            let theirs =
+                |t: &[Tensor]| Ok(t[0].unsqueeze(1)?.broadcast_add(&t[1].unsqueeze(0)?)?);
+            let ours = |t: &[Tensor]| pairwise_add(&t[0], &t[1]);
+            assert_same(&ours, &theirs, &inputs, &format!("add {b} {n} {d}"))?;
+            let theirs =
+                |t: &[Tensor]| Ok(t[0].unsqueeze(1)?.broadcast_mul(&t[1].unsqueeze(0)?)?);
+            let ours = |t: &[Tensor]| pairwise_mul(&t[0], &t[1]);
+            assert_same(&ours, &theirs, &inputs, &format!("mul {b} {n} {d}"))?;
+        }
+        assert!(pairwise_add(&seq(&[2, 3], 1.0)?, &seq(&[2, 4], 1.0)?).is_err());
         Ok(())
     }
 

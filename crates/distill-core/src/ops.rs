@@ -44,22 +44,40 @@ pub fn labelled(targets: &Tensor, dtype: DType) -> Result<Tensor> {
     Ok(targets.ge(0.0)?.to_dtype(dtype)?)
 }
 
-/// Mean of `values` over the entries where `mask` is 1 (0 when none is).
-pub fn masked_mean(values: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let count = mask.sum_all()?.clamp(1.0, f64::MAX)?;
-    Ok((values * mask)?.sum_all()?.div(&count)?)
+/// The flattened positions (u32) of the entries of relevance `targets` that are labelled (not
+/// [`UNLABELLED`]): a ranking loss reads a positive and its sampled negatives among every item's
+/// score, so it computes on these few (`flatten_all` + `index_select`) instead of masking a loss
+/// over all of them.
+///
+/// [`UNLABELLED`]: crate::data::UNLABELLED
+pub fn labelled_positions(targets: &Tensor) -> Result<Tensor> {
+    let flags = targets.ge(0.0)?.flatten_all()?.to_vec1::<u8>()?;
+    let picked: Vec<u32> = (0u32..)
+        .zip(&flags)
+        .filter(|(_, f)| **f != 0)
+        .map(|(i, _)| i)
+        .collect();
+    Ok(Tensor::new(picked, targets.device())?)
+}
+
+/// Mean of the vector `values` (0 when it is empty).
+pub fn mean_or_zero(values: &Tensor) -> Result<Tensor> {
+    let n = values.elem_count().max(1) as f64;
+    Ok((values.sum_all()? / n)?)
 }
 
 /// Binary cross-entropy of `logits` against relevance `targets` of the same shape (1 relevant, 0
 /// not; soft values between work too), averaged over the labelled entries: what NCF minimises
 /// over each positive and its sampled negatives.
 pub fn binary_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let mask = labelled(targets, logits.dtype())?;
-    let y = targets.to_dtype(logits.dtype())?.clamp(0.0, 1.0)?;
-    let pos = log_sigmoid(logits)?;
+    let at = labelled_positions(targets)?;
+    let logits = logits.flatten_all()?.index_select(&at, 0)?;
+    let y = targets.flatten_all()?.index_select(&at, 0)?;
+    let y = y.to_dtype(logits.dtype())?.clamp(0.0, 1.0)?;
+    let pos = log_sigmoid(&logits)?;
     let neg = log_sigmoid(&logits.neg()?)?;
     let ll = ((&y * pos)? + ((1.0 - &y)? * neg)?)?;
-    masked_mean(&ll.neg()?, &mask)
+    mean_or_zero(&ll.neg()?)
 }
 
 /// The loss on a task's labels: [`cross_entropy`] for class ids (`targets` one rank below

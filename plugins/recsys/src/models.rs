@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 
 use distill_rt::candle::{D, Tensor};
 use distill_rt::candle_nn::{Init, VarBuilder};
-use distill_rt::kernels::{channel_add, relu};
+use distill_rt::kernels::{channel_add, pairwise_add, pairwise_mul, relu};
 use distill_rt::model::PENULTIMATE;
 use distill_rt::nn::{Embedding, Linear, fan_in_init};
 use distill_rt::serde::Deserialize;
@@ -92,9 +92,9 @@ impl Tower {
         let (p, q) = self.tables.lookup(users)?;
         let w_user = self.first_weight.narrow(1, 0, self.dim)?;
         let w_item = self.first_weight.narrow(1, self.dim, self.dim)?;
-        let from_user = p.matmul(&w_user.t()?)?.unsqueeze(1)?;
-        let from_item = channel_add(&q.matmul(&w_item.t()?)?, &self.first_bias, 1)?.unsqueeze(0)?;
-        let mut h = relu(&from_user.broadcast_add(&from_item)?)?;
+        let from_user = p.matmul(&w_user.t()?)?;
+        let from_item = channel_add(&q.matmul(&w_item.t()?)?, &self.first_bias, 1)?;
+        let mut h = relu(&pairwise_add(&from_user, &from_item)?)?;
         for layer in &self.rest {
             h = relu(&layer.forward(&h)?)?;
         }
@@ -148,11 +148,6 @@ impl Recommender {
     }
 }
 
-/// `p_u * q_i` for every pair: `[b, items, d]`.
-fn pairwise_product(p: &Tensor, q: &Tensor) -> Result<Tensor> {
-    Ok(p.unsqueeze(1)?.broadcast_mul(&q.unsqueeze(0)?)?)
-}
-
 impl Model for Recommender {
     fn forward(&self, inputs: &TensorMap, _train: bool) -> Result<ModelOutput> {
         let users = Self::users(inputs)?;
@@ -161,11 +156,11 @@ impl Model for Recommender {
             Kind::Mf { tables, item_bias } => {
                 let (p, q) = tables.lookup(users)?;
                 let scores = channel_add(&p.matmul(&q.t()?)?, item_bias.weight(), 1)?;
-                (Some(scores), pairwise_product(&p, &q)?, p, q)
+                (Some(scores), pairwise_mul(&p, &q)?, p, q)
             }
             Kind::Gmf { tables } => {
                 let (p, q) = tables.lookup(users)?;
-                (None, pairwise_product(&p, &q)?, p, q)
+                (None, pairwise_mul(&p, &q)?, p, q)
             }
             Kind::Mlp { tower } => {
                 let (h, p, q) = tower.forward(users)?;
@@ -174,7 +169,7 @@ impl Model for Recommender {
             Kind::NeuMf { tables, tower } => {
                 let (p, q) = tables.lookup(users)?;
                 let (h, _, _) = tower.forward(users)?;
-                let joint = Tensor::cat(&[&pairwise_product(&p, &q)?, &h], D::Minus1)?;
+                let joint = Tensor::cat(&[&pairwise_mul(&p, &q)?, &h], D::Minus1)?;
                 (None, joint, p, q)
             }
         };

@@ -17,7 +17,9 @@
 //! targets for each candidate.
 
 use distill_rt::candle::{D, Tensor};
-use distill_rt::ops::{is_relevance, label_loss, labelled, log_sigmoid, log_softmax, masked_mean};
+use distill_rt::ops::{
+    is_relevance, label_loss, labelled_positions, log_sigmoid, log_softmax, mean_or_zero,
+};
 use distill_rt::strategy::{StepInfo, require_teacher};
 use distill_rt::{
     Batch, Config, Error, LossTerms, ModelOutput, Result, Strategy, StrategyContext,
@@ -107,12 +109,14 @@ pub fn binary_kl(
     relevance: &Tensor,
     temperature: f64,
 ) -> Result<Tensor> {
-    let s = (student_logits / temperature)?;
-    let t = (teacher_logits.detach() / temperature)?;
+    let at = labelled_positions(relevance)?;
+    let pick = |x: &Tensor| x.flatten_all()?.index_select(&at, 0);
+    let s = (pick(student_logits)? / temperature)?;
+    let t = (pick(&teacher_logits.detach())? / temperature)?;
     let (log_pt, log_qt) = (log_sigmoid(&t)?, log_sigmoid(&t.neg()?)?);
     let (log_ps, log_qs) = (log_sigmoid(&s)?, log_sigmoid(&s.neg()?)?);
     let kl = ((log_pt.exp()? * (&log_pt - log_ps)?)? + (log_qt.exp()? * (&log_qt - log_qs)?)?)?;
-    masked_mean(&kl, &labelled(relevance, kl.dtype())?)
+    mean_or_zero(&kl)
 }
 
 impl Strategy for Kd {

@@ -110,10 +110,13 @@ fn rows_loop<T: Real>(
 ) {
     let row = |i: usize, out: &mut [T]| {
         for (j, o) in out.iter_mut().enumerate() {
-            let mut acc = T::default();
-            for p in 0..k {
-                acc += a[i * a_rs + p * a_cs] * b[p * b_rs + j * b_cs];
-            }
+            let acc = if a_cs == 1 && b_rs == 1 {
+                dot(&a[i * a_rs..i * a_rs + k], &b[j * b_cs..j * b_cs + k])
+            } else {
+                (0..k).fold(T::default(), |acc, p| {
+                    acc + a[i * a_rs + p * a_cs] * b[p * b_rs + j * b_cs]
+                })
+            };
             *o = match alpha {
                 Some(alpha) => alpha * *o + acc,
                 None => acc,
@@ -133,4 +136,22 @@ fn rows_loop<T: Real>(
             row(i, out);
         }
     }
+}
+
+/// `sum(a[i] * b[i])` in eight interleaved partial sums, so that it vectorises (one running
+/// sum cannot: float addition is not reassociated).
+fn dot<T: Real>(a: &[T], b: &[T]) -> T {
+    let mut lanes = [T::default(); 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .fold(T::default(), |acc, (&x, &y)| acc + x * y);
+    for (x, y) in a8.zip(b8) {
+        for l in 0..8 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    lanes.iter().fold(tail, |acc, &l| acc + l)
 }

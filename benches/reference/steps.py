@@ -31,14 +31,15 @@ def kd_loss(s, t, y):
 
 
 def ranking_kd_loss(s, t, rel):
-    """Pointwise: BCE and binary KL of sigmoid(t/T), sigmoid(s/T), over the labelled candidates."""
-    m = (rel >= 0).to(s.dtype)
-    n = m.sum()
-    bce = (F.binary_cross_entropy_with_logits(s, rel.clamp(min=0), reduction="none") * m).sum() / n
+    """Pointwise: BCE and binary KL of sigmoid(t/T), sigmoid(s/T), over the labelled candidates
+    (picked first, as distillery does: a positive and four negatives among 2,000 scores)."""
+    m = rel >= 0
+    s, t, rel = s[m], t[m], rel[m]
+    bce = F.binary_cross_entropy_with_logits(s, rel.clamp(min=0))
     st, tt = s / T, t / T
     lp, lq = F.logsigmoid(tt), F.logsigmoid(-tt)
     kl = lp.exp() * (lp - F.logsigmoid(st)) + lq.exp() * (lq - F.logsigmoid(-st))
-    return ALPHA * bce + (1 - ALPHA) * T * T * (kl * m).sum() / n
+    return ALPHA * bce + (1 - ALPHA) * T * T * kl.mean()
 
 
 class MLP(nn.Module):

@@ -199,7 +199,7 @@ pub fn run(root: &Path, opts: &BenchOptions<'_>, tunables: &str) -> Result<()> {
             let ours = Command::new(opts.ours)
                 .args([step.as_str(), "--seconds", &seconds])
                 .env("RAYON_NUM_THREADS", &threads)
-                .env("CANDLE_NUM_THREADS", &threads)
+                .env("CANDLE_NUM_THREADS", crate::runner::CANDLE_THREADS)
                 .env("GLIBC_TUNABLES", tunables)
                 .output()
                 .with_context(|| format!("running {}", opts.ours.display()))?;

@@ -50,6 +50,15 @@ pub fn finished_status(dir: &Path) -> Option<String> {
     v.get("status").and_then(|s| s.as_str()).map(String::from)
 }
 
+/// Threads of candle's own element-wise pool in every worker and bench process: none beside
+/// the calling thread. Its workers spin 25,000 rounds between ops, and on the cores where rayon
+/// runs the matrix products and our kernels that spinning took 35% of the cycles of an MLP
+/// step; the heavy element-wise work runs in `distill_core::kernels` on rayon instead. With 2
+/// threads against 1 (steps/s, `bench-step`, 2 cores): mlp-kd-cached 330 -> 460, cnn-kd 18.8
+/// -> 23.0, bilstm-kd-cached 5.9 -> 6.6, neumf-mf-kd 35.9 -> 42.4, textcnn-kd-cached 9.0 ->
+/// 8.5, transformer, MobileNet and ResNet within 2%.
+pub const CANDLE_THREADS: &str = "1";
+
 /// glibc settings for the workers: candle allocates and frees tensors of megabytes each step;
 /// with glibc's defaults every one is a fresh `mmap` whose pages the kernel zeroes, which cost a
 /// ResNet step on 2 cores 30% of its time (1.17 s -> 0.82 s, measured with the criterion bench of the time). Keeping freed
@@ -176,7 +185,7 @@ pub fn run(plan: &[PlannedJob], opts: &RunOptions) -> Result<RunCounts> {
                 .args(["--log-format", &opts.log_format, "run-job"])
                 .arg(&job_file)
                 .env("RAYON_NUM_THREADS", &threads)
-                .env("CANDLE_NUM_THREADS", &threads)
+                .env("CANDLE_NUM_THREADS", CANDLE_THREADS)
                 .env("GLIBC_TUNABLES", malloc_tunables())
                 .env(
                     "DISTILL_LOG",

@@ -3,8 +3,8 @@
 //! memory (VmHWM) and the last loss. `bench-step --list` lists the steps. `bench-step <step>
 //! --check DIR` trains 10 steps from the weights and batch the PyTorch reference exported to
 //! `DIR/inputs.safetensors` and prints their losses. Threads come from
-//! `RAYON_NUM_THREADS` and `CANDLE_NUM_THREADS`; `cargo xtask bench` sets both, and the
-//! allocator thresholds, as it does for workers.
+//! `RAYON_NUM_THREADS` and `CANDLE_NUM_THREADS`; `cargo xtask bench` sets them, and the
+//! allocator thresholds, as it does for workers (candle's pool: 1, `runner::CANDLE_THREADS`).
 
 use std::time::Instant;
 

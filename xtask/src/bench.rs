@@ -185,8 +185,12 @@ pub fn run(root: &Path, opts: &BenchOptions<'_>, tunables: &str) -> Result<()> {
         };
     let threads = opts.threads.to_string();
     let seconds = opts.seconds.to_string();
+    let products = match std::env::var("DISTILL_CBLAS") {
+        Ok(path) if !path.is_empty() => format!("CBLAS {path}"),
+        _ => "the gemm crate".to_string(),
+    };
     println!(
-        "{} rounds x {} s per step and side, {} threads; medians",
+        "{} rounds x {} s per step and side, {} threads; medians; our f32 products on {products}",
         opts.rounds, opts.seconds, opts.threads
     );
     println!(

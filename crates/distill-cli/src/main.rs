@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use distill_engine::job::{JobSpec, RECORD_FILE, run_job, write_json_atomic};
-use distill_host::{PluginHost, discover};
+use distill_host::{PluginHost, discover, load_cblas_from_env};
 use distill_rt::candle::Device;
 use distill_rt::tracing_subscriber;
 
@@ -130,6 +130,7 @@ fn main() -> Result<()> {
             .map(|spec| spec.out_dir.join(JOB_LOG_FILE))
             .as_deref(),
     )?;
+    load_cblas_from_env()?;
     let dir = match cli.plugins {
         Some(dir) => dir,
         None => default_plugin_dir()?,

@@ -928,6 +928,7 @@ mod pairwise;
 pub use conv::conv2d;
 pub use linear::linear;
 pub use lstm::lstm_layer;
+pub use matmul::{CblasSgemm, cblas_sgemm_installed, use_cblas_sgemm};
 pub use pairwise::{pairwise_add, pairwise_mul};
 
 #[cfg(test)]

@@ -7,6 +7,10 @@
 //! that fixes it. Libraries are never unloaded, refused ones included: objects and autograd
 //! closures may point into them.
 
+mod cblas;
+
+pub use cblas::{CBLAS_ENV, CblasError, load_cblas, load_cblas_from_env};
+
 use std::ffi::{CStr, c_char};
 use std::path::{Path, PathBuf};
 

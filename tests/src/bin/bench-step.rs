@@ -5,6 +5,7 @@
 //! `DIR/inputs.safetensors` and prints their losses. Threads come from
 //! `RAYON_NUM_THREADS` and `CANDLE_NUM_THREADS`; `cargo xtask bench` sets them, and the
 //! allocator thresholds, as it does for workers (candle's pool: 1, `runner::CANDLE_THREADS`).
+//! `DISTILL_CBLAS` names a CBLAS library for the f32 products, as for workers.
 
 use std::time::Instant;
 
@@ -30,6 +31,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let usage = "usage: bench-step <step> [--seconds S | --check DIR] | --list";
     let name = args.first().ok_or(usage)?;
+    distill_host::load_cblas_from_env()?;
     let mut host = PluginHost::new();
     for plugin in PLUGINS {
         host.load(&plugin_path(plugin))?;

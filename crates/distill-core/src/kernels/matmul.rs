@@ -4,6 +4,13 @@
 //! own band of output columns 105-113 (`cargo xtask bench` step figures in the closing note).
 //! Products with one output column or an inner dimension of 1 (a score layer, its gradient)
 //! run as plain row loops: gemm takes 15 ms for `[256000, 32] x [32, 1]`, the loop 1.4.
+//!
+//! A host may install a `cblas_sgemm` ([`use_cblas_sgemm`]; `distill_host::load_cblas` loads
+//! MKL's): f32 bands then call it. Single-threaded MKL reaches 100-108 GFLOP/s on the MLP's
+//! products on one Zen 5 core, gemm 62-66.
+
+use std::any::TypeId;
+use std::sync::OnceLock;
 
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
@@ -22,8 +29,66 @@ pub(super) enum Threads {
 /// An `m x n` operand: its slice and its (row, column) strides.
 pub(super) type Operand<'a, T> = (&'a [T], usize, usize);
 
-/// Output columns per thread below which a product is left to gemm's own split.
+/// Output columns per thread below which a product is not split into column bands.
 const MIN_BAND: usize = 128;
+
+/// Rows per band, at least, when a narrow product is split into bands of rows.
+const MIN_ROWS: usize = 16;
+
+/// A row-major CBLAS `sgemm` (`cblas_sgemm` of MKL, OpenBLAS, BLIS).
+pub type CblasSgemm = unsafe extern "C" fn(
+    layout: i32,
+    trans_a: i32,
+    trans_b: i32,
+    m: i32,
+    n: i32,
+    k: i32,
+    alpha: f32,
+    a: *const f32,
+    lda: i32,
+    b: *const f32,
+    ldb: i32,
+    beta: f32,
+    c: *mut f32,
+    ldc: i32,
+);
+
+/// The installed `cblas_sgemm`, if any.
+static SGEMM: OnceLock<CblasSgemm> = OnceLock::new();
+
+/// Makes every f32 product of the kernels call `sgemm` (one call per thread's band) instead of
+/// the gemm crate. Returns false, changing nothing, if one is installed already.
+///
+/// # Safety
+/// `sgemm` must implement `cblas_sgemm`, be callable from several threads at once, run on the
+/// calling thread only (the kernels divide the threads themselves), and stay loaded for the
+/// rest of the process.
+pub unsafe fn use_cblas_sgemm(sgemm: CblasSgemm) -> bool {
+    SGEMM.set(sgemm).is_ok()
+}
+
+/// Whether f32 products run on an installed `cblas_sgemm`.
+pub fn cblas_sgemm_installed() -> bool {
+    SGEMM.get().is_some()
+}
+
+/// CBLAS's row-major layout and transpose flags.
+const ROW_MAJOR: i32 = 101;
+const NO_TRANS: i32 = 111;
+const TRANS: i32 = 112;
+
+/// An operand of `rows x cols` as CBLAS takes it: `(transpose flag, leading dimension)`, when
+/// one of its strides is 1.
+fn cblas_operand(rs: usize, cs: usize, rows: usize, cols: usize) -> Option<(i32, i32)> {
+    let (flag, ld) = if cs == 1 && rs >= cols.max(1) {
+        (NO_TRANS, rs)
+    } else if rs == 1 && cs >= rows.max(1) {
+        (TRANS, cs)
+    } else {
+        return None;
+    };
+    Some((flag, i32::try_from(ld).ok()?))
+}
 
 /// `dst := alpha * dst + lhs * rhs` for row-major `dst` (`m x n`); without `alpha`, `dst :=
 /// lhs * rhs` (its old values are not read). `lhs` is `m x k`, `rhs` `k x n`.
@@ -42,45 +107,92 @@ pub(super) fn matmul_into<T: Real>(
     if n == 1 || k == 1 {
         return rows_loop((m, n, k), &mut dst[..m * n], alpha, lhs, rhs, threads);
     }
-    let pool = rayon::current_num_threads();
-    let bands = if threads == Threads::Pool && pool > 1 && n >= MIN_BAND * pool {
-        pool
+    let cblas = SGEMM
+        .get()
+        .filter(|_| TypeId::of::<T>() == TypeId::of::<f32>())
+        .zip(cblas_operand(lhs.1, lhs.2, m, k))
+        .zip(cblas_operand(rhs.1, rhs.2, k, n))
+        .filter(|_| [m, n, k].iter().all(|&d| i32::try_from(d).is_ok()));
+    // Bands of output columns, one per thread; a product too narrow for that is split into bands
+    // of rows for CBLAS (which runs on the calling thread only) and left to gemm's own rayon
+    // split otherwise.
+    let pool = if threads == Threads::Pool {
+        rayon::current_num_threads()
     } else {
         1
     };
-    let parallelism = match threads {
-        Threads::Pool if bands == 1 && pool > 1 => Parallelism::Rayon(pool),
-        _ => Parallelism::None,
+    let by_columns = n >= MIN_BAND * pool;
+    let bands = match (pool, by_columns, cblas.is_some()) {
+        (1, _, _) => 1,
+        (_, true, _) => pool,
+        (_, false, true) => pool.min(m.div_ceil(MIN_ROWS)),
+        (_, false, false) => 1,
     };
-    let width = n.div_ceil(bands);
+    let parallelism = if pool > 1 && bands == 1 {
+        Parallelism::Rayon(pool)
+    } else {
+        Parallelism::None
+    };
+    let (band_rows, band_cols) = if by_columns {
+        (m, n.div_ceil(bands))
+    } else {
+        (m.div_ceil(bands), n)
+    };
     let dst_addr = dst.as_mut_ptr() as usize;
     let band = |b: usize| {
-        let (first, cols) = (b * width, width.min(n - b * width));
-        // SAFETY: the assert above keeps every index gemm reads inside the operands and every
-        // index it writes inside `dst` (exclusively borrowed, so it aliases neither operand);
-        // bands write disjoint columns of `dst`.
-        unsafe {
-            gemm(
-                m,
-                cols,
-                k,
-                (dst_addr as *mut T).add(first),
-                1,
-                n as isize,
-                alpha.is_some(),
-                lhs.0.as_ptr(),
-                lhs.2 as isize,
-                lhs.1 as isize,
-                rhs.0.as_ptr().add(first * rhs.2),
-                rhs.2 as isize,
-                rhs.1 as isize,
-                alpha.unwrap_or(T::ONE),
-                T::ONE,
-                false,
-                false,
-                false,
-                parallelism,
+        // The band's first row and column and its extent.
+        let (row, col) = if by_columns {
+            (0, b * band_cols)
+        } else {
+            (b * band_rows, 0)
+        };
+        let (rows, cols) = (band_rows.min(m - row), band_cols.min(n - col));
+        // SAFETY (both branches): the assert above keeps every index read inside the operands
+        // and every index written inside `dst` (exclusively borrowed, so it aliases neither
+        // operand); bands write disjoint parts of `dst`.
+        let (a, b, c) = unsafe {
+            (
+                lhs.0.as_ptr().add(row * lhs.1),
+                rhs.0.as_ptr().add(col * rhs.2),
+                (dst_addr as *mut T).add(row * n + col),
             )
+        };
+        if let Some(((sgemm, (ta, lda)), (tb, ldb))) = cblas {
+            // T is f32 (checked above), so the casts are identities; the leading dimensions
+            // were checked by `cblas_operand`, and `use_cblas_sgemm`'s contract makes `sgemm` a
+            // cblas_sgemm safe to call from any thread.
+            unsafe {
+                let beta = alpha.map_or(0.0, |a| *(&a as *const T as *const f32));
+                let (a, b, c) = (a as *const f32, b as *const f32, c as *mut f32);
+                let (rows, cols) = (rows as i32, cols as i32);
+                sgemm(
+                    ROW_MAJOR, ta, tb, rows, cols, k as i32, 1.0, a, lda, b, ldb, beta, c, n as i32,
+                )
+            };
+        } else {
+            unsafe {
+                gemm(
+                    rows,
+                    cols,
+                    k,
+                    c,
+                    1,
+                    n as isize,
+                    alpha.is_some(),
+                    a,
+                    lhs.2 as isize,
+                    lhs.1 as isize,
+                    b,
+                    rhs.2 as isize,
+                    rhs.1 as isize,
+                    alpha.unwrap_or(T::ONE),
+                    T::ONE,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                )
+            }
         }
     };
     if bands == 1 {

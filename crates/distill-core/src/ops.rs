@@ -4,6 +4,7 @@
 //! contiguous input) have no backward: gradients silently stop there (DESIGN.md, "candle traps").
 //! These composed forms are differentiable everywhere; use them instead.
 
+use candle_core::shape::Dim;
 use candle_core::{D, DType, Tensor};
 
 use crate::Result;
@@ -17,8 +18,15 @@ pub fn log_softmax(x: &Tensor, dim: D) -> Result<Tensor> {
     Ok(shifted.broadcast_sub(&log_sum)?)
 }
 
-/// `softmax(x)` along `dim`, differentiable.
+/// `softmax(x)` along `dim`, differentiable: over the last dimension one fused op
+/// ([`crate::kernels::softmax_last`]), elsewhere the composed stable form.
 pub fn softmax(x: &Tensor, dim: D) -> Result<Tensor> {
+    if x.rank() > 0
+        && dim.to_index(x.shape(), "softmax")? == x.rank() - 1
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+    {
+        return crate::kernels::softmax_last(x);
+    }
     Ok(log_softmax(x, dim)?.exp()?)
 }
 

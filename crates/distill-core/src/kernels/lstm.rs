@@ -10,58 +10,8 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::matmul::{Threads, matmul_into};
-use super::{Real, contiguous};
+use super::{Float, contiguous};
 use crate::{Error, Result};
-
-/// The floats the cell arithmetic runs in.
-trait Float:
-    Real
-    + PartialOrd
-    + std::ops::Sub<Output = Self>
-    + std::ops::Div<Output = Self>
-    + std::ops::Neg<Output = Self>
-    + candle_core::WithDType
-{
-    fn exp(self) -> Self;
-    fn tanh(self) -> Self;
-}
-
-impl Float for f32 {
-    /// `e^x` to about 2 ulp (Cephes' `expf` polynomial) without a libm call, so that loops of
-    /// it vectorise: libm's `expf` and `tanhf` took a quarter of a BiLSTM step.
-    #[inline(always)]
-    fn exp(self) -> Self {
-        const SHIFT: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer.
-        let x = self.clamp(-87.0, 88.0);
-        let t = x * std::f32::consts::LOG2_E + SHIFT;
-        let n = t - SHIFT;
-        let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
-        let p = 1.987_569_1e-4_f32;
-        let p = p * r + 1.398_199_9e-3;
-        let p = p * r + 8.333_452e-3;
-        let p = p * r + 4.166_579_6e-2;
-        let p = p * r + 0.166_666_65;
-        let p = p * r + 0.5;
-        let p = p * r * r + r + 1.0;
-        let scale = f32::from_bits(
-            (t.to_bits().wrapping_sub(SHIFT.to_bits()) as i32 + 127).wrapping_shl(23) as u32,
-        );
-        p * scale
-    }
-    #[inline(always)]
-    fn tanh(self) -> Self {
-        1.0 - 2.0 / (Float::exp(2.0 * self) + 1.0)
-    }
-}
-
-impl Float for f64 {
-    fn exp(self) -> Self {
-        f64::exp(self)
-    }
-    fn tanh(self) -> Self {
-        f64::tanh(self)
-    }
-}
 
 fn sigmoid<T: Float>(x: T) -> T {
     T::ONE / (T::ONE + (-x).exp())

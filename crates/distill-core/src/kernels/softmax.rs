@@ -1,0 +1,132 @@
+//! Softmax over the last dimension as one op: one pass per row forward, and a backward pass
+//! `dx = y * (dy - sum(dy * y))` from the result, where the composed form (max, subtract, exp,
+//! sum, log, subtract, exp) makes seven full-size tensors forward and more backward; attention
+//! probabilities are the largest tensors of a transformer step.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{CHUNK, Float, contiguous};
+use crate::{Error, Result};
+
+/// `softmax` along the last dimension.
+struct Softmax;
+
+/// Rows per parallel task: about [`CHUNK`] elements.
+fn rows_per_task(n: usize) -> usize {
+    (CHUNK / n.max(1)).max(1)
+}
+
+fn forward<T: Float>(x: &[T], n: usize) -> Vec<T> {
+    let mut out = x.to_vec();
+    out.par_chunks_mut(n * rows_per_task(n)).for_each(|rows| {
+        for row in rows.chunks_mut(n) {
+            let max = row
+                .iter()
+                .copied()
+                .fold(row[0], |m, v| if v > m { v } else { m });
+            let mut sum = T::default();
+            for v in row.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            let inv = T::ONE / sum;
+            row.iter_mut().for_each(|v| *v *= inv);
+        }
+    });
+    out
+}
+
+fn backward<T: Float>(g: &[T], y: &[T], n: usize) -> Vec<T> {
+    let mut out = g.to_vec();
+    let per_task = n * rows_per_task(n);
+    out.par_chunks_mut(per_task)
+        .zip(y.par_chunks(per_task))
+        .for_each(|(rows, ys)| {
+            for (row, yr) in rows.chunks_mut(n).zip(ys.chunks(n)) {
+                let dot = row
+                    .iter()
+                    .zip(yr)
+                    .fold(T::default(), |acc, (&d, &y)| acc + d * y);
+                row.iter_mut()
+                    .zip(yr)
+                    .for_each(|(d, &y)| *d = y * (*d - dot));
+            }
+        });
+    out
+}
+
+/// The length of the last dimension of `shape` (1 for a scalar).
+fn last(shape: &Shape) -> usize {
+    shape.dims().last().copied().unwrap_or(1)
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let n = last(l.shape());
+        let out = match s {
+            CpuStorage::F32(x) => CpuStorage::F32(forward(contiguous(x, l, self.name())?, n)),
+            CpuStorage::F64(x) => CpuStorage::F64(forward(contiguous(x, l, self.name())?, n)),
+            _ => candle_core::bail!("{}: f32 or f64", self.name()),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(
+            grad.contiguous()?.apply_op2_no_bwd(res, &SoftmaxGrad)?,
+        ))
+    }
+}
+
+/// The backward pass of [`Softmax`] on `(dy, y)`.
+struct SoftmaxGrad;
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("{}: {:?} vs {:?}", self.name(), l1.shape(), l2.shape());
+        }
+        let n = last(l1.shape());
+        let out = match (s1, s2) {
+            (CpuStorage::F32(g), CpuStorage::F32(y)) => CpuStorage::F32(backward(
+                contiguous(g, l1, self.name())?,
+                contiguous(y, l2, self.name())?,
+                n,
+            )),
+            (CpuStorage::F64(g), CpuStorage::F64(y)) => CpuStorage::F64(backward(
+                contiguous(g, l1, self.name())?,
+                contiguous(y, l2, self.name())?,
+                n,
+            )),
+            _ => candle_core::bail!("{}: f32 or f64 tensors of one dtype", self.name()),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// `softmax(x)` along the last dimension (f32 or f64) in one pass, with a one-pass backward.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if !matches!(x.dtype(), DType::F32 | DType::F64) || x.rank() == 0 {
+        return Err(Error::Invalid(format!(
+            "softmax_last needs f32 or f64 of rank >= 1, got {:?} {:?}",
+            x.dtype(),
+            x.dims()
+        )));
+    }
+    Ok(x.contiguous()?.apply_op1(Softmax)?)
+}

@@ -976,12 +976,14 @@ mod linear;
 mod lstm;
 mod matmul;
 mod pairwise;
+mod pool;
 mod softmax;
 pub use conv::conv2d;
 pub use linear::linear;
 pub use lstm::lstm_layer;
 pub use matmul::{CblasSgemm, cblas_sgemm_installed, use_cblas_sgemm};
 pub use pairwise::{pairwise_add, pairwise_mul};
+pub use pool::max_pool2d;
 pub use softmax::softmax_last;
 
 #[cfg(test)]
@@ -1356,6 +1358,45 @@ mod tests {
         let loss =
             |t: &[Tensor]| -> Result<Tensor> { Ok((softmax_last(&t[0])? * &w)?.sqr()?.sum_all()?) };
         assert_finite_differences(&loss, &[seq(&[2, 4], 2.0)?], "softmax")
+    }
+
+    /// The one-pass max pool equals candle's `max_pool2d` in value, and its gradients equal
+    /// finite differences (inputs without ties; odd sizes drop the last row and column as candle
+    /// does). candle 0.11's own backward scales the gradient by 1 / k^2 (it multiplies by the
+    /// window's mean of the max mask instead of dividing by its count): a trap this op avoids.
+    #[test]
+    fn max_pool2d_equals_candle_forward_and_finite_differences() -> Result<()> {
+        for (shape, k) in [([2, 3, 4, 4], 2), ([1, 2, 7, 5], 2), ([2, 1, 6, 6], 3)] {
+            let n: usize = shape.iter().product();
+            // Distinct values in a scrambled order: no window has two maxima.
+            let v: Vec<f64> = (0..n).map(|i| ((i * 7919) % n) as f64 / n as f64).collect();
+            let x = Tensor::from_vec(v, &shape, &Device::Cpu)?;
+            let ours = max_pool2d(&x, k)?;
+            assert!(max_abs_difference(&ours, &x.max_pool2d(k)?)? < 1e-15);
+            let w = seq(ours.dims(), 0.7)?;
+            let loss = |t: &[Tensor]| -> Result<Tensor> {
+                Ok((max_pool2d(&t[0], k)? * &w)?.sqr()?.sum_all()?)
+            };
+            assert_finite_differences(&loss, std::slice::from_ref(&x), &format!("{shape:?}"))?;
+            if shape[2] % k != 0 || shape[3] % k != 0 {
+                continue;
+            }
+            // candle's gradient is ours / k^2 (where the windows tile the input).
+            let var = Var::from_tensor(&x)?;
+            let ours = (max_pool2d(var.as_tensor(), k)? * &w)?
+                .sum_all()?
+                .backward()?;
+            let theirs = (var.as_tensor().max_pool2d(k)? * &w)?
+                .sum_all()?
+                .backward()?;
+            let (Some(a), Some(b)) = (ours.get(var.as_tensor()), theirs.get(var.as_tensor()))
+            else {
+                panic!("no gradient")
+            };
+            assert!(max_abs_difference(&(a / (k * k) as f64)?, b)? < 1e-12);
+        }
+        assert!(max_pool2d(&seq(&[2, 3], 1.0)?, 2).is_err());
+        Ok(())
     }
 
     #[test]

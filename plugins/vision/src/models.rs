@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 
 use distill_rt::candle::Tensor;
-use distill_rt::kernels::relu;
+use distill_rt::kernels::{max_pool2d, relu};
 use distill_rt::model::PENULTIMATE;
 use distill_rt::serde::Deserialize;
 use distill_rt::{
@@ -194,8 +194,8 @@ impl ModelFactory for LeNetFactory {
 impl Model for LeNet {
     fn forward(&self, inputs: &TensorMap, _train: bool) -> Result<ModelOutput> {
         let x = image("vision.lenet5", inputs)?;
-        let c1 = relu(&self.conv1.forward(x)?)?.max_pool2d(2)?;
-        let c2 = relu(&self.conv2.forward(&c1)?)?.max_pool2d(2)?;
+        let c1 = max_pool2d(&relu(&self.conv1.forward(x)?)?, 2)?;
+        let c2 = max_pool2d(&relu(&self.conv2.forward(&c1)?)?, 2)?;
         let h = relu(&self.fc1.forward(&c2.flatten_from(1)?)?)?;
         let h = relu(&self.fc2.forward(&h)?)?;
         let logits = self.head.forward(&h)?;

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 
 use distill_rt::candle::Tensor;
 use distill_rt::candle_nn::VarBuilder;
-use distill_rt::kernels::{channel_add, lstm_layer, relu};
+use distill_rt::kernels::{linear, lstm_layer, relu};
 use distill_rt::model::PENULTIMATE;
 use distill_rt::nn::{Embedding, Linear, fan_in_init};
 use distill_rt::serde::Deserialize;
@@ -312,12 +312,11 @@ impl Lstm {
         let mask = mask.to_dtype(x.dtype())?;
         // Input contributions of every step at once, time-major so that each step's slice is
         // contiguous.
-        let gates_in = x
+        let x = x
             .transpose(0, 1)?
             .contiguous()?
-            .reshape((t * b, x.dim(2)?))?
-            .matmul(&self.w_ih.t()?)?;
-        let gates_in = channel_add(&gates_in, &self.bias, 1)?.reshape((t, b, 4 * h))?;
+            .reshape((t * b, x.dim(2)?))?;
+        let gates_in = linear(&x, &self.w_ih, &self.bias)?.reshape((t, b, 4 * h))?;
         // The whole recurrence as one op (`kernels::lstm_layer`): the final step's state.
         let states = lstm_layer(&gates_in, &self.w_hh, &mask, backwards)?;
         Ok(states.get(t - 1)?.narrow(1, 0, h)?)

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 
 use distill_rt::candle::{D, Tensor};
 use distill_rt::candle_nn::{Init, VarBuilder};
-use distill_rt::kernels::{channel_add, pairwise_add, pairwise_mul, relu};
+use distill_rt::kernels::{linear, pairwise_add, pairwise_mul, relu};
 use distill_rt::model::PENULTIMATE;
 use distill_rt::nn::{Embedding, Linear, fan_in_init};
 use distill_rt::serde::Deserialize;
@@ -93,7 +93,7 @@ impl Tower {
         let w_user = self.first_weight.narrow(1, 0, self.dim)?;
         let w_item = self.first_weight.narrow(1, self.dim, self.dim)?;
         let from_user = p.matmul(&w_user.t()?)?;
-        let from_item = channel_add(&q.matmul(&w_item.t()?)?, &self.first_bias, 1)?;
+        let from_item = linear(&q, &w_item, &self.first_bias)?;
         let mut h = relu(&pairwise_add(&from_user, &from_item)?)?;
         for layer in &self.rest {
             h = relu(&layer.forward(&h)?)?;
@@ -155,7 +155,7 @@ impl Model for Recommender {
         let (scores, penultimate, p, q) = match &self.kind {
             Kind::Mf { tables, item_bias } => {
                 let (p, q) = tables.lookup(users)?;
-                let scores = channel_add(&p.matmul(&q.t()?)?, item_bias.weight(), 1)?;
+                let scores = linear(&p, &q, item_bias.weight())?;
                 (Some(scores), pairwise_mul(&p, &q)?, p, q)
             }
             Kind::Gmf { tables } => {

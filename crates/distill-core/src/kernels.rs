@@ -614,35 +614,39 @@ fn slice_mut<'a, T>(
 }
 
 impl Moments {
-    fn apply<T: WithDType>(&self, mv: &mut [T], g: &[T]) {
-        let (b1, b2) = (self.0.beta1, self.0.beta2);
+    fn apply<T: Float>(&self, mv: &mut [T], g: &[T]) {
+        let h = &self.0;
+        let (b1, b2) = (T::from_f64(h.beta1), T::from_f64(h.beta2));
+        let (c1, c2) = (T::from_f64(1.0 - h.beta1), T::from_f64(1.0 - h.beta2));
         let (m, v) = mv.split_at_mut(g.len());
         m.par_chunks_mut(CHUNK)
             .zip(v.par_chunks_mut(CHUNK))
             .zip(g.par_chunks(CHUNK))
             .for_each(|((m, v), g)| {
-                for ((m, v), g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
-                    let g = g.to_f64();
-                    *m = T::from_f64(b1 * m.to_f64() + (1.0 - b1) * g);
-                    *v = T::from_f64(b2 * v.to_f64() + (1.0 - b2) * g * g);
+                for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
+                    *m = b1 * *m + c1 * g;
+                    *v = b2 * *v + c2 * g * g;
                 }
             });
     }
 }
 
 impl Update {
-    fn apply<T: WithDType>(&self, p: &mut [T], mv: &[T]) {
+    /// In the parameter's own precision, as PyTorch's AdamW: `p * (1 - lr * wd) - lr / bc1 *
+    /// m / (sqrt(v) / sqrt(bc2) + eps)` with the bias corrections `bc = 1 - beta^step`.
+    fn apply<T: Float>(&self, p: &mut [T], mv: &[T]) {
         let h = &self.0;
         let bc1 = 1.0 - h.beta1.powi(h.step);
         let bc2 = 1.0 - h.beta2.powi(h.step);
-        let decay = 1.0 - h.lr * h.weight_decay;
+        let decay = T::from_f64(1.0 - h.lr * h.weight_decay);
+        let step_size = T::from_f64(h.lr / bc1);
+        let (inv_root_bc2, eps) = (T::from_f64(1.0 / bc2.sqrt()), T::from_f64(h.eps));
         let (m, v) = mv.split_at(p.len());
         p.par_chunks_mut(CHUNK)
             .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
             .for_each(|(p, (m, v))| {
-                for ((p, m), v) in p.iter_mut().zip(m).zip(v) {
-                    let update = (m.to_f64() / bc1) / ((v.to_f64() / bc2).sqrt() + h.eps);
-                    *p = T::from_f64(p.to_f64() * decay - h.lr * update);
+                for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+                    *p = *p * decay - step_size * m / (v.sqrt() * inv_root_bc2 + eps);
                 }
             });
     }
@@ -739,6 +743,7 @@ trait Float:
 {
     fn exp(self) -> Self;
     fn tanh(self) -> Self;
+    fn sqrt(self) -> Self;
 }
 
 impl Float for f32 {
@@ -767,6 +772,10 @@ impl Float for f32 {
     fn tanh(self) -> Self {
         1.0 - 2.0 / (Float::exp(2.0 * self) + 1.0)
     }
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
 }
 
 impl Float for f64 {
@@ -775,6 +784,9 @@ impl Float for f64 {
     }
     fn tanh(self) -> Self {
         f64::tanh(self)
+    }
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
     }
 }
 

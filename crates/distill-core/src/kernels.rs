@@ -347,15 +347,21 @@ impl GroupNormOp {
         let mut out = vec![T::zero(); x.len() + 2 * channels];
         let (dx, params) = out.split_at_mut(x.len());
         let n = per_group as f64;
-        // Each group writes its own part of dx and returns its channels' dgamma, dbeta.
-        let partial: Vec<(usize, Vec<f64>, Vec<f64>)> = dx
+        // Each group writes its own part of dx; each task sums dgamma, dbeta (all channels, in
+        // one vector) over its groups: a layer norm has a group per row and would otherwise
+        // allocate per row.
+        let start = || vec![0f64; 2 * channels];
+        let per_task = (CHUNK / per_group.max(1)).max(1);
+        let sums = dx
             .par_chunks_mut(per_group)
             .zip(x.par_chunks(per_group).zip(dy.par_chunks(per_group)))
             .enumerate()
-            .map(|(g, (dxs, (xs, dys)))| {
+            .with_min_len(per_task)
+            .fold(start, |mut acc, (g, (dxs, (xs, dys)))| {
                 let (mean, rstd) = self.stats(xs);
                 let first_channel = (g % self.groups) * per_channel;
-                let (mut dgamma, mut dbeta) = (vec![0f64; per_channel], vec![0f64; per_channel]);
+                let (dgamma, dbeta) = acc.split_at_mut(channels);
+                let (dgamma, dbeta) = (&mut dgamma[first_channel..], &mut dbeta[first_channel..]);
                 // dxhat = dy * gamma; dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
                 let (mut sum_dxhat, mut sum_dxhat_xhat) = (0.0, 0.0);
                 // The fused ReLU passes no gradient where its input `xhat * w + b` is <= 0.
@@ -395,19 +401,14 @@ impl GroupNormOp {
                         *out = T::from_f64(rstd * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat));
                     }
                 }
-                (first_channel, dgamma, dbeta)
+                acc
             })
-            .collect();
-        let (mut dgamma, mut dbeta) = (vec![0f64; channels], vec![0f64; channels]);
-        for (first, dg, db) in partial {
-            for c in 0..per_channel {
-                dgamma[first + c] += dg[c];
-                dbeta[first + c] += db[c];
-            }
-        }
-        for (c, (dg, db)) in dgamma.iter().zip(&dbeta).enumerate() {
-            params[c] = T::from_f64(*dg);
-            params[channels + c] = T::from_f64(*db);
+            .reduce(start, |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                a
+            });
+        for (p, s) in params.iter_mut().zip(&sums) {
+            *p = T::from_f64(*s);
         }
         out
     }

@@ -76,7 +76,7 @@ enum Teacher {
 
 /// A runnable step: each call trains once and returns the loss.
 pub struct Step {
-    run: Box<dyn FnMut() -> Result<f32>>,
+    run: Box<dyn FnMut() -> Result<f32> + Send>,
 }
 
 impl Step {

@@ -21,6 +21,16 @@ use crate::{Error, Result};
 /// Elements per parallel task of the element-wise kernels (small tensors stay on one thread).
 const CHUNK: usize = 1 << 15;
 
+/// Runs `f` on a thread of rayon's global pool and returns its result. The kernels' parallel
+/// loops started on a pool thread share their work through its own queue; started on another
+/// thread, each loop is handed to the pool while the caller sleeps until it is done: a thread
+/// switch per op, and with a pool of one thread (a worker of `--jobs` = cores) every op waits
+/// for the pool's only thread. Workers run each job inside it.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    // `scope` runs its body on a pool thread (the caller's, if it is one).
+    rayon::scope(|_| f())
+}
+
 /// How a per-channel vector (or a pair of rows) combines.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Combine {

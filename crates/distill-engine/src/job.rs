@@ -462,6 +462,11 @@ fn record_outcome(record: &mut JobRecord, outcome: crate::train::Outcome) {
 /// Runs `spec` and returns its record (also for a failed job: the error is in the record).
 /// Files go to `spec.out_dir`; the record is written by the caller.
 pub fn run_job(registrar: &Registrar, spec: &JobSpec, device: &Device) -> JobRecord {
+    distill_rt::kernels::on_pool(|| run_job_here(registrar, spec, device))
+}
+
+/// [`run_job`] on the calling thread.
+fn run_job_here(registrar: &Registrar, spec: &JobSpec, device: &Device) -> JobRecord {
     let started = Instant::now();
     let mut record = empty_record(spec);
     if let Err(e) = run_job_inner(registrar, spec, device, &mut record) {

@@ -1281,6 +1281,30 @@ mod tests {
         Ok(())
     }
 
+    /// Rectangular kernels (a 1 x k convolution over time, as TextCNN's) equal candle's too.
+    #[test]
+    fn conv2d_with_a_rectangular_kernel_equals_candle() -> Result<()> {
+        for (kh, kw, padding) in [(1, 3, 0), (1, 5, 0), (2, 3, 1)] {
+            let inputs = [
+                seq(&[2, 3, 4, 9], 1.0)?,
+                seq(&[4, 3, kh, kw], 0.5)?,
+                seq(&[4], 0.3)?,
+            ];
+            let ours = |t: &[Tensor]| conv2d(&t[0], &t[1], &t[2], padding, 1);
+            let theirs = |t: &[Tensor]| {
+                let y = t[0].conv2d(&t[1], padding, 1, 1, 1)?;
+                Ok(y.broadcast_add(&t[2].reshape((1, 4, 1, 1))?)?)
+            };
+            assert_same(
+                &ours,
+                &theirs,
+                &inputs,
+                &format!("{kh}x{kw} padding {padding}"),
+            )?;
+        }
+        Ok(())
+    }
+
     /// The input gradient is computed only when the input needs one, and the weight gradient
     /// is the same either way; in f32 the op matches candle to float precision.
     #[test]

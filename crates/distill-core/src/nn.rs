@@ -61,6 +61,16 @@ impl Linear {
         Ok(y.reshape(shape)?)
     }
 
+    /// The weight, `[output, input]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The bias, `[output]`.
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
     /// Multiply-accumulates per input row.
     pub fn macs(&self) -> u64 {
         (self.input * self.output) as u64

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 
 use distill_rt::candle::Tensor;
 use distill_rt::candle_nn::VarBuilder;
-use distill_rt::kernels::{linear, lstm_layer, relu};
+use distill_rt::kernels::{conv2d, linear, lstm_layer, relu};
 use distill_rt::model::PENULTIMATE;
 use distill_rt::nn::{Embedding, Linear, fan_in_init};
 use distill_rt::serde::Deserialize;
@@ -489,16 +489,24 @@ impl Model for TextCnn {
             mask = mask.pad_with_zeros(1, 0, widest - t)?;
         }
         let t = t.max(widest);
+        let e = x.dim(2)?;
+        // The sentence as a one-row image with the embedding as channels, `[b, e, 1, t]`: each
+        // filter width is a `1 x k` convolution (`kernels::conv2d`, no window copies).
+        let image = x.transpose(1, 2)?.contiguous()?.reshape((b, e, 1, t))?;
         let mut pooled = Vec::with_capacity(self.convs.len());
         for (k, conv) in &self.convs {
             let n = t + 1 - k;
-            let windows: Vec<Tensor> = (0..*k)
-                .map(|j| x.narrow(1, j, n))
-                .collect::<std::result::Result<_, _>>()?;
-            let y = relu(&conv.forward(&Tensor::cat(&windows, 2)?)?)?;
+            // The weight `[filters, k * e]` (window position major) as `[filters, e, 1, k]`.
+            let filters = conv.weight().dim(0)?;
+            let weight = conv
+                .weight()
+                .reshape((filters, *k, e))?
+                .transpose(1, 2)?
+                .reshape((filters, e, 1, *k))?;
+            let y = relu(&conv2d(&image, &weight, conv.bias(), 0, 1)?)?.reshape((b, filters, n))?;
             // Windows that start on padding never win the max.
-            let starts = ((mask.narrow(1, 0, n)? - 1.0)? * 1e4)?.unsqueeze(2)?;
-            pooled.push(y.broadcast_add(&starts)?.max(1)?);
+            let starts = ((mask.narrow(1, 0, n)? - 1.0)? * 1e4)?.unsqueeze(1)?;
+            pooled.push(y.broadcast_add(&starts)?.max(2)?);
         }
         let penultimate = Tensor::cat(&pooled, 1)?;
         let logits = self.head.forward(&penultimate)?;
@@ -610,6 +618,31 @@ mod tests {
             data.as_ref(),
             &[],
         )?;
+        Ok(())
+    }
+
+    /// Each filter width's convolution equals the fully connected layer applied to every window
+    /// of `k` embeddings laid end to end (Kim's formulation), at every position.
+    #[test]
+    fn textcnn_convolutions_equal_the_windowed_layer() -> Result<()> {
+        let (b, t, e, k, filters) = (3, 9, 5, 4, 6);
+        let varmap = VarMap::new();
+        let vb = seeded_var_builder(&varmap, 0, DType::F64, &Device::Cpu);
+        let conv = Linear::new(k * e, filters, vb.pp("conv"))?;
+        let x = Tensor::randn(0f64, 1.0, (b, t, e), &Device::Cpu)?;
+        let n = t + 1 - k;
+        let windows: Vec<Tensor> = (0..k)
+            .map(|j| x.narrow(1, j, n))
+            .collect::<std::result::Result<_, _>>()?;
+        let want = conv.forward(&Tensor::cat(&windows, 2)?)?.transpose(1, 2)?;
+        let image = x.transpose(1, 2)?.contiguous()?.reshape((b, e, 1, t))?;
+        let weight = conv
+            .weight()
+            .reshape((filters, k, e))?
+            .transpose(1, 2)?
+            .reshape((filters, e, 1, k))?;
+        let got = conv2d(&image, &weight, conv.bias(), 0, 1)?.reshape((b, filters, n))?;
+        assert!(max_abs_difference(&got, &want)? < 1e-12);
         Ok(())
     }
 

@@ -12,10 +12,11 @@ use super::matmul::{Threads, matmul_into};
 use super::{Real, contiguous};
 use crate::{Error, Result};
 
-/// A `k x k` convolution with zero `padding` and `stride` on `(x, weight, bias)`.
+/// A `kh x kw` convolution with zero `padding` and `stride` on `(x, weight, bias)`.
 #[derive(Clone, Copy)]
 struct Conv2d {
-    k: usize,
+    kh: usize,
+    kw: usize,
     padding: usize,
     stride: usize,
 }
@@ -33,9 +34,9 @@ struct Dims {
 }
 
 impl Dims {
-    /// Rows of an image's im2col matrix (`c * k * k`).
-    fn rows(&self, k: usize) -> usize {
-        self.c * k * k
+    /// Rows of an image's im2col matrix (`c * kh * kw`).
+    fn rows(&self, (kh, kw): (usize, usize)) -> usize {
+        self.c * kh * kw
     }
 
     /// Output pixels per channel, the columns of an image's im2col matrix.
@@ -63,12 +64,12 @@ impl Conv2d {
     fn dims(&self, x: &Shape, weight: &Shape) -> candle_core::Result<Dims> {
         let (b, c, h, w) = x.dims4()?;
         let (out, wc, kh, kw) = weight.dims4()?;
-        let (k, p) = (self.k, self.padding);
+        let p = self.padding;
         if wc != c
-            || kh != k
-            || kw != k
-            || h + 2 * p < k
-            || w + 2 * p < k
+            || kh != self.kh
+            || kw != self.kw
+            || h + 2 * p < kh
+            || w + 2 * p < kw
             || self.stride == 0
             || c == 0
             || out == 0
@@ -81,14 +82,14 @@ impl Conv2d {
             h,
             w,
             out,
-            oh: (h + 2 * p - k) / self.stride + 1,
-            ow: (w + 2 * p - k) / self.stride + 1,
+            oh: (h + 2 * p - kh) / self.stride + 1,
+            ow: (w + 2 * p - kw) / self.stride + 1,
         })
     }
 
     /// Whether an image's im2col matrix is the image itself (1x1, stride 1, no padding).
     fn pointwise(&self) -> bool {
-        self.k == 1 && self.stride == 1 && self.padding == 0
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.padding == 0
     }
 
     /// The output columns `ox` whose window column `j` reads an input column (the others read
@@ -112,9 +113,9 @@ impl Conv2d {
         cols: &'a mut [T],
         mut f: impl FnMut(usize, usize, Option<usize>, &'a mut [T]),
     ) {
-        let k = self.k;
+        let (kh, kw) = (self.kh, self.kw);
         for (row, line) in cols.chunks_mut(d.plane()).enumerate() {
-            let (c, i, j) = (row / (k * k), row / k % k, row % k);
+            let (c, i, j) = (row / (kh * kw), row / kw % kh, row % kw);
             for (oy, seg) in line.chunks_mut(d.ow).enumerate() {
                 let y = (oy * self.stride + i).checked_sub(self.padding);
                 f(c, j, y.filter(|&y| y < d.h), seg);
@@ -122,7 +123,7 @@ impl Conv2d {
         }
     }
 
-    /// Writes the im2col matrix (`[c * k * k, oh * ow]`) of one image `x` (`[c, h, w]`).
+    /// Writes the im2col matrix (`[c * kh * kw, oh * ow]`) of one image `x` (`[c, h, w]`).
     fn gather<T: Real>(&self, d: &Dims, x: &[T], cols: &mut [T]) {
         let (p, s) = (self.padding, self.stride);
         self.each_line(d, cols, |c, j, y, seg| {
@@ -160,7 +161,7 @@ impl Conv2d {
     }
 
     fn forward<T: Real>(&self, d: &Dims, x: &[T], w: &[T], bias: &[T]) -> Vec<T> {
-        let (rows, plane) = (d.rows(self.k), d.plane());
+        let (rows, plane) = (d.rows((self.kh, self.kw)), d.plane());
         let mut y = vec![T::default(); d.b * d.out * plane];
         let scratch = if self.pointwise() { 0 } else { rows * plane };
         let threads = d.threads();
@@ -192,7 +193,7 @@ impl Conv2d {
 
     /// `[dweight, dbias, dx]` packed, `dx` only when `input_grad`.
     fn backward<T: Real>(&self, d: &Dims, x: &[T], w: &[T], g: &[T], input_grad: bool) -> Vec<T> {
-        let (rows, plane) = (d.rows(self.k), d.plane());
+        let (rows, plane) = (d.rows((self.kh, self.kw)), d.plane());
         let (nw, nb) = (d.out * rows, d.out);
         let scratch = if self.pointwise() { 0 } else { rows * plane };
         let threads = d.threads();
@@ -366,7 +367,7 @@ impl CustomOp3 for ConvGrad {
     }
 }
 
-/// A `k x k` convolution of `x` (`[b, c, h, w]`) with `weight` (`[out, c, k, k]`) plus `bias`
+/// A `kh x kw` convolution of `x` (`[b, c, h, w]`) with `weight` (`[out, c, kh, kw]`) plus `bias`
 /// (`[out]`), zero `padding`, `stride`: candle's `conv2d` followed by a bias, with a backward
 /// pass that is one matrix product per image and gradient instead of candle's direct transposed
 /// convolution, and no memory kept beyond the input.
@@ -378,8 +379,8 @@ pub fn conv2d(
     stride: usize,
 ) -> Result<Tensor> {
     let (_, c, _, _) = x.dims4()?;
-    let (out, wc, k, kw) = weight.dims4()?;
-    if wc != c || k != kw || bias.elem_count() != out || stride == 0 {
+    let (out, wc, kh, kw) = weight.dims4()?;
+    if wc != c || bias.elem_count() != out || stride == 0 {
         return Err(Error::Invalid(format!(
             "conv2d: weight {:?} and bias {:?} do not fit input {:?} (stride {stride})",
             weight.dims(),
@@ -399,6 +400,11 @@ pub fn conv2d(
     Ok(x.contiguous()?.apply_op3(
         &weight.contiguous()?,
         &bias.flatten_all()?.contiguous()?,
-        Conv2d { k, padding, stride },
+        Conv2d {
+            kh,
+            kw,
+            padding,
+            stride,
+        },
     )?)
 }

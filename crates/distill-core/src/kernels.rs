@@ -21,6 +21,21 @@ use crate::{Error, Result};
 /// Elements per parallel task of the element-wise kernels (small tensors stay on one thread).
 const CHUNK: usize = 1 << 15;
 
+/// An error unless every tensor is f32, or every one f64 (what the kernels compute in).
+fn same_float(op: &str, tensors: &[&Tensor]) -> Result<()> {
+    let dtypes: Vec<DType> = tensors.iter().map(|t| t.dtype()).collect();
+    match dtypes.first() {
+        Some(first)
+            if matches!(first, DType::F32 | DType::F64) && dtypes.iter().all(|d| d == first) =>
+        {
+            Ok(())
+        }
+        _ => Err(Error::Invalid(format!(
+            "{op} needs f32 or f64 tensors of one dtype, got {dtypes:?}"
+        ))),
+    }
+}
+
 /// Runs `f` on a thread of rayon's global pool and returns its result. The kernels' parallel
 /// loops started on a pool thread share their work through its own queue; started on another
 /// thread, each loop is handed to the pool while the caller sleeps until it is done: a thread
@@ -574,15 +589,7 @@ fn normalise(
             beta.dims()
         )));
     }
-    if !matches!(x.dtype(), DType::F32 | DType::F64)
-        || gamma.dtype() != x.dtype()
-        || beta.dtype() != x.dtype()
-    {
-        return Err(Error::Invalid(format!(
-            "group_norm needs f32 or f64 of one dtype, got {:?}",
-            x.dtype()
-        )));
-    }
+    same_float("group_norm", &[x, gamma, beta])?;
     Ok(x.contiguous()?.apply_op3(
         &gamma.flatten_all()?.contiguous()?,
         &beta.flatten_all()?.contiguous()?,
@@ -750,6 +757,7 @@ trait Float:
     + std::ops::Div<Output = Self>
     + std::ops::Neg<Output = Self>
     + std::ops::MulAssign
+    + std::ops::SubAssign
     + candle_core::WithDType
 {
     fn exp(self) -> Self;
@@ -995,6 +1003,7 @@ pub fn depthwise_conv(
 }
 
 mod conv;
+mod kl;
 mod linear;
 mod lstm;
 mod matmul;
@@ -1002,6 +1011,7 @@ mod pairwise;
 mod pool;
 mod softmax;
 pub use conv::conv2d;
+pub use kl::kl_batchmean;
 pub use linear::linear;
 pub use lstm::lstm_layer;
 pub use matmul::{CblasSgemm, cblas_sgemm_installed, use_cblas_sgemm};
@@ -1443,6 +1453,32 @@ mod tests {
             assert!(max_abs_difference(&(a / (k * k) as f64)?, b)? < 1e-12);
         }
         assert!(max_pool2d(&seq(&[2, 3], 1.0)?, 2).is_err());
+        Ok(())
+    }
+
+    /// The one-op distillation KL equals the composed form (log-softmax of both, batch mean),
+    /// values and student gradients, and finite differences; the teacher gets no gradient.
+    #[test]
+    fn kl_batchmean_equals_the_composed_form_and_finite_differences() -> Result<()> {
+        let teacher = (seq(&[4, 5], 1.3)? + 0.4)?;
+        for temperature in [1.0, 4.0] {
+            let ours = |x: &[Tensor]| kl_batchmean(&x[0], &teacher, temperature);
+            let theirs = |x: &[Tensor]| -> Result<Tensor> {
+                let log_ps =
+                    crate::ops::log_softmax(&(&x[0] / temperature)?, candle_core::D::Minus1)?;
+                let log_pt =
+                    crate::ops::log_softmax(&(&teacher / temperature)?, candle_core::D::Minus1)?;
+                Ok(((log_pt.exp()? * (log_pt - log_ps)?)?.sum_all()? / 4.0)?)
+            };
+            let inputs = [seq(&[4, 5], 2.0)?];
+            assert_same(&ours, &theirs, &inputs, &format!("T {temperature}"))?;
+            assert_finite_differences(&ours, &inputs, "kl")?;
+        }
+        let t = Var::from_tensor(&teacher)?;
+        let s = Var::from_tensor(&seq(&[4, 5], 2.0)?)?;
+        let grads = kl_batchmean(s.as_tensor(), t.as_tensor(), 2.0)?.backward()?;
+        assert!(grads.get(t.as_tensor()).is_none() && grads.get(s.as_tensor()).is_some());
+        assert!(kl_batchmean(&seq(&[4, 5], 1.0)?, &seq(&[4, 6], 1.0)?, 2.0).is_err());
         Ok(())
     }
 

@@ -16,10 +16,9 @@
 //! candidates (a positive and its sampled negatives), so the teacher's probabilities are soft
 //! targets for each candidate.
 
-use distill_rt::candle::{D, Tensor};
-use distill_rt::ops::{
-    is_relevance, label_loss, labelled_positions, log_sigmoid, log_softmax, mean_or_zero,
-};
+use distill_rt::candle::Tensor;
+use distill_rt::kernels::kl_batchmean;
+use distill_rt::ops::{is_relevance, label_loss, labelled_positions, log_sigmoid, mean_or_zero};
 use distill_rt::strategy::{StepInfo, require_teacher};
 use distill_rt::{
     Batch, Config, Error, LossTerms, ModelOutput, Result, Strategy, StrategyContext,
@@ -86,19 +85,6 @@ impl StrategyFactory for KdFactory {
 pub struct Kd {
     alpha: f64,
     temperature: f64,
-}
-
-/// `KL(softmax(t / T) || softmax(s / T))`, summed over classes, averaged over the batch.
-pub fn kl_batchmean(
-    student_logits: &Tensor,
-    teacher_logits: &Tensor,
-    temperature: f64,
-) -> Result<Tensor> {
-    let log_ps = log_softmax(&(student_logits / temperature)?, D::Minus1)?;
-    let log_pt = log_softmax(&(teacher_logits.detach() / temperature)?, D::Minus1)?;
-    let batch = student_logits.dim(0)? as f64;
-    let kl = (log_pt.exp()? * (log_pt - log_ps)?)?.sum_all()?;
-    Ok((kl / batch)?)
 }
 
 /// `KL(sigmoid(t / T) || sigmoid(s / T))` per candidate, averaged over the candidates that

@@ -39,7 +39,7 @@ use distill_rt::{
 };
 
 use crate::feature_mse::Adapter;
-use crate::kd::kl_batchmean;
+use distill_rt::kernels::kl_batchmean;
 
 const OWNER: &str = "strategy multi-teacher";
 

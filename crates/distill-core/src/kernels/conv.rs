@@ -5,11 +5,11 @@
 //! the input: 58 MB for one 16-channel 3x3 layer at 28x28 and batch 128), and it computes the
 //! input gradient only when something upstream needs it (never for the images themselves).
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::matmul::{Threads, matmul_into};
-use super::{Real, contiguous};
+use super::{Real, contiguous, same_float};
 use crate::{Error, Result};
 
 /// A `kh x kw` convolution with zero `padding` and `stride` on `(x, weight, bias)`.
@@ -388,15 +388,7 @@ pub fn conv2d(
             x.dims()
         )));
     }
-    if !matches!(x.dtype(), DType::F32 | DType::F64)
-        || weight.dtype() != x.dtype()
-        || bias.dtype() != x.dtype()
-    {
-        return Err(Error::Invalid(format!(
-            "conv2d needs f32 or f64 of one dtype, got {:?}",
-            x.dtype()
-        )));
-    }
+    same_float("conv2d", &[x, weight, bias])?;
     Ok(x.contiguous()?.apply_op3(
         &weight.contiguous()?,
         &bias.flatten_all()?.contiguous()?,

@@ -5,10 +5,10 @@
 //! layer's backward, for pixels nobody trains) and adds a transposed copy of every weight
 //! gradient element by element.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::matmul::{Threads, matmul_into};
-use super::{Real, contiguous};
+use super::{Real, contiguous, same_float};
 use crate::{Error, Result};
 
 /// `(x [rows, input], weight [output, input], bias [output])` -> `[rows, output]`.
@@ -186,15 +186,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
             x.dims()
         )));
     }
-    if !matches!(x.dtype(), DType::F32 | DType::F64)
-        || weight.dtype() != x.dtype()
-        || bias.dtype() != x.dtype()
-    {
-        return Err(Error::Invalid(format!(
-            "linear needs f32 or f64 of one dtype, got {:?}",
-            x.dtype()
-        )));
-    }
+    same_float("linear", &[x, weight, bias])?;
     Ok(x.contiguous()?.apply_op3(
         &weight.contiguous()?,
         &bias.flatten_all()?.contiguous()?,

@@ -10,7 +10,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::matmul::{Threads, matmul_into};
-use super::{Float, contiguous};
+use super::{Float, contiguous, same_float};
 use crate::{Error, Result};
 
 fn sigmoid<T: Float>(x: T) -> T {
@@ -290,13 +290,7 @@ pub fn lstm_layer(
             mask.dims()
         )));
     }
-    if !matches!(gates_in.dtype(), DType::F32 | DType::F64) || w_hh.dtype() != gates_in.dtype() {
-        return Err(Error::Invalid(format!(
-            "lstm_layer needs f32 or f64 of one dtype, got {:?} and {:?}",
-            gates_in.dtype(),
-            w_hh.dtype()
-        )));
-    }
+    same_float("lstm_layer", &[gates_in, w_hh])?;
     let mask = mask.to_dtype(gates_in.dtype())?.contiguous()?;
     Ok(gates_in
         .contiguous()?

@@ -3,10 +3,10 @@
 //! items. candle's broadcast ops walk such a result with a strided index on its element-wise
 //! pool and reduce the gradients element by element; here one loop per row, on rayon.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{Combine, Real, contiguous};
+use super::{Combine, Real, contiguous, same_float};
 use crate::{Error, Result};
 
 /// `(p [b, d], q [n, d])` -> `[b, n, d]`, `p[i] + q[j]` or `p[i] * q[j]`.
@@ -164,15 +164,14 @@ impl CustomOp3 for PairwiseGrad {
 fn pairwise(p: &Tensor, q: &Tensor, combine: Combine) -> Result<Tensor> {
     let (_, d) = p.dims2()?;
     let (_, dq) = q.dims2()?;
-    if d != dq || !matches!(p.dtype(), DType::F32 | DType::F64) || q.dtype() != p.dtype() {
+    if d != dq {
         return Err(Error::Invalid(format!(
-            "pairwise ops need [b, d] and [n, d] of one float dtype, got {:?} {:?} and {:?} {:?}",
+            "pairwise ops need [b, d] and [n, d], got {:?} and {:?}",
             p.dims(),
-            p.dtype(),
-            q.dims(),
-            q.dtype()
+            q.dims()
         )));
     }
+    same_float("pairwise ops", &[p, q])?;
     Ok(p.contiguous()?
         .apply_op2(&q.contiguous()?, Pairwise(combine))?)
 }

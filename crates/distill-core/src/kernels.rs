@@ -1011,7 +1011,7 @@ mod pairwise;
 mod pool;
 mod softmax;
 pub use conv::conv2d;
-pub use kl::kl_batchmean;
+pub use kl::{cross_entropy, kl_batchmean};
 pub use linear::linear;
 pub use lstm::lstm_layer;
 pub use matmul::{CblasSgemm, cblas_sgemm_installed, use_cblas_sgemm};
@@ -1479,6 +1479,25 @@ mod tests {
         let grads = kl_batchmean(s.as_tensor(), t.as_tensor(), 2.0)?.backward()?;
         assert!(grads.get(t.as_tensor()).is_none() && grads.get(s.as_tensor()).is_some());
         assert!(kl_batchmean(&seq(&[4, 5], 1.0)?, &seq(&[4, 6], 1.0)?, 2.0).is_err());
+        Ok(())
+    }
+
+    /// The one-op cross-entropy equals the composed form (log-softmax, gather, mean), values
+    /// and gradients, and finite differences; a class id out of range is an error.
+    #[test]
+    fn cross_entropy_equals_the_composed_form_and_finite_differences() -> Result<()> {
+        let ids = Tensor::new(&[2u32, 0, 4, 1], &Device::Cpu)?;
+        let ours = |x: &[Tensor]| cross_entropy(&x[0], &ids);
+        let theirs = |x: &[Tensor]| -> Result<Tensor> {
+            let log_p = crate::ops::log_softmax(&x[0], candle_core::D::Minus1)?;
+            let picked = log_p.gather(&ids.unsqueeze(1)?, 1)?.squeeze(1)?;
+            Ok(picked.mean_all()?.neg()?)
+        };
+        let inputs = [seq(&[4, 5], 2.0)?];
+        assert_same(&ours, &theirs, &inputs, "cross-entropy")?;
+        assert_finite_differences(&ours, &inputs, "cross-entropy")?;
+        let bad = Tensor::new(&[2u32, 0, 5, 1], &Device::Cpu)?;
+        assert!(cross_entropy(&inputs[0], &bad).is_err());
         Ok(())
     }
 

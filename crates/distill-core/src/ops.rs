@@ -30,12 +30,10 @@ pub fn softmax(x: &Tensor, dim: D) -> Result<Tensor> {
     Ok(log_softmax(x, dim)?.exp()?)
 }
 
-/// Mean cross-entropy of `logits` (`[batch, classes]`) against class ids `targets` (`[batch]`).
+/// Mean cross-entropy of `logits` (`[batch, classes]`) against class ids `targets` (`[batch]`):
+/// one fused op ([`crate::kernels::cross_entropy`]).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let log_p = log_softmax(logits, D::Minus1)?;
-    let idx = targets.to_dtype(DType::U32)?.unsqueeze(1)?;
-    let picked = log_p.gather(&idx, 1)?.squeeze(1)?;
-    Ok(picked.mean_all()?.neg()?)
+    crate::kernels::cross_entropy(logits, targets)
 }
 
 /// `log(sigmoid(x))`, computed stably as `min(x, 0) - log(1 + exp(-|x|))`.

@@ -188,3 +188,136 @@ pub fn kl_batchmean(student: &Tensor, teacher: &Tensor, temperature: f64) -> Res
         .contiguous()?
         .apply_op2(&teacher.detach().contiguous()?, KlBatchMean { temperature })?)
 }
+
+/// `(logits [b, classes], class ids [b] as u32)` -> the mean cross-entropy, a scalar.
+#[derive(Clone, Copy)]
+struct CrossEntropy;
+
+/// The class ids of `targets` as indices, each checked against `classes`.
+fn class_ids(targets: &[u32], classes: usize) -> candle_core::Result<Vec<usize>> {
+    targets
+        .iter()
+        .map(|&y| {
+            let y = y as usize;
+            if y < classes {
+                Ok(y)
+            } else {
+                candle_core::bail!("cross-entropy: class id {y} for {classes} classes")
+            }
+        })
+        .collect()
+}
+
+fn ce_forward<T: Float>(logits: &[T], ids: &[usize], classes: usize) -> T {
+    let mut row = vec![T::default(); classes];
+    let total: f64 = logits
+        .chunks(classes)
+        .zip(ids)
+        .map(|(x, &y)| {
+            log_softmax_row(x, T::ONE, &mut row);
+            -row[y].to_f64()
+        })
+        .sum();
+    T::from_f64(total / ids.len().max(1) as f64)
+}
+
+fn ce_backward<T: Float>(logits: &[T], ids: &[usize], classes: usize, g: f64) -> Vec<T> {
+    let scale = T::from_f64(g / ids.len().max(1) as f64);
+    let mut d = vec![T::default(); logits.len()];
+    for ((dr, x), &y) in d.chunks_mut(classes).zip(logits.chunks(classes)).zip(ids) {
+        log_softmax_row(x, T::ONE, dr);
+        dr.iter_mut().for_each(|v| *v = scale * v.exp());
+        dr[y] -= scale;
+    }
+    d
+}
+
+/// `(logits, ids)` storages as slices, with the ids checked.
+macro_rules! on_logits {
+    ($name:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), $f:expr) => {{
+        let (_, classes) = $l1.shape().dims2()?;
+        let ids = match $s2 {
+            CpuStorage::U32(y) => class_ids(contiguous(y, $l2, $name)?, classes)?,
+            _ => candle_core::bail!("{}: class ids must be u32", $name),
+        };
+        if ids.len() * classes != $l1.shape().elem_count() || classes == 0 {
+            candle_core::bail!("{}: {} ids for logits {:?}", $name, ids.len(), $l1.shape());
+        }
+        match $s1 {
+            CpuStorage::F32(x) => CpuStorage::F32($f(contiguous(x, $l1, $name)?, &ids, classes)),
+            CpuStorage::F64(x) => CpuStorage::F64($f(contiguous(x, $l1, $name)?, &ids, classes)),
+            _ => candle_core::bail!("{}: f32 or f64 logits", $name),
+        }
+    }};
+}
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = on_logits!(self.name(), (s1, l1), (s2, l2), |x, ids: &[usize], c| vec![
+            ce_forward(x, ids, c)
+        ]);
+        Ok((out, Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        ids: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        Ok((
+            Some(logits.apply_op2_no_bwd(ids, &CrossEntropyGrad(g))?),
+            None,
+        ))
+    }
+}
+
+/// The backward pass of [`CrossEntropy`] for the upstream gradient.
+struct CrossEntropyGrad(f64);
+
+impl CustomOp2 for CrossEntropyGrad {
+    fn name(&self) -> &'static str {
+        "cross-entropy-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = on_logits!(self.name(), (s1, l1), (s2, l2), |x, ids: &[usize], c| {
+            ce_backward(x, ids, c, self.0)
+        });
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Mean cross-entropy of `logits` (`[batch, classes]`, f32 or f64) against class ids `targets`
+/// (`[batch]`), in one op with a one-pass backward (`(softmax - onehot) / batch`); a class id out
+/// of range is an error.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    same_float("cross_entropy", &[logits])?;
+    if logits.rank() != 2 || targets.dims() != [logits.dim(0)?] {
+        return Err(Error::Invalid(format!(
+            "cross_entropy: logits {:?} and class ids {:?} do not fit",
+            logits.dims(),
+            targets.dims()
+        )));
+    }
+    let ids = targets.to_dtype(candle_core::DType::U32)?.contiguous()?;
+    Ok(logits.contiguous()?.apply_op2(&ids, CrossEntropy)?)
+}

@@ -98,6 +98,22 @@ fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> candle_core:
     }
 }
 
+/// Runs `f` on the two f32 (or f64) slices of contiguous storages; the result is the storage
+/// of `f`'s vector.
+macro_rules! on_pair {
+    ($name:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), $f:expr) => {
+        match ($s1, $s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                CpuStorage::F32($f(contiguous(a, $l1, $name)?, contiguous(b, $l2, $name)?))
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                CpuStorage::F64($f(contiguous(a, $l1, $name)?, contiguous(b, $l2, $name)?))
+            }
+            _ => candle_core::bail!("{}: f32 or f64 tensors of one dtype", $name),
+        }
+    };
+}
+
 impl CustomOp2 for Channel {
     fn name(&self) -> &'static str {
         match self.combine {
@@ -121,19 +137,8 @@ impl CustomOp2 for Channel {
                 l2.shape().elem_count()
             );
         }
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(v)) => CpuStorage::F32(self.apply(
-                contiguous(x, l1, self.name())?,
-                contiguous(v, l2, self.name())?,
-                inner,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(v)) => CpuStorage::F64(self.apply(
-                contiguous(x, l1, self.name())?,
-                contiguous(v, l2, self.name())?,
-                inner,
-            )),
-            _ => candle_core::bail!("{}: f32 or f64 tensors of one dtype", self.name()),
-        };
+        let out = on_pair!(self.name(), (s1, l1), (s2, l2), |x, v| self
+            .apply(x, v, inner,));
         Ok((out, l1.shape().clone()))
     }
 
@@ -283,17 +288,7 @@ impl CustomOp2 for ReluGrad {
         if l1.shape() != l2.shape() {
             candle_core::bail!("{}: {:?} vs {:?}", self.name(), l1.shape(), l2.shape());
         }
-        let out = match (s1, s2) {
-            (CpuStorage::F32(g), CpuStorage::F32(y)) => CpuStorage::F32(apply(
-                contiguous(g, l1, self.name())?,
-                contiguous(y, l2, self.name())?,
-            )),
-            (CpuStorage::F64(g), CpuStorage::F64(y)) => CpuStorage::F64(apply(
-                contiguous(g, l1, self.name())?,
-                contiguous(y, l2, self.name())?,
-            )),
-            _ => candle_core::bail!("{}: f32 or f64 tensors of one dtype", self.name()),
-        };
+        let out = on_pair!(self.name(), (s1, l1), (s2, l2), apply);
         Ok((out, l1.shape().clone()))
     }
 }
@@ -907,19 +902,8 @@ impl CustomOp2 for Depthwise {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = self.dims(l1.shape(), l2.shape())?;
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(self.forward(
-                contiguous(x, l1, self.name())?,
-                contiguous(w, l2, self.name())?,
-                &d,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(w)) => CpuStorage::F64(self.forward(
-                contiguous(x, l1, self.name())?,
-                contiguous(w, l2, self.name())?,
-                &d,
-            )),
-            _ => candle_core::bail!("{}: f32 or f64 tensors of one dtype", self.name()),
-        };
+        let out = on_pair!(self.name(), (s1, l1), (s2, l2), |x, w| self
+            .forward(x, w, &d,));
         let b = d.planes / d.channels;
         Ok((out, Shape::from((b, d.channels, d.oh, d.ow))))
     }

@@ -55,10 +55,10 @@ impl KlBatchMean {
     }
 
     /// `d student` for the upstream gradient `g` (a scalar).
-    fn backward<T: Float>(&self, s: &[T], t: &[T], g: T, classes: usize) -> Vec<T> {
+    fn backward<T: Float>(&self, s: &[T], t: &[T], g: f64, classes: usize) -> Vec<T> {
         let inv_t = T::from_f64(1.0 / self.temperature);
         let batch = (s.len() / classes.max(1)).max(1);
-        let scale = g * T::from_f64(1.0 / (self.temperature * batch as f64));
+        let scale = T::from_f64(g / (self.temperature * batch as f64));
         let mut ds = vec![T::default(); s.len()];
         let rows = (CHUNK / classes.max(1)).max(1);
         ds.par_chunks_mut(classes * rows)
@@ -105,19 +105,9 @@ impl CustomOp2 for KlBatchMean {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let classes = dims(l1.shape(), l2.shape())?;
-        let out = match (s1, s2) {
-            (CpuStorage::F32(s), CpuStorage::F32(t)) => CpuStorage::F32(vec![self.forward(
-                contiguous(s, l1, self.name())?,
-                contiguous(t, l2, self.name())?,
-                classes,
-            )]),
-            (CpuStorage::F64(s), CpuStorage::F64(t)) => CpuStorage::F64(vec![self.forward(
-                contiguous(s, l1, self.name())?,
-                contiguous(t, l2, self.name())?,
-                classes,
-            )]),
-            _ => candle_core::bail!("{}: f32 or f64 tensors of one dtype", self.name()),
-        };
+        let out = on_pair!(self.name(), (s1, l1), (s2, l2), |s, t| vec![
+            self.forward(s, t, classes,)
+        ]);
         Ok((out, Shape::from(())))
     }
 
@@ -153,21 +143,9 @@ impl CustomOp2 for KlGrad {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let classes = dims(l1.shape(), l2.shape())?;
-        let out = match (s1, s2) {
-            (CpuStorage::F32(s), CpuStorage::F32(t)) => CpuStorage::F32(self.op.backward(
-                contiguous(s, l1, self.name())?,
-                contiguous(t, l2, self.name())?,
-                self.g as f32,
-                classes,
-            )),
-            (CpuStorage::F64(s), CpuStorage::F64(t)) => CpuStorage::F64(self.op.backward(
-                contiguous(s, l1, self.name())?,
-                contiguous(t, l2, self.name())?,
-                self.g,
-                classes,
-            )),
-            _ => candle_core::bail!("{}: f32 or f64 tensors of one dtype", self.name()),
-        };
+        let out = on_pair!(self.name(), (s1, l1), (s2, l2), |s, t| self
+            .op
+            .backward(s, t, self.g, classes));
         Ok((out, l1.shape().clone()))
     }
 }

@@ -96,19 +96,8 @@ impl CustomOp2 for Pairwise {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = width(l1.shape(), l2.shape())?;
-        let out = match (s1, s2) {
-            (CpuStorage::F32(p), CpuStorage::F32(q)) => CpuStorage::F32(self.forward(
-                contiguous(p, l1, self.name())?,
-                contiguous(q, l2, self.name())?,
-                d,
-            )),
-            (CpuStorage::F64(p), CpuStorage::F64(q)) => CpuStorage::F64(self.forward(
-                contiguous(p, l1, self.name())?,
-                contiguous(q, l2, self.name())?,
-                d,
-            )),
-            _ => candle_core::bail!("{}: f32 or f64 tensors of one dtype", self.name()),
-        };
+        let out = on_pair!(self.name(), (s1, l1), (s2, l2), |p, q| self
+            .forward(p, q, d,));
         let (b, n) = (l1.shape().dims()[0], l2.shape().dims()[0]);
         Ok((out, Shape::from((b, n, d))))
     }

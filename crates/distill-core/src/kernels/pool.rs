@@ -124,19 +124,9 @@ impl CustomOp2 for MaxPoolGrad {
         if l2.shape().dims() != [b, c, d.2, d.3] {
             candle_core::bail!("{}: gradient {:?} does not fit", self.name(), l2.shape());
         }
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(self.0.backward(
-                contiguous(x, l1, self.name())?,
-                contiguous(g, l2, self.name())?,
-                d,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(self.0.backward(
-                contiguous(x, l1, self.name())?,
-                contiguous(g, l2, self.name())?,
-                d,
-            )),
-            _ => candle_core::bail!("{}: f32 or f64 tensors of one dtype", self.name()),
-        };
+        let out = on_pair!(self.name(), (s1, l1), (s2, l2), |x, g| self
+            .0
+            .backward(x, g, d,));
         Ok((out, l1.shape().clone()))
     }
 }

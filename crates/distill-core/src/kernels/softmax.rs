@@ -102,19 +102,7 @@ impl CustomOp2 for SoftmaxGrad {
             candle_core::bail!("{}: {:?} vs {:?}", self.name(), l1.shape(), l2.shape());
         }
         let n = last(l1.shape());
-        let out = match (s1, s2) {
-            (CpuStorage::F32(g), CpuStorage::F32(y)) => CpuStorage::F32(backward(
-                contiguous(g, l1, self.name())?,
-                contiguous(y, l2, self.name())?,
-                n,
-            )),
-            (CpuStorage::F64(g), CpuStorage::F64(y)) => CpuStorage::F64(backward(
-                contiguous(g, l1, self.name())?,
-                contiguous(y, l2, self.name())?,
-                n,
-            )),
-            _ => candle_core::bail!("{}: f32 or f64 tensors of one dtype", self.name()),
-        };
+        let out = on_pair!(self.name(), (s1, l1), (s2, l2), |g, y| backward(g, y, n));
         Ok((out, l1.shape().clone()))
     }
 }

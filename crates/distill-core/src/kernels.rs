@@ -758,6 +758,7 @@ trait Float:
     fn exp(self) -> Self;
     fn tanh(self) -> Self;
     fn sqrt(self) -> Self;
+    fn erf(self) -> Self;
 }
 
 impl Float for f32 {
@@ -778,7 +779,9 @@ impl Float for f32 {
         let p = p * r + 0.5;
         let p = p * r * r + r + 1.0;
         let scale = f32::from_bits(
-            (t.to_bits().wrapping_sub(SHIFT.to_bits()) as i32 + 127).wrapping_shl(23) as u32,
+            (t.to_bits().wrapping_sub(SHIFT.to_bits()) as i32)
+                .wrapping_add(127)
+                .wrapping_shl(23) as u32,
         );
         p * scale
     }
@@ -789,6 +792,19 @@ impl Float for f32 {
     #[inline(always)]
     fn sqrt(self) -> Self {
         f32::sqrt(self)
+    }
+    /// The error function to 1.5e-7 (Abramowitz & Stegun 7.1.26, on [`Float::exp`]), where
+    /// libm's `erff` is a call per element: a tenth of a transformer step's GELU.
+    #[inline(always)]
+    fn erf(self) -> Self {
+        let a = self.abs();
+        let t = 1.0 / (1.0 + 0.327_591_1 * a);
+        let p = 1.061_405_4_f32;
+        let p = p * t - 1.453_152_1;
+        let p = p * t + 1.421_413_8;
+        let p = p * t - 0.284_496_74;
+        let p = p * t + 0.254_829_6;
+        (1.0 - p * t * Float::exp(-a * a)).copysign(self)
     }
 }
 
@@ -802,6 +818,45 @@ impl Float for f64 {
     fn sqrt(self) -> Self {
         f64::sqrt(self)
     }
+    fn erf(self) -> Self {
+        candle_core::cpu::erf::erf_f64(self)
+    }
+}
+
+/// `sum(f(v))` over `values` in eight interleaved partial sums: one running sum does not
+/// vectorise (float addition is not reassociated).
+#[inline(always)]
+fn lane_sum<T: Real>(values: &[T], f: impl Fn(T) -> T) -> T {
+    let mut lanes = [T::default(); 8];
+    let chunks = values.chunks_exact(8);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(T::default(), |a, &v| a + f(v));
+    for c in chunks {
+        for l in 0..8 {
+            lanes[l] += f(c[l]);
+        }
+    }
+    lanes.iter().fold(tail, |a, &l| a + l)
+}
+
+/// The largest of `values` (none NaN; at least one), in eight lanes as [`lane_sum`].
+#[inline(always)]
+fn lane_max<T: Float>(values: &[T]) -> T {
+    let larger = |a: T, b: T| if b > a { b } else { a };
+    let mut lanes = [values[0]; 8];
+    let chunks = values.chunks_exact(8);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(values[0], |a, &v| larger(a, v));
+    for c in chunks {
+        for l in 0..8 {
+            lanes[l] = larger(lanes[l], c[l]);
+        }
+    }
+    lanes.iter().fold(tail, |a, &l| larger(a, l))
 }
 
 /// A depthwise `k x k` convolution (one filter per channel, no bias) of `[b, c, h, w]`.
@@ -986,16 +1041,22 @@ pub fn depthwise_conv(
         .apply_op2(&weight.contiguous()?, Depthwise { padding, stride })?)
 }
 
+mod attention;
 mod conv;
+mod gelu;
 mod kl;
+mod layer_norm;
 mod linear;
 mod lstm;
 mod matmul;
 mod pairwise;
 mod pool;
 mod softmax;
+pub use attention::attention;
 pub use conv::conv2d;
+pub use gelu::gelu_erf;
 pub use kl::{cross_entropy, kl_batchmean};
+pub use layer_norm::layer_norm;
 pub use linear::linear;
 pub use lstm::lstm_layer;
 pub use matmul::{CblasSgemm, cblas_sgemm_installed, use_cblas_sgemm};
@@ -1009,7 +1070,7 @@ mod tests {
     use crate::testing::{central_differences, max_abs_difference, max_relative_error};
     use candle_core::{Device, Var};
 
-    fn seq(shape: &[usize], scale: f64) -> Result<Tensor> {
+    pub(super) fn seq(shape: &[usize], scale: f64) -> Result<Tensor> {
         let n: usize = shape.iter().product();
         let v: Vec<f64> = (0..n)
             .map(|i| ((i * 37 % 101) as f64 / 50.0 - 1.0) * scale)
@@ -1017,11 +1078,16 @@ mod tests {
         Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
     }
 
-    type Loss<'a> = &'a dyn Fn(&[Tensor]) -> Result<Tensor>;
+    pub(super) type Loss<'a> = &'a dyn Fn(&[Tensor]) -> Result<Tensor>;
 
     /// `ours` and `theirs` (two computations from the same `inputs`, f64) give the same values,
     /// and the same gradients of a weighted sum of squares w.r.t. every input.
-    fn assert_same(ours: Loss<'_>, theirs: Loss<'_>, inputs: &[Tensor], what: &str) -> Result<()> {
+    pub(super) fn assert_same(
+        ours: Loss<'_>,
+        theirs: Loss<'_>,
+        inputs: &[Tensor],
+        what: &str,
+    ) -> Result<()> {
         let vars: Vec<Var> = inputs
             .iter()
             .map(Var::from_tensor)
@@ -1046,7 +1112,11 @@ mod tests {
     }
 
     /// The gradients of the scalar `loss` w.r.t. every input against central differences.
-    fn assert_finite_differences(loss: Loss<'_>, inputs: &[Tensor], what: &str) -> Result<()> {
+    pub(super) fn assert_finite_differences(
+        loss: Loss<'_>,
+        inputs: &[Tensor],
+        what: &str,
+    ) -> Result<()> {
         let vars: Vec<Var> = inputs
             .iter()
             .map(Var::from_tensor)

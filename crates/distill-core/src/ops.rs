@@ -104,12 +104,9 @@ pub fn is_relevance(logits: &Tensor, targets: &Tensor) -> bool {
 
 /// Layer normalisation over the last dimension: `(x - mean) / sqrt(var + eps) * gamma + beta`,
 /// with the biased variance, as PyTorch's `LayerNorm`.
-/// One fused kernel ([`crate::kernels::group_norm`] with one group on `[rows, features]`).
+/// One fused kernel ([`crate::kernels::layer_norm`]).
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
-    let features = x.dims().last().copied().unwrap_or(0);
-    let rows = x.elem_count() / features.max(1);
-    let y = crate::kernels::group_norm(&x.reshape((rows, features))?, gamma, beta, 1, eps)?;
-    Ok(y.reshape(x.shape())?)
+    crate::kernels::layer_norm(x, gamma, beta, eps)
 }
 
 /// The L2 norm along `dim` (kept as a size-1 dimension), never below `floor`: `sqrt(max(sum x^2,

@@ -8,11 +8,11 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use distill_rt::candle::{D, Device, Tensor};
+use distill_rt::candle::{Device, Tensor};
 use distill_rt::candle_nn::{Init, VarBuilder};
 use distill_rt::nn::{Embedding, LayerNorm, Linear};
 use distill_rt::serde::Deserialize;
-use distill_rt::{Error, Result, ops};
+use distill_rt::{Error, Result, kernels};
 
 /// The shape of a BERT encoder, as Hugging Face's `config.json` spells it.
 #[derive(Clone, Debug, Deserialize)]
@@ -163,19 +163,19 @@ impl Encoder {
         let segment =
             self.segments
                 .forward(&Tensor::zeros(1, distill_rt::candle::DType::U32, device)?)?;
-        let x = self
-            .words
-            .forward(ids)?
-            .broadcast_add(&positions.unsqueeze(0)?)?
-            .broadcast_add(&segment.unsqueeze(0)?)?;
+        // Position and segment vectors added with `channel_add`, whose backward sums over the
+        // batch with a product (candle's broadcast backward walks every element on one thread).
+        let (b, h) = (ids.dim(0)?, self.dims.hidden_size);
+        let words = self.words.forward(ids)?.reshape((b, len * h))?;
+        let x = kernels::channel_add(&words, &positions.flatten_all()?, 1)?;
+        let x = kernels::channel_add(&x.reshape((b * len, h))?, &segment.flatten_all()?, 1)?
+            .reshape((b, len, h))?;
         let mut x = self.norm.forward(&x)?;
         if frozen > 0 {
             x = x.detach();
         }
-        // 0 on tokens, a large negative number on padding: [batch, 1, 1, length].
-        let bias = ((mask.to_dtype(x.dtype())? - 1.0)? * 1e4)?
-            .unsqueeze(1)?
-            .unsqueeze(1)?;
+        // 0 on tokens, a large negative number on padding: [batch, length].
+        let bias = ((mask.to_dtype(x.dtype())? - 1.0)? * 1e4)?;
         let mut hidden = vec![x.clone()];
         let mut attention = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
@@ -188,27 +188,20 @@ impl Encoder {
     }
 
     fn layer(&self, l: &Layer, x: &Tensor, bias: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (b, t, h) = x.dims3()?;
-        let heads = self.dims.num_attention_heads;
-        let d = h / heads;
-        let split = |y: Tensor| -> Result<Tensor> {
-            Ok(y.reshape((b, t, heads, d))?.transpose(1, 2)?.contiguous()?)
-        };
-        let q = split(l.query.forward(x)?)?;
-        let k = split(l.key.forward(x)?)?;
-        let v = split(l.value.forward(x)?)?;
-        let scores = (q.matmul(&k.transpose(2, 3)?.contiguous()?)? / (d as f64).sqrt())?
-            .broadcast_add(bias)?;
-        let probs = ops::softmax(&scores, D::Minus1)?;
-        let context = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, t, h))?;
+        // The heads stay side by side in `[batch, length, hidden]` (`kernels::attention`).
+        let (context, probs) = kernels::attention(
+            &l.query.forward(x)?,
+            &l.key.forward(x)?,
+            &l.value.forward(x)?,
+            bias,
+            self.dims.num_attention_heads,
+        )?;
         let a = l
             .attention_norm
             .forward(&(l.attention_out.forward(&context)? + x)?)?;
-        let f = l.output.forward(&l.intermediate.forward(&a)?.gelu_erf()?)?;
+        let f = l
+            .output
+            .forward(&kernels::gelu_erf(&l.intermediate.forward(&a)?)?)?;
         Ok((l.output_norm.forward(&(f + &a)?)?, probs))
     }
 

@@ -6,7 +6,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{CHUNK, Float, contiguous};
+use super::matmul::dot;
+use super::{CHUNK, Float, contiguous, lane_max, lane_sum};
 use crate::{Error, Result};
 
 /// `softmax` along the last dimension.
@@ -19,22 +20,18 @@ fn rows_per_task(n: usize) -> usize {
 
 fn forward<T: Float>(x: &[T], n: usize) -> Vec<T> {
     let mut out = x.to_vec();
-    out.par_chunks_mut(n * rows_per_task(n)).for_each(|rows| {
-        for row in rows.chunks_mut(n) {
-            let max = row
-                .iter()
-                .copied()
-                .fold(row[0], |m, v| if v > m { v } else { m });
-            let mut sum = T::default();
-            for v in row.iter_mut() {
-                *v = (*v - max).exp();
-                sum += *v;
-            }
-            let inv = T::ONE / sum;
-            row.iter_mut().for_each(|v| *v *= inv);
-        }
-    });
+    out.par_chunks_mut(n * rows_per_task(n))
+        .for_each(|rows| rows.chunks_mut(n).for_each(softmax_row));
     out
+}
+
+/// `row := softmax(row)`, each loop a vectorisable one (the maximum and the sum in lanes).
+#[inline(always)]
+pub(super) fn softmax_row<T: Float>(row: &mut [T]) {
+    let max = lane_max(row);
+    row.iter_mut().for_each(|v| *v = (*v - max).exp());
+    let inv = T::ONE / lane_sum(row, |v| v);
+    row.iter_mut().for_each(|v| *v *= inv);
 }
 
 fn backward<T: Float>(g: &[T], y: &[T], n: usize) -> Vec<T> {
@@ -44,10 +41,7 @@ fn backward<T: Float>(g: &[T], y: &[T], n: usize) -> Vec<T> {
         .zip(y.par_chunks(per_task))
         .for_each(|(rows, ys)| {
             for (row, yr) in rows.chunks_mut(n).zip(ys.chunks(n)) {
-                let dot = row
-                    .iter()
-                    .zip(yr)
-                    .fold(T::default(), |acc, (&d, &y)| acc + d * y);
+                let dot = dot(row, yr);
                 row.iter_mut()
                     .zip(yr)
                     .for_each(|(d, &y)| *d = y * (*d - dot));
@@ -84,7 +78,7 @@ impl CustomOp1 for Softmax {
 }
 
 /// The backward pass of [`Softmax`] on `(dy, y)`.
-struct SoftmaxGrad;
+pub(super) struct SoftmaxGrad;
 
 impl CustomOp2 for SoftmaxGrad {
     fn name(&self) -> &'static str {

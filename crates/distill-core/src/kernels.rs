@@ -236,11 +236,9 @@ impl CustomOp1 for Relu {
         fn apply<T: Real + PartialOrd>(x: &[T]) -> Vec<T> {
             let mut out = x.to_vec();
             out.par_chunks_mut(CHUNK).for_each(|part| {
-                part.iter_mut().for_each(|v| {
-                    if *v < T::default() {
-                        *v = T::default()
-                    }
-                })
+                // A select, not a conditional store: it vectorises.
+                part.iter_mut()
+                    .for_each(|v| *v = if *v < T::default() { T::default() } else { *v })
             });
             out
         }
@@ -277,11 +275,9 @@ impl CustomOp2 for ReluGrad {
             out.par_chunks_mut(CHUNK)
                 .zip(y.par_chunks(CHUNK))
                 .for_each(|(part, ys)| {
-                    part.iter_mut().zip(ys).for_each(|(d, &y)| {
-                        if y <= T::default() {
-                            *d = T::default()
-                        }
-                    })
+                    part.iter_mut()
+                        .zip(ys)
+                        .for_each(|(d, &y)| *d = if y <= T::default() { T::default() } else { *d })
                 });
             out
         }

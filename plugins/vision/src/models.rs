@@ -194,8 +194,10 @@ impl ModelFactory for LeNetFactory {
 impl Model for LeNet {
     fn forward(&self, inputs: &TensorMap, _train: bool) -> Result<ModelOutput> {
         let x = image("vision.lenet5", inputs)?;
-        let c1 = max_pool2d(&relu(&self.conv1.forward(x)?)?, 2)?;
-        let c2 = max_pool2d(&relu(&self.conv2.forward(&c1)?)?, 2)?;
+        // relu(pool(x)) = pool(relu(x)), values and gradients (a window's maximum stays its
+        // maximum; where it is <= 0 both pass no gradient), on a quarter of the elements.
+        let c1 = relu(&max_pool2d(&self.conv1.forward(x)?, 2)?)?;
+        let c2 = relu(&max_pool2d(&self.conv2.forward(&c1)?, 2)?)?;
         let h = relu(&self.fc1.forward(&c2.flatten_from(1)?)?)?;
         let h = relu(&self.fc2.forward(&h)?)?;
         let logits = self.head.forward(&h)?;

@@ -56,10 +56,30 @@ impl MaxPool {
         (h, w, oh, ow): (usize, usize, usize, usize),
     ) -> Vec<T> {
         let mut out = vec![T::default(); x.len() / (h * w) * oh * ow];
+        let k = self.k;
+        // Row by row, each window offset a pass over the output row: loops that vectorise
+        // (`each_max` finds the index too, which only the backward pass needs).
         out.par_chunks_mut(oh * ow)
             .zip(x.par_chunks(h * w))
             .with_min_len(8)
-            .for_each(|(o, plane)| self.each_max(plane, (w, oh, ow), |oi, xi| o[oi] = plane[xi]));
+            .for_each(|(o, plane)| {
+                for (oy, o_row) in o.chunks_mut(ow).enumerate() {
+                    for i in 0..k {
+                        let row = &plane[(oy * k + i) * w..][..ow * k];
+                        for j in 0..k {
+                            let values = o_row
+                                .iter_mut()
+                                .enumerate()
+                                .map(|(ox, m)| (m, row[ox * k + j]));
+                            if i == 0 && j == 0 {
+                                values.for_each(|(m, v)| *m = v);
+                            } else {
+                                values.for_each(|(m, v)| *m = if v > *m { v } else { *m });
+                            }
+                        }
+                    }
+                }
+            });
         out
     }
 

@@ -1,7 +1,7 @@
-//! The f32 products on a CBLAS library (MKL's `libmkl_rt`, `DISTILL_CBLAS` or the one `pip
-//! install mkl` puts in Python's library folder) equal the gemm crate's, for every way
-//! `kernels::matmul` splits a product: column bands, row bands, one band, transposed operands.
-//! In its own binary: installing a CBLAS library is for the whole process.
+//! The f32 products on a CBLAS library (`DISTILL_CBLAS`, else the OpenBLAS of `pip install
+//! scipy-openblas32`) equal the gemm crate's, for every way `kernels::matmul` splits a product:
+//! column bands, row bands, one band, transposed operands. In its own binary: installing a
+//! CBLAS library is for the whole process.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -12,29 +12,26 @@ use distill_rt::kernels::{cblas_sgemm_installed, conv2d, linear};
 use distill_rt::testing::max_relative_error;
 use distill_tests::{fixed_tensor, plugin_path};
 
-/// `DISTILL_CBLAS`, else MKL's runtime library in Python's library folder.
-fn mkl() -> PathBuf {
+/// `DISTILL_CBLAS`, else the `scipy-openblas32` wheel's OpenBLAS.
+fn cblas_library() -> PathBuf {
     if let Some(path) = std::env::var_os("DISTILL_CBLAS").filter(|p| !p.is_empty()) {
         return PathBuf::from(path);
     }
     let out = Command::new("python3")
         .args([
             "-c",
-            "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))",
+            "import scipy_openblas32; print(scipy_openblas32.get_lib_dir())",
         ])
         .output()
         .unwrap_or_else(|e| panic!("python3: {e}"));
-    let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    ["libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so"]
-        .iter()
-        .map(|name| dir.join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "no MKL in {}: `python3 -m pip install --no-deps mkl` (or set DISTILL_CBLAS)",
-                dir.display()
-            )
-        })
+    let path =
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("libscipy_openblas.so");
+    assert!(
+        out.status.success() && path.is_file(),
+        "no OpenBLAS: `python3 -m pip install scipy-openblas32` (or set DISTILL_CBLAS): {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    path
 }
 
 /// Values and the gradients of every input of a fixed weighting, for the given computation.
@@ -104,7 +101,10 @@ fn products_on_cblas_equal_the_gemm_crate() -> Result<(), Box<dyn std::error::Er
     let conv_reference = run(&conv, &conv_inputs)?;
 
     assert!(!cblas_sgemm_installed());
-    assert!(load_cblas(&mkl())?, "a CBLAS library was installed before");
+    assert!(
+        load_cblas(&cblas_library())?,
+        "a CBLAS library was installed before"
+    );
     assert!(cblas_sgemm_installed());
     for ((what, inputs), want) in cases.iter().zip(&reference) {
         for (got, want) in run(&lin, inputs)?.iter().zip(want) {
@@ -118,7 +118,7 @@ fn products_on_cblas_equal_the_gemm_crate() -> Result<(), Box<dyn std::error::Er
     }
 
     // A second library does not replace the first; what is not a CBLAS library is refused.
-    assert!(!load_cblas(&mkl())?);
+    assert!(!load_cblas(&cblas_library())?);
     let not_cblas = plugin_path("distill_plugin_vision");
     assert!(matches!(
         load_cblas(&not_cblas),

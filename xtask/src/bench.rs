@@ -155,6 +155,14 @@ pub fn run(root: &Path, opts: &BenchOptions<'_>, tunables: &str) -> Result<()> {
         .arg("--list")
         .output()
         .with_context(|| format!("running {}", opts.ours.display()))?;
+    if !listed.status.success() {
+        bail!(
+            "`{} --list` failed ({}): {}",
+            opts.ours.display(),
+            listed.status,
+            String::from_utf8_lossy(&listed.stderr).trim()
+        );
+    }
     let all: Vec<String> = String::from_utf8_lossy(&listed.stdout)
         .lines()
         .filter_map(|l| l.split('\t').next().map(str::to_string))

@@ -1054,7 +1054,7 @@ pub use gelu::gelu_erf;
 pub use kl::{cross_entropy, kl_batchmean};
 pub use layer_norm::layer_norm;
 pub use linear::linear;
-pub use lstm::lstm_layer;
+pub use lstm::bilstm_final_states;
 pub use matmul::{CblasSgemm, cblas_sgemm_installed, use_cblas_sgemm};
 pub use pairwise::{pairwise_add, pairwise_mul};
 pub use pool::max_pool2d;
@@ -1256,7 +1256,7 @@ mod tests {
     }
 
     #[test]
-    fn lstm_layer_equals_the_composed_recurrence_and_finite_differences() -> Result<()> {
+    fn bilstm_final_states_equal_the_composed_recurrences_and_finite_differences() -> Result<()> {
         let (t, b, h) = (4, 3, 2);
         let mask = Tensor::new(
             &[
@@ -1266,20 +1266,42 @@ mod tests {
             ],
             &Device::Cpu,
         )?;
-        let inputs = [seq(&[t, b, 4 * h], 1.5)?, seq(&[4 * h, h], 0.8)?];
-        for backwards in [false, true] {
-            let ours = |x: &[Tensor]| lstm_layer(&x[0], &x[1], &mask, backwards);
-            let theirs = |x: &[Tensor]| composed_lstm(x, &mask, backwards);
-            assert_same(&ours, &theirs, &inputs, &format!("backwards {backwards}"))?;
-        }
-        let mask = Tensor::new(&[[1.0f64, 1.0, 1.0], [1.0, 1.0, 0.0]], &Device::Cpu)?;
-        let w = seq(&[3, 2, 4], 0.7)?;
-        let loss = |x: &[Tensor]| -> Result<Tensor> {
-            Ok((lstm_layer(&x[0], &x[1], &mask, false)? * &w)?
-                .sqr()?
-                .sum_all()?)
+        // Each direction's own gates and recurrent weight.
+        let inputs = [
+            seq(&[t, b, 4 * h], 1.5)?,
+            seq(&[t, b, 4 * h], 1.2)?,
+            seq(&[4 * h, h], 0.8)?,
+            seq(&[4 * h, h], 0.6)?,
+        ];
+        let ours = |x: &[Tensor]| bilstm_final_states([&x[0], &x[1]], [&x[2], &x[3]], &mask);
+        // The composed recurrences' last states taken, their hidden halves side by side.
+        let theirs = |x: &[Tensor]| -> Result<Tensor> {
+            let last = |backwards: bool, g: &Tensor, w: &Tensor| -> Result<Tensor> {
+                let states = composed_lstm(&[g.clone(), w.clone()], &mask, backwards)?;
+                Ok(states.get(t - 1)?.narrow(1, 0, h)?)
+            };
+            Ok(Tensor::cat(
+                &[last(false, &x[0], &x[2])?, last(true, &x[1], &x[3])?],
+                1,
+            )?)
         };
-        assert_finite_differences(&loss, &[seq(&[3, 2, 8], 1.5)?, seq(&[8, 2], 0.8)?], "lstm")
+        assert_same(&ours, &theirs, &inputs, "bilstm")?;
+        let mask = Tensor::new(&[[1.0f64, 1.0, 1.0], [1.0, 1.0, 0.0]], &Device::Cpu)?;
+        let w = seq(&[2, 4], 0.7)?;
+        let loss = |x: &[Tensor]| -> Result<Tensor> {
+            Ok(
+                (bilstm_final_states([&x[0], &x[1]], [&x[2], &x[3]], &mask)? * &w)?
+                    .sqr()?
+                    .sum_all()?,
+            )
+        };
+        let inputs = [
+            seq(&[3, 2, 8], 1.5)?,
+            seq(&[3, 2, 8], 1.1)?,
+            seq(&[8, 2], 0.8)?,
+            seq(&[8, 2], 0.5)?,
+        ];
+        assert_finite_differences(&loss, &inputs, "bilstm")
     }
 
     /// Values against candle's grouped convolution (one group per channel), gradients against

@@ -1,6 +1,6 @@
 //! An optional CBLAS library for the kernels' f32 matrix products (`distill_rt::kernels`):
-//! `DISTILL_CBLAS` names its file, MKL's `libmkl_rt` for instance (`pip install mkl` puts it in
-//! Python's library folder). Without one the products run on the gemm crate. The library runs
+//! `DISTILL_CBLAS` names its file: the OpenBLAS of `pip install scipy-openblas32` (the fastest
+//! measured here), MKL's `libmkl_rt`, any library with `cblas_sgemm`. Without one the products run on the gemm crate. The library runs
 //! single-threaded: the kernels give each thread its own band of output columns.
 
 use std::path::{Path, PathBuf};
@@ -23,12 +23,24 @@ pub enum CblasError {
         message: String,
     },
     /// The library has no `cblas_sgemm`.
-    #[error("{CBLAS_ENV}={path}: no symbol `cblas_sgemm`, not a CBLAS library")]
+    #[error(
+        "{CBLAS_ENV}={path}: no symbol `cblas_sgemm` (nor `scipy_cblas_sgemm`), not a CBLAS library"
+    )]
     NoSgemm {
         /// The library path.
         path: PathBuf,
     },
 }
+
+/// The names `cblas_sgemm` goes by: plain, and with the prefix of the `scipy-openblas32` wheel's
+/// OpenBLAS (`pip install scipy-openblas32`).
+const SGEMM: [&[u8]; 2] = [b"cblas_sgemm", b"scipy_cblas_sgemm"];
+
+/// OpenBLAS's thread-count setter, likewise.
+const OPENBLAS_THREADS: [&[u8]; 2] = [
+    b"openblas_set_num_threads",
+    b"scipy_openblas_set_num_threads",
+];
 
 /// Loads the CBLAS library at `path` and makes the kernels' f32 products call its
 /// `cblas_sgemm`. MKL is switched to its sequential layer (`MKL_Set_Threading_Layer`),
@@ -49,14 +61,17 @@ pub fn load_cblas(path: &Path) -> Result<bool, CblasError> {
             const MKL_THREADING_SEQUENTIAL: i32 = 1;
             set_layer(MKL_THREADING_SEQUENTIAL);
         }
-        if let Ok(set_threads) = lib.get::<unsafe extern "C" fn(i32)>(b"openblas_set_num_threads") {
-            set_threads(1);
+        for name in OPENBLAS_THREADS {
+            if let Ok(set_threads) = lib.get::<unsafe extern "C" fn(i32)>(name) {
+                set_threads(1);
+            }
         }
     }
     // SAFETY: `cblas_sgemm` has the CBLAS signature `CblasSgemm` spells out.
-    let sgemm: CblasSgemm = unsafe { lib.get::<CblasSgemm>(b"cblas_sgemm") }
-        .map(|s| *s)
-        .map_err(|_| CblasError::NoSgemm {
+    let sgemm: CblasSgemm = SGEMM
+        .iter()
+        .find_map(|&name| unsafe { lib.get::<CblasSgemm>(name) }.ok().map(|s| *s))
+        .ok_or_else(|| CblasError::NoSgemm {
             path: path.to_path_buf(),
         })?;
     // The function pointer must stay valid for the rest of the process.

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 
 use distill_rt::candle::Tensor;
 use distill_rt::candle_nn::VarBuilder;
-use distill_rt::kernels::{conv2d, linear, lstm_layer, relu};
+use distill_rt::kernels::{bilstm_final_states, conv2d, linear, relu};
 use distill_rt::model::PENULTIMATE;
 use distill_rt::nn::{Embedding, Linear, fan_in_init};
 use distill_rt::serde::Deserialize;
@@ -304,22 +304,10 @@ impl Lstm {
         })
     }
 
-    /// The state after reading `x` (`[batch, length, input]`) under `mask` (`[batch, length]`),
-    /// forwards or backwards; padding leaves the state unchanged.
-    fn last_state(&self, x: &Tensor, mask: &Tensor, backwards: bool) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let h = self.hidden;
-        let mask = mask.to_dtype(x.dtype())?;
-        // Input contributions of every step at once, time-major so that each step's slice is
-        // contiguous.
-        let x = x
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((t * b, x.dim(2)?))?;
-        let gates_in = linear(&x, &self.w_ih, &self.bias)?.reshape((t, b, 4 * h))?;
-        // The whole recurrence as one op (`kernels::lstm_layer`): the final step's state.
-        let states = lstm_layer(&gates_in, &self.w_hh, &mask, backwards)?;
-        Ok(states.get(t - 1)?.narrow(1, 0, h)?)
+    /// The input contributions (with the bias) of every step of `x` (time-major: `[length *
+    /// batch, input]`) at once: `[length, batch, 4 * hidden]`.
+    fn gates(&self, x: &Tensor, (t, b): (usize, usize)) -> Result<Tensor> {
+        Ok(linear(x, &self.w_ih, &self.bias)?.reshape((t, b, 4 * self.hidden))?)
     }
 }
 
@@ -379,12 +367,15 @@ impl Model for BiLstm {
     fn forward(&self, inputs: &TensorMap, _train: bool) -> Result<ModelOutput> {
         let (ids, mask) = tokens("nlp.bilstm", WORDS, inputs)?;
         let x = self.embedding.forward(ids)?;
-        let pooled = Tensor::cat(
-            &[
-                self.forward.last_state(&x, mask, false)?,
-                self.backward.last_state(&x, mask, true)?,
-            ],
-            1,
+        // Time-major, so that each step's rows are contiguous; once for both directions.
+        let (b, t, e) = x.dims3()?;
+        let x = x.transpose(0, 1)?.contiguous()?.reshape((t * b, e))?;
+        // Both recurrences as one op, side by side (`kernels::bilstm_final_states`).
+        let (f, r) = (&self.forward, &self.backward);
+        let pooled = bilstm_final_states(
+            [&f.gates(&x, (t, b))?, &r.gates(&x, (t, b))?],
+            [&f.w_hh, &r.w_hh],
+            mask,
         )?;
         let penultimate = relu(&self.mlp.forward(&pooled)?)?;
         let logits = self.head.forward(&penultimate)?;

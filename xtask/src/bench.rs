@@ -117,7 +117,9 @@ pub fn check(root: &Path, ours: &Path, threads: usize) -> Result<()> {
             .output()
             .context("running the PyTorch reference")?;
         let theirs = losses(&theirs, &format!("steps.py {step} --export"))?;
-        let mine = Command::new(ours)
+        let mut mine = Command::new(ours);
+        crate::runner::worker_env(&mut mine, &threads.to_string());
+        let mine = mine
             .args([step, "--check"])
             .arg(&folder)
             .output()
@@ -150,7 +152,7 @@ pub fn check(root: &Path, ours: &Path, threads: usize) -> Result<()> {
 }
 
 /// Runs the bench; prints one row per step.
-pub fn run(root: &Path, opts: &BenchOptions<'_>, tunables: &str) -> Result<()> {
+pub fn run(root: &Path, opts: &BenchOptions<'_>) -> Result<()> {
     let listed = Command::new(opts.ours)
         .arg("--list")
         .output()
@@ -194,7 +196,10 @@ pub fn run(root: &Path, opts: &BenchOptions<'_>, tunables: &str) -> Result<()> {
     let threads = opts.threads.to_string();
     let seconds = opts.seconds.to_string();
     let products = match std::env::var("DISTILL_CBLAS") {
-        Ok(path) if !path.is_empty() => format!("CBLAS {path}"),
+        Ok(path) if !path.is_empty() => match std::env::var("OPENBLAS_CORETYPE") {
+            Ok(core) => format!("CBLAS {path} (OPENBLAS_CORETYPE={core} from the environment)"),
+            Err(_) => format!("CBLAS {path}"),
+        },
         _ => "the gemm crate".to_string(),
     };
     println!(
@@ -208,11 +213,10 @@ pub fn run(root: &Path, opts: &BenchOptions<'_>, tunables: &str) -> Result<()> {
     for step in &steps {
         let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
         for round in 0..opts.rounds {
-            let ours = Command::new(opts.ours)
+            let mut ours = Command::new(opts.ours);
+            crate::runner::worker_env(&mut ours, &threads);
+            let ours = ours
                 .args([step.as_str(), "--seconds", &seconds])
-                .env("RAYON_NUM_THREADS", &threads)
-                .env("CANDLE_NUM_THREADS", crate::runner::CANDLE_THREADS)
-                .env("GLIBC_TUNABLES", tunables)
                 .output()
                 .with_context(|| format!("running {}", opts.ours.display()))?;
             samples

@@ -119,9 +119,14 @@ pub struct StrategyEntry {
     pub teachers: Option<Vec<usize>>,
 }
 
-/// Reads `path`, then `DISTILL_*` variables (`DISTILL_TRAIN__EPOCHS=2`; `DISTILL_LOG` and
-/// `DISTILL_EXTRA_PLUGINS` belong to the worker), then `--set` pairs (`train.epochs=2`), and
-/// checks the structure. Errors name the file and the key.
+/// The `DISTILL_*` variables that configure the workers and plugins rather than the
+/// experiment (without the prefix): the log filter, extra plugin files, the CBLAS library, the
+/// plots' font, the MiniLM files.
+const RUNTIME_VARIABLES: [&str; 5] = ["LOG", "EXTRA_PLUGINS", "CBLAS", "FONT", "MINILM_DIR"];
+
+/// Reads `path`, then `DISTILL_*` variables (`DISTILL_TRAIN__EPOCHS=2`; not those of
+/// [`RUNTIME_VARIABLES`]), then `--set` pairs (`train.epochs=2`), and checks the structure.
+/// Errors name the file and the key.
 pub fn load(path: &Path, sets: &[String]) -> Result<(Experiment, String)> {
     if !path.is_file() {
         bail!("{}: no such experiment file", path.display());
@@ -129,7 +134,7 @@ pub fn load(path: &Path, sets: &[String]) -> Result<(Experiment, String)> {
     let mut figment = Figment::new().merge(Toml::file_exact(path)).merge(
         Env::prefixed("DISTILL_")
             .split("__")
-            .ignore(&["LOG", "EXTRA_PLUGINS"]),
+            .ignore(&RUNTIME_VARIABLES),
     );
     for set in sets {
         let (key, value) = set

@@ -163,7 +163,7 @@ fn main() -> Result<()> {
                 threads,
                 compare,
             };
-            bench::run(&workspace_root()?, &opts, &runner::malloc_tunables())
+            bench::run(&workspace_root()?, &opts)
         }
         Task::Report { dir } => {
             build_workspace()?;

@@ -59,6 +59,17 @@ pub fn finished_status(dir: &Path) -> Option<String> {
 /// 8.5, transformer, MobileNet and ResNet within 2%.
 pub const CANDLE_THREADS: &str = "1";
 
+/// Sets the environment every worker and bench process shares: the threads of both pools, the
+/// allocator's settings, and no thread pool for OpenBLAS (`DISTILL_CBLAS`): the kernels call it
+/// from their own threads, and the pool it starts on loading would spin beside them.
+pub fn worker_env(command: &mut Command, threads: &str) {
+    command
+        .env("RAYON_NUM_THREADS", threads)
+        .env("CANDLE_NUM_THREADS", CANDLE_THREADS)
+        .env("GLIBC_TUNABLES", malloc_tunables())
+        .env("OPENBLAS_NUM_THREADS", "1");
+}
+
 /// glibc settings for the workers: candle allocates and frees tensors of megabytes each step;
 /// with glibc's defaults every one is a fresh `mmap` whose pages the kernel zeroes, which cost a
 /// ResNet step on 2 cores 30% of its time (1.17 s -> 0.82 s, measured with the criterion bench of the time). Keeping freed
@@ -183,12 +194,11 @@ pub fn run(plan: &[PlannedJob], opts: &RunOptions) -> Result<RunCounts> {
                 .with_context(|| format!("writing {}", job_file.display()))?;
             let log =
                 File::create(job.dir.join("worker.log")).context("creating the worker log")?;
-            let child = Command::new(&opts.distill)
+            let mut command = Command::new(&opts.distill);
+            worker_env(&mut command, &threads);
+            let child = command
                 .args(["--log-format", &opts.log_format, "run-job"])
                 .arg(&job_file)
-                .env("RAYON_NUM_THREADS", &threads)
-                .env("CANDLE_NUM_THREADS", CANDLE_THREADS)
-                .env("GLIBC_TUNABLES", malloc_tunables())
                 .env(
                     "DISTILL_LOG",
                     std::env::var("DISTILL_LOG").unwrap_or_else(|_| "info".into()),

@@ -669,6 +669,31 @@ model = "vision.mlp"
 config = { hidden = [8] }
 "#;
 
+/// The `DISTILL_*` variables the README has users set for the workers and the plugins are not
+/// experiment keys (`DISTILL_TRAIN__EPOCHS` is): an experiment runs with them set.
+#[test]
+fn runtime_variables_are_not_read_as_experiment_keys() -> Result<()> {
+    let dir = temp("runtime-env");
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("small.toml");
+    std::fs::write(
+        &file,
+        format!("{SMALL}[[strategies]]\nname = \"baseline\"\n"),
+    )?;
+    let out = xtask()
+        .args(["run", "--no-build", "--out"])
+        .arg(dir.join("out"))
+        .arg(&file)
+        // Empty: no CBLAS library for the workers, as when unset.
+        .env("DISTILL_CBLAS", "")
+        .env("DISTILL_MINILM_DIR", dir.join("no-minilm"))
+        .env("DISTILL_LOG", "warn")
+        .output()?;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(dir.join("out/runs.parquet").is_file());
+    Ok(())
+}
+
 #[test]
 fn crashing_and_panicking_strategies_fail_only_their_jobs() -> Result<()> {
     let dir = temp("faults");

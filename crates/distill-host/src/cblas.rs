@@ -42,6 +42,9 @@ const OPENBLAS_THREADS: [&[u8]; 2] = [
     b"scipy_openblas_set_num_threads",
 ];
 
+/// OpenBLAS's name for the kernels it runs, likewise.
+const CORENAME: [&[u8]; 2] = [b"openblas_get_corename", b"scipy_openblas_get_corename"];
+
 /// Loads the CBLAS library at `path` and makes the kernels' f32 products call its
 /// `cblas_sgemm`. MKL is switched to its sequential layer (`MKL_Set_Threading_Layer`),
 /// OpenBLAS to one thread (`openblas_set_num_threads`). The library is never unloaded. Returns
@@ -74,13 +77,30 @@ pub fn load_cblas(path: &Path) -> Result<bool, CblasError> {
         .ok_or_else(|| CblasError::NoSgemm {
             path: path.to_path_buf(),
         })?;
+    // OpenBLAS names the kernels it picked for the CPU (`OPENBLAS_CORETYPE` overrides it).
+    // SAFETY: `openblas_get_corename` takes nothing and returns a static C string.
+    let core = CORENAME.iter().find_map(|&name| unsafe {
+        let get = lib
+            .get::<unsafe extern "C" fn() -> *const std::ffi::c_char>(name)
+            .ok()?;
+        let p = get();
+        (!p.is_null()).then(|| std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned())
+    });
     // The function pointer must stay valid for the rest of the process.
     std::mem::forget(lib);
     // SAFETY: a CBLAS sgemm on its sequential layer is thread-safe and single-threaded, and the
     // library stays loaded (forgotten above).
     let installed = unsafe { use_cblas_sgemm(sgemm) };
     if installed {
-        tracing::info!(path = %path.display(), "f32 matrix products on CBLAS");
+        // OPENBLAS_CORETYPE overrides OpenBLAS's own choice of kernels (an environment that sets
+        // `Haswell` runs AVX2 kernels on an AVX-512 CPU at half the speed).
+        let forced = std::env::var("OPENBLAS_CORETYPE").ok();
+        tracing::info!(
+            path = %path.display(),
+            openblas_core = core.as_deref(),
+            openblas_coretype_env = forced.as_deref(),
+            "f32 matrix products on CBLAS"
+        );
     }
     Ok(installed)
 }

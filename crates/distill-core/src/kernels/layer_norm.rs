@@ -5,22 +5,13 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{CHUNK, Float, contiguous, lane_sum, same_float};
+use super::{CHUNK, Float, contiguous, mean_rstd, same_float};
 use crate::{Error, Result};
 
 /// `(x - mean) / sqrt(var + eps) * gamma + beta` per row of `x` (`[rows, features]`).
 #[derive(Clone, Copy)]
 struct LayerNormOp {
     eps: f64,
-}
-
-/// A row's mean and `1 / sqrt(var + eps)` (biased variance, two passes).
-#[inline(always)]
-fn stats<T: Float>(row: &[T], eps: T) -> (T, T) {
-    let n = T::from_f64(row.len() as f64);
-    let mean = lane_sum(row, |v| v) / n;
-    let var = lane_sum(row, |v| (v - mean) * (v - mean)) / n;
-    (mean, T::ONE / (var + eps).sqrt())
 }
 
 /// Rows per parallel task: about [`CHUNK`] elements.
@@ -37,7 +28,7 @@ fn forward<T: Float>(x: &[T], gamma: &[T], beta: &[T], eps: f64) -> Vec<T> {
         .zip(x.par_chunks(per_task))
         .for_each(|(ys, xs)| {
             for (y, row) in ys.chunks_mut(n).zip(xs.chunks(n)) {
-                let (mean, rstd) = stats(row, eps);
+                let (mean, rstd) = mean_rstd(row, eps);
                 for (((y, &v), &g), &b) in y.iter_mut().zip(row).zip(gamma).zip(beta) {
                     *y = (v - mean) * rstd * g + b;
                 }
@@ -61,7 +52,7 @@ fn backward<T: Float>(x: &[T], gamma: &[T], dy: &[T], eps: f64) -> Vec<T> {
         .fold(start, |mut acc, (dxs, (xs, dys))| {
             let (dgamma, dbeta) = acc.split_at_mut(n);
             for ((dx, row), d) in dxs.chunks_mut(n).zip(xs.chunks(n)).zip(dys.chunks(n)) {
-                let (mean, rstd) = stats(row, eps);
+                let (mean, rstd) = mean_rstd(row, eps);
                 // dx holds xhat, then the result.
                 let (mut sum_dxhat, mut sum_dxhat_xhat) = (T::default(), T::default());
                 for (((xh, &v), &d), (&g, (dg, db))) in dx

@@ -45,6 +45,27 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
 
+/// Runs `f`, compiled for AVX2 and FMA when the CPU has them (checked once per call; the
+/// build's baseline is SSE2, 4 lanes). `f` is inlined into a function with those features, so
+/// the loops in its body vectorise 8 lanes wide; a loop `f` hands to rayon runs in rayon's own
+/// functions, so call it inside each parallel task, around the loops.
+#[inline(always)]
+fn wide<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has the features `avx2` is compiled for (checked just above).
+            return unsafe { avx2(f) };
+        }
+    }
+    f()
+}
+
 /// How a per-channel vector (or a pair of rows) combines.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Combine {
@@ -236,8 +257,10 @@ impl CustomOp1 for Relu {
             let mut out = x.to_vec();
             out.par_chunks_mut(CHUNK).for_each(|part| {
                 // A select, not a conditional store: it vectorises.
-                part.iter_mut()
-                    .for_each(|v| *v = if *v < T::default() { T::default() } else { *v })
+                wide(|| {
+                    part.iter_mut()
+                        .for_each(|v| *v = if *v < T::default() { T::default() } else { *v })
+                })
             });
             out
         }
@@ -274,9 +297,11 @@ impl CustomOp2 for ReluGrad {
             out.par_chunks_mut(CHUNK)
                 .zip(y.par_chunks(CHUNK))
                 .for_each(|(part, ys)| {
-                    part.iter_mut()
-                        .zip(ys)
-                        .for_each(|(d, &y)| *d = if y <= T::default() { T::default() } else { *d })
+                    wide(|| {
+                        part.iter_mut().zip(ys).for_each(|(d, &y)| {
+                            *d = if y <= T::default() { T::default() } else { *d }
+                        })
+                    })
                 });
             out
         }
@@ -321,20 +346,23 @@ impl GroupNormOp {
             .enumerate()
             .with_min_len((CHUNK / per_group.max(1)).max(1))
             .for_each(|(g, (ys, xs))| {
-                let (mean, rstd) = mean_rstd(xs, eps);
-                let first_channel = (g % self.groups) * per_channel;
-                for (c, (xc, yc)) in xs.chunks(spatial).zip(ys.chunks_mut(spatial)).enumerate() {
-                    let w = gamma[first_channel + c] * rstd;
-                    let shift = beta[first_channel + c] - mean * w;
-                    for (&xv, yv) in xc.iter().zip(yc.iter_mut()) {
-                        let v = xv * w + shift;
-                        *yv = if self.relu && v < T::default() {
-                            T::default()
-                        } else {
-                            v
-                        };
+                wide(|| {
+                    let (mean, rstd) = mean_rstd(xs, eps);
+                    let first_channel = (g % self.groups) * per_channel;
+                    for (c, (xc, yc)) in xs.chunks(spatial).zip(ys.chunks_mut(spatial)).enumerate()
+                    {
+                        let w = gamma[first_channel + c] * rstd;
+                        let shift = beta[first_channel + c] - mean * w;
+                        for (&xv, yv) in xc.iter().zip(yc.iter_mut()) {
+                            let v = xv * w + shift;
+                            *yv = if self.relu && v < T::default() {
+                                T::default()
+                            } else {
+                                v
+                            };
+                        }
                     }
-                }
+                })
             });
         out
     }
@@ -351,7 +379,6 @@ impl GroupNormOp {
         let (_, channels, spatial) = norm_dims(shape);
         let per_channel = channels / self.groups;
         let per_group = per_channel * spatial;
-        let (eps, n) = (T::from_f64(self.eps), T::from_f64(per_group as f64));
         let mut out = vec![T::default(); x.len() + 2 * channels];
         let (dx, params) = out.split_at_mut(x.len());
         // Each group writes its own part of dx; each task sums dgamma, dbeta (all channels, in
@@ -364,35 +391,7 @@ impl GroupNormOp {
             .enumerate()
             .with_min_len(per_task)
             .fold(start, |mut acc, (g, (dxs, (xs, dys)))| {
-                let (mean, rstd) = mean_rstd(xs, eps);
-                let first_channel = (g % self.groups) * per_channel;
-                let (dgamma, dbeta) = acc.split_at_mut(channels);
-                // dxhat = dy * gamma; dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
-                // First each channel's upstream gradient, masked where the fused ReLU's input
-                // `xhat * w + b` is <= 0, goes into dx, and its sums: sum(d) and sum(d * xhat) =
-                // rstd * (sum(d * x) - mean * sum(d)). Plain loops over rows: they vectorise.
-                let (mut sum_dxhat, mut sum_dxhat_xhat) = (T::default(), T::default());
-                let channels_of = xs.chunks(spatial).zip(dys.chunks(spatial));
-                for (c, ((xc, dyc), dxc)) in channels_of.zip(dxs.chunks_mut(spatial)).enumerate() {
-                    let (w, b) = (gamma[first_channel + c], beta[first_channel + c]);
-                    for ((o, &xv), &dv) in dxc.iter_mut().zip(xc).zip(dyc) {
-                        let off = self.relu && (xv - mean) * rstd * w + b <= T::default();
-                        *o = if off { T::default() } else { dv };
-                    }
-                    let sd = lane_sum(dxc, |v| v);
-                    let sdx = rstd * (matmul::dot(dxc, xc) - mean * sd);
-                    dgamma[first_channel + c] += sdx;
-                    dbeta[first_channel + c] += sd;
-                    sum_dxhat += sd * w;
-                    sum_dxhat_xhat += sdx * w;
-                }
-                let (m1, m2) = (sum_dxhat / n, sum_dxhat_xhat / n);
-                for (c, (xc, dxc)) in xs.chunks(spatial).zip(dxs.chunks_mut(spatial)).enumerate() {
-                    let w = gamma[first_channel + c];
-                    for (o, &xv) in dxc.iter_mut().zip(xc) {
-                        *o = rstd * (*o * w - m1 - (xv - mean) * rstd * m2);
-                    }
-                }
+                wide(|| self.backward_group(g, (xs, dys, dxs), (gamma, beta), &mut acc));
                 acc
             })
             .reduce(start, |mut a, b| {
@@ -401,6 +400,51 @@ impl GroupNormOp {
             });
         params.copy_from_slice(&sums);
         out
+    }
+
+    /// The backward pass of group `g`: writes its part of dx, adds to `acc` (`[dgamma,
+    /// dbeta]`).
+    #[inline(always)]
+    fn backward_group<T: Float>(
+        &self,
+        g: usize,
+        (xs, dys, dxs): (&[T], &[T], &mut [T]),
+        (gamma, beta): (&[T], &[T]),
+        acc: &mut [T],
+    ) {
+        let channels = gamma.len();
+        let per_channel = channels / self.groups;
+        let spatial = xs.len() / per_channel;
+        let (eps, n) = (T::from_f64(self.eps), T::from_f64(xs.len() as f64));
+        let (mean, rstd) = mean_rstd(xs, eps);
+        let first_channel = (g % self.groups) * per_channel;
+        let (dgamma, dbeta) = acc.split_at_mut(channels);
+        // dxhat = dy * gamma; dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
+        // First each channel's upstream gradient, masked where the fused ReLU's input
+        // `xhat * w + b` is <= 0, goes into dx, and its sums: sum(d) and sum(d * xhat) =
+        // rstd * (sum(d * x) - mean * sum(d)). Plain loops over rows: they vectorise.
+        let (mut sum_dxhat, mut sum_dxhat_xhat) = (T::default(), T::default());
+        let channels_of = xs.chunks(spatial).zip(dys.chunks(spatial));
+        for (c, ((xc, dyc), dxc)) in channels_of.zip(dxs.chunks_mut(spatial)).enumerate() {
+            let (w, b) = (gamma[first_channel + c], beta[first_channel + c]);
+            for ((o, &xv), &dv) in dxc.iter_mut().zip(xc).zip(dyc) {
+                let off = self.relu && (xv - mean) * rstd * w + b <= T::default();
+                *o = if off { T::default() } else { dv };
+            }
+            let sd = lane_sum(dxc, |v| v);
+            let sdx = rstd * (matmul::dot(dxc, xc) - mean * sd);
+            dgamma[first_channel + c] += sdx;
+            dbeta[first_channel + c] += sd;
+            sum_dxhat += sd * w;
+            sum_dxhat_xhat += sdx * w;
+        }
+        let (m1, m2) = (sum_dxhat / n, sum_dxhat_xhat / n);
+        for (c, (xc, dxc)) in xs.chunks(spatial).zip(dxs.chunks_mut(spatial)).enumerate() {
+            let w = gamma[first_channel + c];
+            for (o, &xv) in dxc.iter_mut().zip(xc) {
+                *o = rstd * (*o * w - m1 - (xv - mean) * rstd * m2);
+            }
+        }
     }
 }
 
@@ -615,10 +659,12 @@ impl Moments {
             .zip(v.par_chunks_mut(CHUNK))
             .zip(g.par_chunks(CHUNK))
             .for_each(|((m, v), g)| {
-                for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
-                    *m = b1 * *m + c1 * g;
-                    *v = b2 * *v + c2 * g * g;
-                }
+                wide(|| {
+                    for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
+                        *m = b1 * *m + c1 * g;
+                        *v = b2 * *v + c2 * g * g;
+                    }
+                })
             });
     }
 }
@@ -637,9 +683,11 @@ impl Update {
         p.par_chunks_mut(CHUNK)
             .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
             .for_each(|(p, (m, v))| {
-                for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
-                    *p = *p * decay - step_size * m / (v.sqrt() * inv_root_bc2 + eps);
-                }
+                wide(|| {
+                    for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+                        *p = *p * decay - step_size * m / (v.sqrt() * inv_root_bc2 + eps);
+                    }
+                })
             });
     }
 }
@@ -892,6 +940,7 @@ impl Depthwise {
     /// kernel row `i` that reads an input row, and within it `g(tap j, output columns, the
     /// first input column)` through the returned column ranges: the caller's loops run over
     /// whole rows, with no test per element.
+    #[inline(always)]
     fn each_row(
         &self,
         d: &DepthwiseDims,
@@ -915,22 +964,24 @@ impl Depthwise {
             .enumerate()
             .for_each(|(plane, (out, x))| {
                 let wk = &weight[(plane % d.channels) * k * k..][..k * k];
-                self.each_row(d, |oy, y, i, columns| {
-                    let (o_row, x_row) = (&mut out[oy * d.ow..][..d.ow], &x[y * d.w..][..d.w]);
-                    for (j, r) in columns {
-                        let wv = wk[i * k + j];
-                        if s == 1 {
-                            let src = &x_row[r.start + j - p..r.end + j - p];
-                            o_row[r.clone()]
-                                .iter_mut()
-                                .zip(src)
-                                .for_each(|(o, &v)| *o += wv * v);
-                        } else {
-                            for ox in r.clone() {
-                                o_row[ox] += wv * x_row[ox * s + j - p];
+                wide(|| {
+                    self.each_row(d, |oy, y, i, columns| {
+                        let (o_row, x_row) = (&mut out[oy * d.ow..][..d.ow], &x[y * d.w..][..d.w]);
+                        for (j, r) in columns {
+                            let wv = wk[i * k + j];
+                            if s == 1 {
+                                let src = &x_row[r.start + j - p..r.end + j - p];
+                                o_row[r.clone()]
+                                    .iter_mut()
+                                    .zip(src)
+                                    .for_each(|(o, &v)| *o += wv * v);
+                            } else {
+                                for ox in r.clone() {
+                                    o_row[ox] += wv * x_row[ox * s + j - p];
+                                }
                             }
                         }
-                    }
+                    })
                 });
             });
         out
@@ -952,30 +1003,32 @@ impl Depthwise {
                 let c = plane % d.channels;
                 let wk = &weight[c * k * k..][..k * k];
                 let dwk = &mut acc[c * k * k..][..k * k];
-                self.each_row(d, |oy, y, i, columns| {
-                    let dy_row = &dy[oy * d.ow..][..d.ow];
-                    let (dx_row, x_row) = (&mut dx[y * d.w..][..d.w], &x[y * d.w..][..d.w]);
-                    for (j, r) in columns {
-                        let (wv, mut sum) = (wk[i * k + j], T::default());
-                        if s == 1 {
-                            let at = r.start + j - p..r.end + j - p;
-                            for ((dxv, &xv), &g) in dx_row[at.clone()]
-                                .iter_mut()
-                                .zip(&x_row[at])
-                                .zip(&dy_row[r.clone()])
-                            {
-                                *dxv += g * wv;
-                                sum += g * xv;
+                wide(|| {
+                    self.each_row(d, |oy, y, i, columns| {
+                        let dy_row = &dy[oy * d.ow..][..d.ow];
+                        let (dx_row, x_row) = (&mut dx[y * d.w..][..d.w], &x[y * d.w..][..d.w]);
+                        for (j, r) in columns {
+                            let (wv, mut sum) = (wk[i * k + j], T::default());
+                            if s == 1 {
+                                let at = r.start + j - p..r.end + j - p;
+                                for ((dxv, &xv), &g) in dx_row[at.clone()]
+                                    .iter_mut()
+                                    .zip(&x_row[at])
+                                    .zip(&dy_row[r.clone()])
+                                {
+                                    *dxv += g * wv;
+                                    sum += g * xv;
+                                }
+                            } else {
+                                for ox in r.clone() {
+                                    let g = dy_row[ox];
+                                    dx_row[ox * s + j - p] += g * wv;
+                                    sum += g * x_row[ox * s + j - p];
+                                }
                             }
-                        } else {
-                            for ox in r.clone() {
-                                let g = dy_row[ox];
-                                dx_row[ox * s + j - p] += g * wv;
-                                sum += g * x_row[ox * s + j - p];
-                            }
+                            dwk[i * k + j] += sum;
                         }
-                        dwk[i * k + j] += sum;
-                    }
+                    })
                 });
                 acc
             })

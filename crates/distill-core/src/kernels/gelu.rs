@@ -5,7 +5,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{CHUNK, Float, contiguous, same_float};
+use super::{CHUNK, Float, contiguous, same_float, wide};
 use crate::Result;
 
 /// `x * Phi(x)`, `Phi` the standard normal distribution function.
@@ -19,8 +19,10 @@ fn forward<T: Float>(x: &[T]) -> Vec<T> {
     let (half, r) = (T::from_f64(0.5), T::from_f64(FRAC_1_SQRT_2));
     let mut out = x.to_vec();
     out.par_chunks_mut(CHUNK).for_each(|part| {
-        part.iter_mut()
-            .for_each(|v| *v = half * *v * (T::ONE + (*v * r).erf()))
+        wide(|| {
+            part.iter_mut()
+                .for_each(|v| *v = half * *v * (T::ONE + (*v * r).erf()))
+        })
     });
     out
 }
@@ -36,10 +38,12 @@ fn backward<T: Float>(g: &[T], x: &[T]) -> Vec<T> {
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .for_each(|(part, xs)| {
-            part.iter_mut().zip(xs).for_each(|(d, &x)| {
-                let cdf = half * (T::ONE + (x * r).erf());
-                let pdf = c * (-(half * x * x)).exp();
-                *d *= cdf + x * pdf;
+            wide(|| {
+                part.iter_mut().zip(xs).for_each(|(d, &x)| {
+                    let cdf = half * (T::ONE + (x * r).erf());
+                    let pdf = c * (-(half * x * x)).exp();
+                    *d *= cdf + x * pdf;
+                })
             })
         });
     out

@@ -14,7 +14,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::matmul::{Threads, matmul_into};
-use super::{Float, contiguous, same_float};
+use super::{Float, contiguous, same_float, wide};
 use crate::{Error, Result};
 
 fn sigmoid<T: Float>(x: T) -> T {
@@ -130,6 +130,7 @@ struct Direction {
 impl Direction {
     /// The gates' activations and the state `[h | c]` after every step (`[t, b, 4h]` and
     /// `[t, b, 2h]`, time order) from the input contributions `gi` and the recurrent weight `w`.
+    #[inline(always)]
     fn forward<T: Float>(&self, gi: &[T], w: &[T], mask: &[T]) -> Run<T> {
         let (t, b, h) = self.dims;
         let (g4, s2) = (4 * h, 2 * h);
@@ -168,6 +169,7 @@ impl Direction {
 
     /// Writes `d gates_in` (`dg`: `[t, b, 4h]`, time order) and `d w_hh` (`dw`: `[4h, h]`)
     /// from the gradient of the final hidden state (`grad`: `[b, h]`, rows `stride` apart).
+    #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn backward<T: Float>(
         &self,
@@ -263,8 +265,8 @@ impl BiLstm {
         let [f, r] = directions(dims);
         let (w_f, w_r) = w.split_at(4 * h * h);
         let (a, z) = rayon::join(
-            || f.forward(gates[0], w_f, mask),
-            || r.forward(gates[1], w_r, mask),
+            || wide(|| f.forward(gates[0], w_f, mask)),
+            || wide(|| r.forward(gates[1], w_r, mask)),
         );
         let mut out = Vec::with_capacity(b * 2 * h);
         for (x, y) in f.final_state(&a.1).zip(r.final_state(&z.1)) {
@@ -373,22 +375,26 @@ impl BiLstmGrad {
         let [f, r] = directions(self.dims);
         rayon::join(
             || {
-                f.backward(
-                    (w_f, mask),
-                    (grad, 2 * h),
-                    (gates[0], states[0]),
-                    dg_f,
-                    dw_f,
-                )
+                wide(|| {
+                    f.backward(
+                        (w_f, mask),
+                        (grad, 2 * h),
+                        (gates[0], states[0]),
+                        dg_f,
+                        dw_f,
+                    )
+                })
             },
             || {
-                r.backward(
-                    (w_r, mask),
-                    (&grad[h..], 2 * h),
-                    (gates[1], states[1]),
-                    dg_r,
-                    dw_r,
-                )
+                wide(|| {
+                    r.backward(
+                        (w_r, mask),
+                        (&grad[h..], 2 * h),
+                        (gates[1], states[1]),
+                        dg_r,
+                        dw_r,
+                    )
+                })
             },
         );
         out

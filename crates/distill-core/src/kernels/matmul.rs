@@ -252,6 +252,7 @@ fn rows_loop<T: Real>(
 
 /// `sum(a[i] * b[i])` in eight interleaved partial sums, so that it vectorises (one running
 /// sum cannot: float addition is not reassociated).
+#[inline(always)]
 pub(super) fn dot<T: Real>(a: &[T], b: &[T]) -> T {
     let mut lanes = [T::default(); 8];
     let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));

@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{Real, contiguous};
+use super::{Real, contiguous, wide};
 use crate::{Error, Result};
 
 /// `k x k` max pooling with stride `k` of `[b, c, h, w]` (a partial last window is dropped).
@@ -63,22 +63,24 @@ impl MaxPool {
             .zip(x.par_chunks(h * w))
             .with_min_len(8)
             .for_each(|(o, plane)| {
-                for (oy, o_row) in o.chunks_mut(ow).enumerate() {
-                    for i in 0..k {
-                        let row = &plane[(oy * k + i) * w..][..ow * k];
-                        for j in 0..k {
-                            let values = o_row
-                                .iter_mut()
-                                .enumerate()
-                                .map(|(ox, m)| (m, row[ox * k + j]));
-                            if i == 0 && j == 0 {
-                                values.for_each(|(m, v)| *m = v);
-                            } else {
-                                values.for_each(|(m, v)| *m = if v > *m { v } else { *m });
+                wide(|| {
+                    for (oy, o_row) in o.chunks_mut(ow).enumerate() {
+                        for i in 0..k {
+                            let row = &plane[(oy * k + i) * w..][..ow * k];
+                            for j in 0..k {
+                                let values = o_row
+                                    .iter_mut()
+                                    .enumerate()
+                                    .map(|(ox, m)| (m, row[ox * k + j]));
+                                if i == 0 && j == 0 {
+                                    values.for_each(|(m, v)| *m = v);
+                                } else {
+                                    values.for_each(|(m, v)| *m = if v > *m { v } else { *m });
+                                }
                             }
                         }
                     }
-                }
+                })
             });
         out
     }

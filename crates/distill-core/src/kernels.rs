@@ -394,10 +394,7 @@ impl GroupNormOp {
                 wide(|| self.backward_group(g, (xs, dys, dxs), (gamma, beta), &mut acc));
                 acc
             })
-            .reduce(start, |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, &b)| *a += b);
-                a
-            });
+            .reduce(start, add_vectors);
         params.copy_from_slice(&sums);
         out
     }
@@ -446,6 +443,12 @@ impl GroupNormOp {
             }
         }
     }
+}
+
+/// The element-wise sum of two partial sums of one length (what parallel tasks return).
+fn add_vectors<T: Real>(mut a: Vec<T>, b: Vec<T>) -> Vec<T> {
+    a.iter_mut().zip(&b).for_each(|(a, &b)| *a += b);
+    a
 }
 
 /// The mean of `values` and `1 / sqrt(var + eps)` (biased variance, two passes, in lanes).
@@ -1032,10 +1035,7 @@ impl Depthwise {
                 });
                 acc
             })
-            .reduce(start, |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, &b)| *a += b);
-                a
-            });
+            .reduce(start, add_vectors);
         dw.copy_from_slice(&sums);
         out
     }

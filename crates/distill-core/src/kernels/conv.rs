@@ -9,7 +9,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::matmul::{Threads, matmul_into};
-use super::{Real, contiguous, same_float};
+use super::{Real, add_vectors, contiguous, same_float};
 use crate::{Error, Result};
 
 /// A `kh x kw` convolution with zero `padding` and `stride` on `(x, weight, bias)`.
@@ -252,25 +252,19 @@ impl Conv2d {
                 .with_min_len(per_task)
                 .fold(start, |state, (n, dx_n)| image(state, n, Some(dx_n)))
                 .map(|(acc, _, _)| acc)
-                .reduce_with(add)
+                .reduce_with(add_vectors)
         } else {
             (0..d.b)
                 .into_par_iter()
                 .with_min_len(per_task)
                 .fold(start, |state, n| image(state, n, None))
                 .map(|(acc, _, _)| acc)
-                .reduce_with(add)
+                .reduce_with(add_vectors)
         };
         let mut packed = partials.unwrap_or_else(|| vec![T::default(); nw + nb]);
         packed.append(&mut dx);
         packed
     }
-}
-
-/// Element-wise sum of two partial gradients of one length.
-fn add<T: Real>(mut a: Vec<T>, b: Vec<T>) -> Vec<T> {
-    a.iter_mut().zip(&b).for_each(|(a, &b)| *a += b);
-    a
 }
 
 impl CustomOp3 for Conv2d {

@@ -6,7 +6,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::matmul::dot;
-use super::{CHUNK, Float, contiguous, mean_rstd, same_float, wide};
+use super::{CHUNK, Float, add_vectors, contiguous, mean_rstd, same_float, wide};
 use crate::{Error, Result};
 
 /// `(x - mean) / sqrt(var + eps) * gamma + beta` per row of `x` (`[rows, features]`).
@@ -93,10 +93,7 @@ fn backward<T: Float>(x: &[T], gamma: &[T], dy: &[T], eps: f64) -> Vec<T> {
             });
             acc
         })
-        .reduce(start, |mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(a, &b)| *a += b);
-            a
-        });
+        .reduce(start, add_vectors);
     params.copy_from_slice(&sums);
     out
 }

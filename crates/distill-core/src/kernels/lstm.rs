@@ -30,7 +30,7 @@ fn quarters<T>(g: &mut [T]) -> [&mut [T]; 4] {
     [i, f, gg, o]
 }
 
-/// One cell step of one batch row: turns the gates-activations `g` (`[4h]`) into the gates'
+/// One cell step of one batch row: turns the pre-activations `g` (`[4h]`) into the gates'
 /// activations in place (what the backward pass reads), and from the state before (`[h | c]`)
 /// and the mask value (0 keeps the state) writes the state after. Zipped slices, no indexing:
 /// the loop vectorises.
@@ -59,7 +59,7 @@ fn cell<T: Float>(g: &mut [T], before: &[T], m: T, after: &mut [T]) {
 
 /// The backward pass of [`cell`] for one row: from the gates' activations `a`, the state
 /// before and `carry` (the gradient of the state after, `[dh | dc]`), writes the
-/// gates-activation gradient `dg` and replaces `carry` with the gradient of the state before
+/// pre-activation gradient `dg` and replaces `carry` with the gradient of the state before
 /// (without the recurrent product's part, which the caller adds).
 fn cell_backward<T: Float>(a: &[T], before: &[T], m: T, carry: &mut [T], dg: &mut [T]) {
     let h = before.len() / 2;

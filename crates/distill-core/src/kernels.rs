@@ -118,6 +118,18 @@ fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> candle_core:
     }
 }
 
+/// Runs `f` on the f32 (or f64) slice of a contiguous storage; the result is the storage of
+/// `f`'s vector.
+macro_rules! on_one {
+    ($name:expr, ($s:expr, $l:expr), $f:expr) => {
+        match $s {
+            CpuStorage::F32(x) => CpuStorage::F32($f(contiguous(x, $l, $name)?)),
+            CpuStorage::F64(x) => CpuStorage::F64($f(contiguous(x, $l, $name)?)),
+            _ => candle_core::bail!("{}: f32 or f64", $name),
+        }
+    };
+}
+
 /// Runs `f` on the two f32 (or f64) slices of contiguous storages; the result is the storage
 /// of `f`'s vector.
 macro_rules! on_pair {
@@ -264,11 +276,7 @@ impl CustomOp1 for Relu {
             });
             out
         }
-        let out = match s {
-            CpuStorage::F32(x) => CpuStorage::F32(apply(contiguous(x, l, self.name())?)),
-            CpuStorage::F64(x) => CpuStorage::F64(apply(contiguous(x, l, self.name())?)),
-            _ => candle_core::bail!("{}: f32 or f64", self.name()),
-        };
+        let out = on_one!(self.name(), (s, l), apply);
         Ok((out, l.shape().clone()))
     }
 

@@ -55,11 +55,7 @@ impl CustomOp1 for Gelu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match s {
-            CpuStorage::F32(x) => CpuStorage::F32(forward(contiguous(x, l, self.name())?)),
-            CpuStorage::F64(x) => CpuStorage::F64(forward(contiguous(x, l, self.name())?)),
-            _ => candle_core::bail!("{}: f32 or f64", self.name()),
-        };
+        let out = on_one!(self.name(), (s, l), forward);
         Ok((out, l.shape().clone()))
     }
 

@@ -109,11 +109,7 @@ impl CustomOp1 for MaxPool {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = self.dims(l.shape())?;
-        let out = match s {
-            CpuStorage::F32(x) => CpuStorage::F32(self.forward(contiguous(x, l, self.name())?, d)),
-            CpuStorage::F64(x) => CpuStorage::F64(self.forward(contiguous(x, l, self.name())?, d)),
-            _ => candle_core::bail!("{}: f32 or f64", self.name()),
-        };
+        let out = on_one!(self.name(), (s, l), |x| self.forward(x, d));
         let (b, c, _, _) = l.shape().dims4()?;
         Ok((out, Shape::from((b, c, d.2, d.3))))
     }

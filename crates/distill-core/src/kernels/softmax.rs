@@ -64,11 +64,7 @@ impl CustomOp1 for Softmax {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let n = last(l.shape());
-        let out = match s {
-            CpuStorage::F32(x) => CpuStorage::F32(forward(contiguous(x, l, self.name())?, n)),
-            CpuStorage::F64(x) => CpuStorage::F64(forward(contiguous(x, l, self.name())?, n)),
-            _ => candle_core::bail!("{}: f32 or f64", self.name()),
-        };
+        let out = on_one!(self.name(), (s, l), |x| forward(x, n));
         Ok((out, l.shape().clone()))
     }
 

@@ -221,11 +221,7 @@ macro_rules! on_logits {
         if ids.len() * classes != $l1.shape().elem_count() || classes == 0 {
             candle_core::bail!("{}: {} ids for logits {:?}", $name, ids.len(), $l1.shape());
         }
-        match $s1 {
-            CpuStorage::F32(x) => CpuStorage::F32($f(contiguous(x, $l1, $name)?, &ids, classes)),
-            CpuStorage::F64(x) => CpuStorage::F64($f(contiguous(x, $l1, $name)?, &ids, classes)),
-            _ => candle_core::bail!("{}: f32 or f64 logits", $name),
-        }
+        on_one!($name, ($s1, $l1), |x| $f(x, &ids, classes))
     }};
 }
 

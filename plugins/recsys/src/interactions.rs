@@ -186,8 +186,7 @@ mod tests {
     }
 
     fn movielens() -> Result<Interactions> {
-        let path = distill_rt::testing::manifest_dir(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/datasets/ml-latest-small/ratings.csv");
+        let path = distill_host::data_folder("ml-latest-small")?.join("ratings.csv");
         leave_one_out(&read_ratings(&path, Format::Csv)?, rule())
     }
 

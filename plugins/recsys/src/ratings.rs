@@ -34,6 +34,15 @@ pub enum Format {
 }
 
 impl Format {
+    /// The layout a MovieLens file of this name has: `*.dat` `::`, `u.data` tab, else CSV.
+    pub fn from_file_name(path: &Path) -> Format {
+        match path.file_name().and_then(|n| n.to_str()) {
+            Some(n) if n.ends_with(".dat") => Format::Dat,
+            Some("u.data") => Format::Tab,
+            _ => Format::Csv,
+        }
+    }
+
     fn separator(self) -> &'static str {
         match self {
             Format::Csv => ",",
@@ -117,8 +126,7 @@ mod tests {
 
     #[test]
     fn ml_latest_small_has_its_published_counts() -> Result<()> {
-        let path = distill_rt::testing::manifest_dir(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/datasets/ml-latest-small/ratings.csv");
+        let path = distill_host::data_folder("ml-latest-small")?.join("ratings.csv");
         let r = read_ratings(&path, Format::Csv)?;
         assert_eq!(r.len(), 100_836);
         let mut users: Vec<u64> = r.iter().map(|x| x.user).collect();

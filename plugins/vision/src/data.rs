@@ -13,7 +13,7 @@ use distill_rt::rng::Rng;
 use distill_rt::serde::Deserialize;
 use distill_rt::{
     Batch, Config, Dataset, DatasetFactory, DatasetInfo, Error, MetricAccumulator, Result, Split,
-    TaskKind, config,
+    TaskKind, assets, config,
 };
 
 use crate::images::{Images, load_cifar10, load_idx};
@@ -198,8 +198,13 @@ fn default_true() -> bool {
 #[derive(Deserialize, distill_rt::serde::Serialize)]
 #[serde(crate = "distill_rt::serde", deny_unknown_fields)]
 struct IdxConfig {
-    /// Folder holding the IDX files.
-    path: PathBuf,
+    /// Folder holding the IDX files (instead of `data`).
+    #[serde(default)]
+    path: Option<PathBuf>,
+    /// The data set's name (`mnist`, `fashion-mnist`, `mnist-t10k`), fetched and verified into
+    /// the data cache.
+    #[serde(default)]
+    data: Option<String>,
     /// File prefix of the training source (`train` -> `train-images-idx3-ubyte[.gz]`).
     #[serde(default = "default_train_prefix")]
     train: String,
@@ -242,20 +247,21 @@ pub struct IdxFactory;
 
 impl DatasetFactory for IdxFactory {
     fn summary(&self) -> &str {
-        "IDX image files (MNIST, Fashion-MNIST; raw or gzip) from `path`; validation carved from train"
+        "IDX image files (raw or gzip): `data` (`mnist`, `fashion-mnist`, `mnist-t10k`; fetched into the data cache) or a `path` folder; validation carved from train"
     }
     fn defaults(&self) -> Config {
-        config::defaults_with_required::<IdxConfig>(&[("path", Config::String(String::new()))])
+        config::defaults_with_required::<IdxConfig>(&[])
     }
     fn build(&self, cfg: &Config) -> Result<Box<dyn Dataset>> {
         const OWNER: &str = "dataset vision.idx";
         let c: IdxConfig = config::parse(OWNER, cfg)?;
-        require_dir(OWNER, &c.path)?;
-        let source = load_idx(&c.path, &c.train)?;
+        let dir = assets::folder(OWNER, c.path.as_deref(), c.data.as_deref())?;
+        require_dir(OWNER, &dir)?;
+        let source = load_idx(&dir, &c.train)?;
         let test = if c.test.is_empty() {
             None
         } else {
-            Some(load_idx(&c.path, &c.test)?)
+            Some(load_idx(&dir, &c.test)?)
         };
         let carve_cfg = Carve {
             validation_fraction: c.validation_fraction,
@@ -274,7 +280,12 @@ impl DatasetFactory for IdxFactory {
 #[derive(Deserialize, distill_rt::serde::Serialize)]
 #[serde(crate = "distill_rt::serde", deny_unknown_fields)]
 struct CifarConfig {
-    path: PathBuf,
+    /// Folder of the binary batches (instead of `data`).
+    #[serde(default)]
+    path: Option<PathBuf>,
+    /// The data set's name, fetched and verified into the data cache.
+    #[serde(default = "cifar10_data")]
+    data: Option<String>,
     #[serde(default = "default_validation")]
     validation_fraction: f64,
     #[serde(default)]
@@ -285,20 +296,25 @@ struct CifarConfig {
     normalize: bool,
 }
 
+fn cifar10_data() -> Option<String> {
+    Some("cifar-10".into())
+}
+
 /// `vision.cifar10`: the CIFAR-10 binary version.
 pub struct Cifar10Factory;
 
 impl DatasetFactory for Cifar10Factory {
     fn summary(&self) -> &str {
-        "CIFAR-10 binary batches (data_batch_1..5.bin, test_batch.bin) from `path`"
+        "CIFAR-10 binary batches (data_batch_1..5.bin, test_batch.bin): `data` (`cifar-10`, fetched into the data cache) or a `path` folder"
     }
     fn defaults(&self) -> Config {
-        config::defaults_with_required::<CifarConfig>(&[("path", Config::String(String::new()))])
+        config::defaults_with_required::<CifarConfig>(&[])
     }
     fn build(&self, cfg: &Config) -> Result<Box<dyn Dataset>> {
         const OWNER: &str = "dataset vision.cifar10";
         let c: CifarConfig = config::parse(OWNER, cfg)?;
-        require_dir(OWNER, &c.path)?;
+        let dir = assets::folder(OWNER, c.path.as_deref(), c.data.as_deref())?;
+        require_dir(OWNER, &dir)?;
         let train_files = [
             "data_batch_1.bin",
             "data_batch_2.bin",
@@ -306,8 +322,8 @@ impl DatasetFactory for Cifar10Factory {
             "data_batch_4.bin",
             "data_batch_5.bin",
         ];
-        let source = load_cifar10(&c.path, &train_files)?;
-        let test = load_cifar10(&c.path, &["test_batch.bin"])?;
+        let source = load_cifar10(&dir, &train_files)?;
+        let test = load_cifar10(&dir, &["test_batch.bin"])?;
         let carve_cfg = Carve {
             validation_fraction: c.validation_fraction,
             test_fraction: 0.0,
@@ -454,10 +470,11 @@ mod tests {
     use super::*;
     use distill_rt::serde_json::json;
 
-    /// The shared MNIST test set (`../shared/datasets`).
-    fn mnist() -> std::path::PathBuf {
-        distill_rt::testing::manifest_dir(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/datasets/mnist-t10k")
+    /// The MNIST test set's name, with the data resolver installed (the data cache, filled
+    /// from `DISTILL_DATA_MIRROR` or the official addresses).
+    fn mnist() -> &'static str {
+        distill_host::install_data_resolver();
+        "mnist-t10k"
     }
 
     #[test]
@@ -488,7 +505,7 @@ mod tests {
 
     #[test]
     fn mnist_test_set_carved_into_three_splits() -> Result<()> {
-        let cfg = json!({"path": mnist(), "train": "t10k", "test": "", "test_fraction": 0.2, "validation_fraction": 0.1});
+        let cfg = json!({"data": mnist(), "train": "t10k", "test": "", "test_fraction": 0.2, "validation_fraction": 0.1});
         let d = IdxFactory.build(&cfg)?;
         assert_eq!(d.info().split_sizes, [7000, 1000, 2000]);
         assert_eq!(d.info().inputs[IMAGE], vec![1, 28, 28]);
@@ -496,7 +513,7 @@ mod tests {
         assert_eq!(b.inputs[IMAGE].dims(), &[3, 1, 28, 28]);
         assert_eq!(b.indices.to_vec1::<u32>()?, vec![0, 1, 2]);
         // Another split seed gives another split.
-        let other = IdxFactory.build(&json!({"path": mnist(), "train": "t10k", "test": "", "test_fraction": 0.2, "split_seed": 1}))?;
+        let other = IdxFactory.build(&json!({"data": mnist(), "train": "t10k", "test": "", "test_fraction": 0.2, "split_seed": 1}))?;
         let la = d
             .batch(Split::Test, &[0, 1, 2, 3, 4, 5, 6, 7], &Device::Cpu)?
             .targets
@@ -514,12 +531,12 @@ mod tests {
         let msg = |r: Result<Box<dyn Dataset>>| r.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(msg(IdxFactory.build(&json!({"path": "/nonexistent/fashion"}))).contains("`path`"));
         assert!(
-            msg(IdxFactory.build(&json!({"path": mnist(), "train": "t10k", "test": ""})))
+            msg(IdxFactory.build(&json!({"data": mnist(), "train": "t10k", "test": ""})))
                 .contains("test_fraction")
         );
         assert!(
             msg(IdxFactory
-                .build(&json!({"path": mnist(), "train": "t10k", "validation_fraction": 1.5})))
+                .build(&json!({"data": mnist(), "train": "t10k", "validation_fraction": 1.5})))
             .contains("validation_fraction")
         );
         assert!(msg(SyntheticFactory.build(&json!({"clases": 3}))).contains("clases"));

@@ -210,15 +210,14 @@ pub fn load_cifar10(dir: &Path, files: &[&str]) -> Result<Images> {
 mod tests {
     use super::*;
 
-    /// The shared MNIST test set (`../shared/datasets`).
-    fn mnist() -> std::path::PathBuf {
-        distill_rt::testing::manifest_dir(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/datasets/mnist-t10k")
+    /// The MNIST test set's folder in the data cache.
+    fn mnist() -> Result<std::path::PathBuf> {
+        distill_host::data_folder("mnist-t10k")
     }
 
     #[test]
     fn reads_the_real_mnist_test_set() -> Result<()> {
-        let images = load_idx(&mnist(), "t10k")?;
+        let images = load_idx(&mnist()?, "t10k")?;
         assert_eq!(
             (images.len(), images.channels, images.height, images.width),
             (10_000, 1, 28, 28)

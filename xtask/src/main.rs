@@ -47,6 +47,10 @@ enum Task {
         /// Skip `cargo build` (the workspace is already built).
         #[arg(long)]
         no_build: bool,
+        /// Validate the whole plan (`distill check`, which also fetches the named data and
+        /// models) and stop before anything trains.
+        #[arg(long)]
+        dry_run: bool,
         /// The format of each worker's `worker.log` (its stderr): `pretty` or `json` (one
         /// object per event). Every job also writes `log.jsonl` in its folder.
         #[arg(long, default_value = "pretty", value_parser = ["pretty", "json"])]
@@ -137,8 +141,18 @@ fn main() -> Result<()> {
             sets,
             out,
             no_build,
+            dry_run,
             log_format,
-        } => run_experiment(&experiment, jobs, &sets, out, no_build, &log_format),
+        } => {
+            let opts = RunFlags {
+                jobs,
+                out,
+                no_build,
+                dry_run,
+                log_format,
+            };
+            run_experiment(&experiment, &sets, opts)
+        }
         Task::NewPlugin { kind, name } => {
             let root = workspace_root()?;
             let dir = scaffold::new_plugin(&root, kind, &name)?;
@@ -209,14 +223,23 @@ fn main() -> Result<()> {
     }
 }
 
-fn run_experiment(
-    file: &Path,
+/// The options of `cargo xtask run` besides the file and its `--set` pairs.
+struct RunFlags {
     jobs: Option<usize>,
-    sets: &[String],
     out: Option<PathBuf>,
     no_build: bool,
-    log_format: &str,
-) -> Result<()> {
+    dry_run: bool,
+    log_format: String,
+}
+
+fn run_experiment(file: &Path, sets: &[String], flags: RunFlags) -> Result<()> {
+    let RunFlags {
+        jobs,
+        out,
+        no_build,
+        dry_run,
+        log_format,
+    } = flags;
     let (x, name) = experiment::load(file, sets)?;
     let out = out.unwrap_or_else(|| PathBuf::from("reports").join(&name));
     let planned = plan::plan(
@@ -259,12 +282,20 @@ fn run_experiment(
             file.display()
         );
     }
+    if dry_run {
+        eprintln!(
+            "{name}: all {} jobs are valid and their data is in the cache; --dry-run: nothing \
+             was trained",
+            planned.len()
+        );
+        return Ok(());
+    }
     let opts = runner::RunOptions {
         jobs: workers,
         timeout: x.timeout_minutes.map(|m| Duration::from_secs_f64(m * 60.0)),
         distill: distill.clone(),
         cores,
-        log_format: log_format.to_string(),
+        log_format,
     };
     let counts = runner::run(&planned, &opts)?;
     eprintln!(

@@ -788,3 +788,69 @@ fn malformed_experiments_fail_before_training_naming_file_and_key() -> Result<()
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+/// An experiment that names its data (`data = "mnist-t10k"`) gets it through the data cache:
+/// `--dry-run` fetches and verifies it during `distill check` and trains nothing; the run then
+/// trains on it; a misspelt name fails the check naming the key and the known names. The cache
+/// is empty at first; the files come from `DISTILL_DATA_MIRROR` (CI) or the official addresses.
+#[test]
+fn named_data_is_fetched_by_the_check_and_a_dry_run_trains_nothing() -> Result<()> {
+    let dir = temp("named-data");
+    std::fs::create_dir_all(&dir)?;
+    let cache = dir.join("data-cache");
+    let experiment = |data: &str| {
+        SMALL.replace(
+            "name = \"vision.synthetic\"\nconfig = { train = 64, validation = 32, test = 32, size = 8 }",
+            &format!(
+                "name = \"vision.idx\"\nconfig = {{ data = \"{data}\", train = \"t10k\", test = \"\", test_fraction = 0.2, max_train = 256 }}"
+            ),
+        ) + "[[strategies]]\nname = \"baseline\"\n"
+    };
+    let file = dir.join("named.toml");
+    std::fs::write(&file, experiment("mnist-t10k"))?;
+    let run = |extra: &[&str]| {
+        xtask()
+            .args(["run", "--no-build", "--out"])
+            .arg(dir.join("out"))
+            .arg(&file)
+            .args(extra)
+            .env("DISTILL_DATA", &cache)
+            .output()
+    };
+    let out = run(&["--dry-run"])?;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("nothing was trained"), "{}", text(&out));
+    assert!(records(&dir.join("out")).is_empty(), "a dry run trained");
+    for f in [
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+        ".verified",
+    ] {
+        assert!(
+            cache.join("mnist-t10k").join(f).is_file(),
+            "{f} is not in the cache"
+        );
+    }
+    let out = run(&[])?;
+    assert!(out.status.success(), "{}", text(&out));
+    let runs = read(&dir.join("out/runs.parquet"))?;
+    assert_eq!(strings(&runs, "status")?, [Some("ok".to_string())]);
+
+    std::fs::write(&file, experiment("mnist-t1ok"))?;
+    let out = run(&["--dry-run"])?;
+    let said = text(&out);
+    assert!(
+        !out.status.success(),
+        "a misspelt data name was accepted\n{said}"
+    );
+    for needle in [
+        "named.toml",
+        "datasets[0].config.data",
+        "mnist-t1ok",
+        "mnist-t10k",
+    ] {
+        assert!(said.contains(needle), "`{needle}` missing from:\n{said}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

@@ -6,7 +6,11 @@
 //! The copy builds in its own target folder next to the shared one
 //! (`<target>/scaffold-workspace`): the plugins and the runtime library have file names
 //! without a hash, so a second workspace in the same folder would overwrite the first one's.
-//! The folder persists, so after the first run only the workspace's crates rebuild.
+//! The folder persists, so after the first run only the workspace's crates rebuild; the first
+//! run seeds it with a copy of the shared folder's intermediate artifacts (`deps`, `build`,
+//! `.fingerprint`, times kept), so that cargo finds every dependency built (the same package ids,
+//! features and profile) and compiles only the workspace's crates: 1.5 minutes instead of 17 on
+//! 2 cores. A real copy, never hard links: a rebuilt file must not change the shared folder.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -32,6 +36,36 @@ fn target_dir() -> Result<PathBuf> {
         .nth(2)
         .ok_or("the xtask binary is not in <target>/debug")?
         .to_path_buf())
+}
+
+/// Seeds an empty `target` with the intermediate artifacts of the shared folder (`cp -a`: the
+/// modification times cargo's freshness checks compare are kept).
+fn seed_target(shared: &Path, target: &Path) -> Result<()> {
+    let debug = target.join("debug");
+    if debug.join(".fingerprint").exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(&debug)?;
+    for part in ["deps", "build", ".fingerprint"] {
+        let from = shared.join("debug").join(part);
+        if !from.is_dir() {
+            continue;
+        }
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(&from)
+            .arg(&debug)
+            .status()?;
+        if !status.success() {
+            // A partial seed is only slower: cargo rebuilds what is missing.
+            eprintln!(
+                "copying {} failed ({status}); building from scratch",
+                from.display()
+            );
+            let _ = std::fs::remove_dir_all(debug.join(part));
+        }
+    }
+    Ok(())
 }
 
 /// Copies the files git knows (tracked, or new and not ignored) from `from` to `to`.
@@ -133,6 +167,7 @@ fn read(path: &Path) -> Result<DataFrame> {
 #[test]
 fn scaffolded_plugins_and_the_strategy_guide_work_in_a_copy_of_the_workspace() -> Result<()> {
     let target = target_dir()?.join("scaffold-workspace");
+    seed_target(&target_dir()?, &target)?;
     let copy = std::env::temp_dir().join(format!("distill-scaffold-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&copy);
     copy_workspace(&root(), &copy)?;

@@ -473,3 +473,42 @@ fn every_shipped_manifest_parses_and_names_are_unique() -> Result {
     assert!(err.contains("sst2"), "{err}");
     Ok(())
 }
+
+/// A full disk (every write of the download fails with ENOSPC: its part file is a link to
+/// `/dev/full`) fails the fetch with the part's path; nothing enters the cache, and the same
+/// fetch succeeds once there is room.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_full_disk_fails_the_fetch_naming_the_path_and_the_cache_stays_consistent() -> Result {
+    let body = bytes(10_000, 11);
+    let mirror = tempfile::tempdir()?;
+    std::fs::create_dir_all(mirror.path().join("full"))?;
+    std::fs::write(mirror.path().join("full/f.bin"), &body)?;
+    let m = manifest(&format!(
+        "name = \"full\"\n{HEAD}{}",
+        file_entry("f.bin", &body, &[])
+    ))?;
+    let cache = tempfile::tempdir()?;
+    let partial = cache.path().join(".partial/full");
+    std::fs::create_dir_all(&partial)?;
+    let part = partial.join("f.bin.part");
+    std::os::unix::fs::symlink("/dev/full", &part)?;
+    let store = Store::new(
+        cache.path().to_path_buf(),
+        vec![mirror.path().display().to_string()],
+    );
+    let err = match store.resolve(&m) {
+        Ok(d) => return Err(format!("fetched into {} on a full disk", d.display()).into()),
+        Err(e) => e,
+    };
+    assert!(matches!(err, DataError::Io { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains(&part.display().to_string()), "{text}");
+    assert!(text.contains("No space left on device"), "{text}");
+    assert!(!cache.path().join("full/f.bin").exists());
+    assert!(!cache.path().join("full/.verified").exists());
+    assert_ne!(store.status(&m), CacheStatus::Cached(body.len() as u64));
+    let dir = store.resolve(&m)?;
+    assert_eq!(std::fs::read(dir.join("f.bin"))?, body);
+    Ok(())
+}

@@ -156,6 +156,22 @@ fn file_entry(name: &str, body: &[u8], urls: &[String]) -> String {
     )
 }
 
+/// A server with one file at `path`.
+fn serving(path: &str, body: &[u8]) -> Result<Server> {
+    Server::start(Behaviour {
+        files: HashMap::from([(path.to_string(), body.to_vec())]),
+        ..Behaviour::default()
+    })
+}
+
+/// A manifest `name` with one file, `file`, of the bytes `body`.
+fn one_file(name: &str, file: &str, body: &[u8], urls: &[String]) -> Result<Manifest> {
+    manifest(&format!(
+        "name = {name:?}\n{HEAD}{}",
+        file_entry(file, body, urls)
+    ))
+}
+
 const HEAD: &str =
     "kind = \"dataset\"\ntitle = \"t\"\nlicence = \"l\"\ncitation = \"c\"\nhomepage = \"h\"\n";
 
@@ -248,10 +264,12 @@ fn a_dropped_connection_resumes_where_it_stopped() -> Result {
         files: HashMap::from([("/big.bin".to_string(), body.clone())]),
         drop_first: HashMap::from([("/big.bin".to_string(), 70_000)]),
     })?;
-    let m = manifest(&format!(
-        "name = \"resume\"\n{HEAD}{}",
-        file_entry("big.bin", &body, &[format!("{}/big.bin", server.url())])
-    ))?;
+    let m = one_file(
+        "resume",
+        "big.bin",
+        &body,
+        &[format!("{}/big.bin", server.url())],
+    )?;
     let cache = tempfile::tempdir()?;
     let dir = Store::new(cache.path().to_path_buf(), vec![]).resolve(&m)?;
     assert_eq!(std::fs::read(dir.join("big.bin"))?, body);
@@ -265,14 +283,13 @@ fn a_dropped_connection_resumes_where_it_stopped() -> Result {
 #[test]
 fn a_part_left_by_an_earlier_fetch_is_resumed() -> Result {
     let body = bytes(30_000, 5);
-    let server = Server::start(Behaviour {
-        files: HashMap::from([("/f.bin".to_string(), body.clone())]),
-        ..Behaviour::default()
-    })?;
-    let m = manifest(&format!(
-        "name = \"later\"\n{HEAD}{}",
-        file_entry("f.bin", &body, &[format!("{}/f.bin", server.url())])
-    ))?;
+    let server = serving("/f.bin", &body)?;
+    let m = one_file(
+        "later",
+        "f.bin",
+        &body,
+        &[format!("{}/f.bin", server.url())],
+    )?;
     let cache = tempfile::tempdir()?;
     let partial = cache.path().join(".partial/later");
     std::fs::create_dir_all(&partial)?;
@@ -294,14 +311,13 @@ fn a_corrupted_file_is_named_and_leaves_the_cache_untouched() -> Result {
     let good = bytes(5_000, 6);
     let mut bad = good.clone();
     bad[100] ^= 0xff;
-    let server = Server::start(Behaviour {
-        files: HashMap::from([("/x.bin".to_string(), bad.clone())]),
-        ..Behaviour::default()
-    })?;
-    let m = manifest(&format!(
-        "name = \"corrupt\"\n{HEAD}{}",
-        file_entry("x.bin", &good, &[format!("{}/x.bin", server.url())])
-    ))?;
+    let server = serving("/x.bin", &bad)?;
+    let m = one_file(
+        "corrupt",
+        "x.bin",
+        &good,
+        &[format!("{}/x.bin", server.url())],
+    )?;
     let cache = tempfile::tempdir()?;
     let err = match Store::new(cache.path().to_path_buf(), vec![]).resolve(&m) {
         Ok(d) => return Err(format!("a corrupted file was accepted into {}", d.display()).into()),
@@ -323,15 +339,14 @@ fn a_corrupted_file_is_named_and_leaves_the_cache_untouched() -> Result {
 #[test]
 fn a_dead_mirror_falls_through_to_the_next_source() -> Result {
     let body = bytes(8_000, 7);
-    let official = Server::start(Behaviour {
-        files: HashMap::from([("/o/y.bin".to_string(), body.clone())]),
-        ..Behaviour::default()
-    })?;
+    let official = serving("/o/y.bin", &body)?;
     let dead = dead_url()?;
-    let m = manifest(&format!(
-        "name = \"fallback\"\n{HEAD}{}",
-        file_entry("y.bin", &body, &[format!("{}/o/y.bin", official.url())])
-    ))?;
+    let m = one_file(
+        "fallback",
+        "y.bin",
+        &body,
+        &[format!("{}/o/y.bin", official.url())],
+    )?;
     let cache = tempfile::tempdir()?;
     let dir = Store::new(cache.path().to_path_buf(), vec![dead]).resolve(&m)?;
     assert_eq!(std::fs::read(dir.join("y.bin"))?, body);
@@ -342,10 +357,7 @@ fn a_dead_mirror_falls_through_to_the_next_source() -> Result {
 #[test]
 fn mirrors_laid_out_like_the_cache_come_first() -> Result {
     let body = bytes(4_000, 8);
-    let mirror_server = Server::start(Behaviour {
-        files: HashMap::from([("/m/layout/z.bin".to_string(), body.clone())]),
-        ..Behaviour::default()
-    })?;
+    let mirror_server = serving("/m/layout/z.bin", &body)?;
     let official = Server::start(Behaviour::default())?;
     let folder_mirror = tempfile::tempdir()?;
     std::fs::create_dir_all(folder_mirror.path().join("layout"))?;
@@ -383,10 +395,7 @@ fn archive_members_are_verified_one_by_one() -> Result {
         z.finish()?;
     }
     let zipped = zipped.into_inner();
-    let server = Server::start(Behaviour {
-        files: HashMap::from([("/pack.zip".to_string(), zipped.clone())]),
-        ..Behaviour::default()
-    })?;
+    let server = serving("/pack.zip", &zipped)?;
     let m = manifest(&format!(
         "name = \"members\"\n{HEAD}{}\n[[archives]]\nurl = \"{}/pack.zip\"\nformat = \"zip\"\nprefix = \"pack/\"\nsha256 = {:?}\nlatin1 = true\n",
         file_entry("text.txt", &utf8, &[]),
@@ -404,10 +413,12 @@ fn no_reachable_source_names_every_address_and_the_way_by_hand() -> Result {
     let body = bytes(100, 10);
     let (dead_mirror, dead_official) = (dead_url()?, dead_url()?);
     let folder_mirror = tempfile::tempdir()?;
-    let m = manifest(&format!(
-        "name = \"nowhere\"\n{HEAD}{}",
-        file_entry("n.bin", &body, &[format!("{dead_official}/n.bin")])
-    ))?;
+    let m = one_file(
+        "nowhere",
+        "n.bin",
+        &body,
+        &[format!("{dead_official}/n.bin")],
+    )?;
     let cache = tempfile::tempdir()?;
     let mirrors = vec![
         dead_mirror.clone(),
@@ -484,10 +495,7 @@ fn a_full_disk_fails_the_fetch_naming_the_path_and_the_cache_stays_consistent() 
     let mirror = tempfile::tempdir()?;
     std::fs::create_dir_all(mirror.path().join("full"))?;
     std::fs::write(mirror.path().join("full/f.bin"), &body)?;
-    let m = manifest(&format!(
-        "name = \"full\"\n{HEAD}{}",
-        file_entry("f.bin", &body, &[])
-    ))?;
+    let m = one_file("full", "f.bin", &body, &[])?;
     let cache = tempfile::tempdir()?;
     let partial = cache.path().join(".partial/full");
     std::fs::create_dir_all(&partial)?;

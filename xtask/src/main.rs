@@ -103,7 +103,8 @@ enum Task {
         args: Vec<String>,
     },
     /// Runs the tests: provisions a Python environment from tests/python/requirements.txt (on
-    /// first use; reused after), then `cargo test --workspace` with it first on PATH.
+    /// first use; reused after), then `cargo test --workspace` (or the `-p` packages given) with
+    /// it first on PATH.
     Test {
         /// More arguments for `cargo test` (`--locked`, a test name, `-- --nocapture`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -204,9 +205,12 @@ fn main() -> Result<()> {
         Task::Test { args } => {
             let root = workspace_root()?;
             let venv = testenv::provision(&root)?;
+            // The whole workspace unless the arguments pick packages.
+            let picks = args.iter().any(|a| a == "-p" || a.starts_with("--package"));
             run(cargo()
                 .current_dir(&root)
-                .args(["test", "--workspace"])
+                .arg("test")
+                .args((!picks).then_some("--workspace"))
                 .args(&args)
                 .env("PATH", testenv::path_with(&venv)?)
                 .env("VIRTUAL_ENV", &venv))

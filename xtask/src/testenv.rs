@@ -43,6 +43,7 @@ pub fn provision(root: &Path) -> Result<PathBuf> {
         eprintln!("test environment: {} (up to date)", venv.display());
         return Ok(venv);
     }
+    check_python()?;
     let started = Instant::now();
     eprintln!(
         "test environment: creating {} from {}",
@@ -88,6 +89,33 @@ pub fn provision(root: &Path) -> Result<PathBuf> {
         size_of(&venv)
     );
     Ok(venv)
+}
+
+/// The oldest Python the pinned requirements have wheels for (numpy 2.4 and pandas 3 need 3.11).
+const PYTHON_AT_LEAST: (u32, u32) = (3, 11);
+
+/// Fails with one clear message when `python3` is missing or older than [`PYTHON_AT_LEAST`].
+fn check_python() -> Result<()> {
+    let out = Command::new("python3")
+        .args(["-c", "import sys; print(*sys.version_info[:2])"])
+        .output()
+        .context("running python3 (the tests need Python 3.11 or newer with its venv module)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut parts = text
+        .split_whitespace()
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if !out.status.success() || version < PYTHON_AT_LEAST {
+        bail!(
+            "python3 is {}.{}; the tests' requirements (tests/python/requirements.txt) need {}.{} \
+             or newer: put a newer python3 first on PATH",
+            version.0,
+            version.1,
+            PYTHON_AT_LEAST.0,
+            PYTHON_AT_LEAST.1
+        );
+    }
+    Ok(())
 }
 
 /// `du -sh`-like size of a folder.

@@ -62,9 +62,12 @@ impl Store {
     /// The cache at `root`, filled from `mirrors` (folders or `http(s)://` addresses laid out like
     /// the cache) before any other source.
     pub fn new(root: PathBuf, mirrors: Vec<String>) -> Self {
+        // ureq's body timeout bounds a whole body, not a pause in it: generous, so that a large
+        // archive on a slow link gets through; a stalled transfer ends there and resumes.
         let agent = ureq::Agent::config_builder()
             .timeout_connect(Some(Duration::from_secs(20)))
-            .timeout_recv_body(Some(Duration::from_secs(60)))
+            .timeout_recv_response(Some(Duration::from_secs(60)))
+            .timeout_recv_body(Some(Duration::from_secs(15 * 60)))
             .build()
             .into();
         Store {

@@ -18,7 +18,7 @@ use distill_rt::{
     TaskKind, assets, config,
 };
 
-use crate::text::{self, Column, Example, Layout};
+use crate::text::{self, Column, Encoding, Example, Layout};
 use crate::vocab::{OOV, PAD, Vocabulary, WordPiece, resolve_model_dir};
 
 /// Word ids input.
@@ -437,6 +437,8 @@ struct DelimitedConfig {
     #[serde(default = "second")]
     label_column: Column,
     classes: Option<Vec<String>>,
+    #[serde(default)]
+    encoding: Encoding,
 }
 
 fn tab() -> char {
@@ -449,12 +451,32 @@ fn second() -> Column {
     Column::Index(1)
 }
 
+/// Warns when a file's labels look like a misread (a text column split into labels): more
+/// classes than a tenth of the rows, or classes seen only once.
+fn warn_on_odd_classes(file: &Path, ids: &[u32], classes: usize) {
+    let mut counts = vec![0usize; classes];
+    for &id in ids {
+        if let Some(c) = counts.get_mut(id as usize) {
+            *c += 1;
+        }
+    }
+    let once = counts.iter().filter(|&&c| c == 1).count();
+    if classes > 2 && (classes * 10 > ids.len() || once > 0) {
+        distill_rt::tracing::warn!(
+            "dataset nlp.delimited: {}: {classes} classes in {} rows, {once} of them seen once; \
+             check `delimiter`, `label_column` and `header` (a misread text column makes labels)",
+            file.display(),
+            ids.len()
+        );
+    }
+}
+
 /// `nlp.delimited`.
 pub struct DelimitedFactory;
 
 impl DatasetFactory for DelimitedFactory {
     fn summary(&self) -> &str {
-        "delimited text classification (no quoting): `train` file, optional `validation`/`test` files (else carved by `validation_fraction`, `test_fraction`), `delimiter` tab, `header` false, `text_column` 0, `label_column` 1 (index or header name), labels as integers or names (`classes` fixes their order)"
+        "delimited text classification, CSV rules (quoted fields, CRLF, a header, a byte-order mark; `encoding` utf-8 or latin-1): `train` file, optional `validation`/`test` files (else carved by `validation_fraction`, `test_fraction`), `delimiter` tab, `header` false, `text_column` 0, `label_column` 1 (index or header name), labels as integers or names (`classes` fixes their order)"
     }
     fn defaults(&self) -> Config {
         with_text_options(config::defaults_with_required::<DelimitedConfig>(&[(
@@ -470,6 +492,7 @@ impl DatasetFactory for DelimitedFactory {
             header: c.header,
             text: &c.text_column,
             label: &c.label_column,
+            encoding: c.encoding,
         };
         let files: [Option<&Path>; 3] = [
             Some(c.train.as_path()),
@@ -490,6 +513,7 @@ impl DatasetFactory for DelimitedFactory {
             .map(|(_, p, n, _, l)| (*p, *n, l.clone()))
             .collect();
         let (ids, names) = text::label_ids(&tagged, c.classes.as_deref())?;
+        warn_on_odd_classes(&c.train, &ids, names.len());
         let mut read: [Vec<Example>; 3] = Default::default();
         for ((split, _, _, text, _), label) in rows.into_iter().zip(ids) {
             read[split].push(Example { text, label });
@@ -534,6 +558,34 @@ mod tests {
         let [a, b, c] = d.info().split_sizes;
         assert_eq!(a + b + c, 5_331 + 5_331);
         assert_eq!((b, c), (1_066, 1_066));
+        Ok(())
+    }
+
+    /// A two-class CSV whose messages hold commas (quoted) is two classes, not one per comma.
+    #[test]
+    fn a_quoted_csv_keeps_its_two_classes() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("distill-nlp-csv-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| Error::data(&dir, e.to_string()))?;
+        let file = dir.join("spam.csv");
+        let mut text = String::from("label,message\n");
+        for i in 0..40 {
+            let (label, message) = if i % 3 == 0 {
+                ("spam", format!("\"Claim your prize {i}, call now, free!\""))
+            } else {
+                (
+                    "ham",
+                    format!("\"See you at {i}, ok, bring \"\"the\"\" book\""),
+                )
+            };
+            text.push_str(&format!("{label},{message}\n"));
+        }
+        std::fs::write(&file, text).map_err(|e| Error::data(&file, e.to_string()))?;
+        let d = DelimitedFactory.build(&json!({
+            "train": file, "delimiter": ",", "header": true,
+            "text_column": "message", "label_column": "label"
+        }))?;
+        assert_eq!(d.info().num_classes, 2);
+        assert_eq!(d.info().split_sizes.iter().sum::<usize>(), 40);
         Ok(())
     }
 

@@ -455,3 +455,111 @@ fn tracing_events_inside_a_plugin_reach_the_host_subscriber() -> Result<()> {
     );
     Ok(())
 }
+
+/// A fresh folder for copies of plugin files.
+fn plugin_copies(tag: &str) -> Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("distill-plugin-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    set_mode(&dir, 0o755)?;
+    Ok(dir)
+}
+
+fn set_mode(path: &std::path::Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(())
+}
+
+#[test]
+fn only_this_workspaces_plugins_load_from_a_shared_target_folder() -> Result<()> {
+    let dir = plugin_copies("stray")?;
+    let ours = plugin_path("distill_plugin_strategies");
+    let file = |name: &str| dir.join(format!("libdistill_plugin_{name}.so"));
+    std::fs::copy(&ours, file("strategies"))?;
+    // A plugin scaffolded in another clone that shares the target folder, deleted since.
+    std::fs::copy(&ours, file("bars_probe"))?;
+    let found = distill_host::workspace_plugins(&dir)?;
+    assert_eq!(found, [file("strategies")], "{found:?}");
+    assert_eq!(distill_host::discover(&dir)?.len(), 2);
+    let mut host = PluginHost::new();
+    host.load_workspace(&dir)?;
+    assert_eq!(host.loaded(), [file("strategies")]);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+#[test]
+fn plugins_that_other_users_can_write_are_refused_naming_the_path() -> Result<()> {
+    let dir = plugin_copies("loose")?;
+    let copy = dir.join("libdistill_plugin_strategies.so");
+    std::fs::copy(plugin_path("distill_plugin_strategies"), &copy)?;
+    let refused = |expect_loose: &std::path::Path| -> Result<()> {
+        match PluginHost::new().load(&copy) {
+            Err(e @ LoadError::Insecure { .. }) => {
+                let text = e.to_string();
+                assert!(
+                    text.contains(&format!(
+                        "{} is writable by other users",
+                        expect_loose.display()
+                    )) && text.contains("chmod go-w"),
+                    "{text}"
+                );
+                Ok(())
+            }
+            Err(e) => Err(format!("expected a refusal, got {e}").into()),
+            Ok(()) => Err(format!("{} was loaded", copy.display()).into()),
+        }
+    };
+    set_mode(&copy, 0o757)?;
+    refused(&copy)?;
+    set_mode(&copy, 0o755)?;
+    set_mode(&dir, 0o777)?;
+    refused(&dir)?;
+    // A sticky folder (like /tmp) lets nobody replace another user's file: accepted.
+    set_mode(&dir, 0o1777)?;
+    let mut host = PluginHost::new();
+    host.load(&copy)?;
+    // Group-writable in a group that is not the owner's own (when this user may pick one).
+    set_mode(&dir, 0o755)?;
+    set_mode(&copy, 0o775)?;
+    let other_group = std::process::Command::new("chgrp")
+        .args(["nogroup"])
+        .arg(&copy)
+        .status()
+        .is_ok_and(|s| s.success());
+    if other_group {
+        refused(&copy)?;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+#[test]
+fn every_plugin_reports_its_code_version() -> Result<()> {
+    let host = host_with("distill_plugin_strategies");
+    let version = host.code_version("strategy", "kd").unwrap_or_default();
+    let (name, hex) = version.split_once(':').unwrap_or_default();
+    assert_eq!(name, "strategies");
+    assert_eq!(hex.len(), 16, "{version}");
+    assert!(hex.chars().all(|c| c.is_ascii_hexdigit()), "{version}");
+    // A plugin built without `distill-build` is identified by its library file's hash.
+    let faulty = host_with("distill_test_faulty");
+    let names: Vec<String> = faulty
+        .registrar()
+        .list()
+        .into_iter()
+        .map(|e| format!("{}:{}", e.kind, e.name))
+        .collect();
+    let first = names.first().cloned().unwrap_or_default();
+    let (kind, name) = first.split_once(':').unwrap_or_default();
+    let version = faulty.code_version(kind, name).unwrap_or_default();
+    assert!(version.starts_with("distill_test_faulty:"), "{version}");
+    assert_eq!(
+        version.len(),
+        "distill_test_faulty:".len() + 16,
+        "{version}"
+    );
+    assert_eq!(host.code_version("strategy", "no-such-strategy"), None);
+    Ok(())
+}

@@ -167,8 +167,32 @@ pub fn load(path: &Path, sets: &[String]) -> Result<(Experiment, String)> {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "experiment".into()),
     };
+    if !is_identifier(&name) {
+        let whence = if experiment.name.is_some() {
+            "key `name`"
+        } else {
+            "the file's name (set key `name`)"
+        };
+        bail!(
+            "{}: {whence}: experiment name `{name}` is not an identifier: it names the results \
+             folder `reports/<name>`, so use ASCII letters, digits, `-`, `_` and `.` (at most 100, \
+             starting with a letter or digit, no `..`)",
+            path.display()
+        );
+    }
     validate(path, &experiment)?;
     Ok((experiment, name))
+}
+
+/// A name that can only be one folder inside the results folder: no separator, no `..`, not
+/// absolute, not hidden.
+fn is_identifier(name: &str) -> bool {
+    name.len() <= 100
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.contains("..")
 }
 
 fn toml_value_ok(snippet: &str) -> bool {
@@ -347,5 +371,33 @@ name = "baseline"
             e.contains("key `strategies[0].teachers`") && e.contains("no teacher 0"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn names_that_could_leave_the_results_folder_are_refused() {
+        for bad in [
+            "../../../outside",
+            "/tmp/abs",
+            "a/b",
+            "..",
+            "x..y",
+            ".hidden",
+            "",
+            "a b",
+            "a\\b",
+        ] {
+            let text = format!("name = {}\n{GOOD}", serde_json::Value::String(bad.into()));
+            let e = load(&write("name", &text), &[])
+                .err()
+                .map(|e| format!("{e:#}"))
+                .unwrap_or_default();
+            assert!(
+                e.contains("key `name`") && e.contains("not an identifier"),
+                "{bad:?}: {e}"
+            );
+        }
+        for good in ["quick", "cifar-100_kd.v2", "2026"] {
+            assert!(is_identifier(good), "{good}");
+        }
     }
 }

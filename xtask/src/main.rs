@@ -6,6 +6,7 @@ mod bench;
 mod experiment;
 mod fetch;
 mod plan;
+mod results;
 mod runner;
 mod scaffold;
 mod testenv;
@@ -55,6 +56,11 @@ enum Task {
         /// object per event). Every job also writes `log.jsonl` in its folder.
         #[arg(long, default_value = "pretty", value_parser = ["pretty", "json"])]
         log_format: String,
+        /// Keep the results of jobs that finished with other code (an older build of the engine
+        /// or of a plugin they use) instead of running them again; the tables mark them
+        /// `stale` and the summary counts them.
+        #[arg(long)]
+        reuse_stale: bool,
     },
     /// Times one training step of every model family (`tests/src/steps.rs`), each in its own
     /// process; with `--compare`, alternately with the PyTorch reference
@@ -144,6 +150,7 @@ fn main() -> Result<()> {
             no_build,
             dry_run,
             log_format,
+            reuse_stale,
         } => {
             let opts = RunFlags {
                 jobs,
@@ -151,6 +158,7 @@ fn main() -> Result<()> {
                 no_build,
                 dry_run,
                 log_format,
+                reuse_stale,
             };
             run_experiment(&experiment, &sets, opts)
         }
@@ -222,6 +230,7 @@ fn main() -> Result<()> {
         } => fetch::fetch(&names, list, verify),
         Task::Report { dir } => {
             build_workspace()?;
+            let _lock = results::lock(&dir)?;
             report(&distill()?, &dir)
         }
     }
@@ -234,6 +243,7 @@ struct RunFlags {
     no_build: bool,
     dry_run: bool,
     log_format: String,
+    reuse_stale: bool,
 }
 
 fn run_experiment(file: &Path, sets: &[String], flags: RunFlags) -> Result<()> {
@@ -243,14 +253,26 @@ fn run_experiment(file: &Path, sets: &[String], flags: RunFlags) -> Result<()> {
         no_build,
         dry_run,
         log_format,
+        reuse_stale,
     } = flags;
     let (x, name) = experiment::load(file, sets)?;
-    let out = out.unwrap_or_else(|| PathBuf::from("reports").join(&name));
-    let planned = plan::plan(
-        &x,
-        &name,
-        &std::path::absolute(&out).context("resolving the output folder")?,
-    );
+    let out = match out {
+        Some(out) => results::folder(&out)?,
+        None => results::named(Path::new("reports"), &name)?,
+    };
+    let _lock = results::lock(&out)?;
+    if !no_build {
+        build_workspace()?;
+    }
+    let distill = distill()?;
+    let code = code_versions(&distill)?;
+    let finished = plan::Finished::scan(&out.join("jobs"));
+    let inputs = plan::PlanInputs {
+        code: &code,
+        finished: &finished,
+        reuse_stale,
+    };
+    let planned = plan::plan(&x, &name, &out, &inputs);
     let workers = jobs.or(x.jobs).unwrap_or(1).max(1);
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -263,15 +285,29 @@ fn run_experiment(file: &Path, sets: &[String], flags: RunFlags) -> Result<()> {
         "{name}: {} jobs ({teachers} teachers), {workers} at a time sharing {cores} cores",
         planned.len()
     );
-    if !no_build {
-        build_workspace()?;
+    let stale = planned.iter().filter(|j| j.stale).count();
+    let outdated = planned
+        .iter()
+        .filter(|j| !finished.has(&j.id) && finished.has_older(&j.spec_id))
+        .count();
+    if stale > 0 {
+        eprintln!(
+            "--reuse-stale: {stale} jobs keep results computed by other code (or taught by such \
+             a job); the tables mark them stale"
+        );
     }
-    let distill = distill()?;
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    if outdated > 0 {
+        eprintln!(
+            "{outdated} jobs finished before with other code (the engine or a plugin they use \
+             changed since): running them again (--reuse-stale keeps the old results, marked \
+             stale)"
+        );
+    }
     let plan_file = out.join("plan.json");
     let plan_json = json!({
         "experiment_file": file.display().to_string(),
-        "jobs": planned.iter().map(|j| json!({"spec": j.spec, "origin": j.origin})).collect::<Vec<_>>(),
+        "code": {"engine": code.engine},
+        "jobs": planned.iter().map(|j| json!({"spec": j.spec, "origin": j.origin, "stale": j.stale})).collect::<Vec<_>>(),
     });
     std::fs::write(&plan_file, serde_json::to_vec_pretty(&plan_json)?)
         .with_context(|| format!("writing {}", plan_file.display()))?;
@@ -307,6 +343,22 @@ fn run_experiment(file: &Path, sets: &[String], flags: RunFlags) -> Result<()> {
         counts.ran, counts.skipped, counts.failed
     );
     report(&distill, &out)
+}
+
+/// The code versions of the build (`distill code-versions`).
+fn code_versions(distill: &Path) -> Result<plan::CodeIndex> {
+    let out = Command::new(distill)
+        .arg("code-versions")
+        .output()
+        .with_context(|| format!("running {} code-versions", distill.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} code-versions failed: {}",
+            distill.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("reading the code versions of the build")
 }
 
 fn report(distill: &Path, dir: &Path) -> Result<()> {

@@ -1,21 +1,119 @@
 //! Expands an experiment into content-addressed jobs: one teacher job per dataset and teacher,
 //! one student job per dataset x teacher x student x strategy x grid point x seed. A job's id is
-//! a hash of everything that determines its result (a student's includes its teacher's id), so a
-//! finished job is found again on a re-run, and growing the grid reuses what exists.
+//! a hash of everything that determines its result: its configuration, its teachers' ids and the
+//! versions of the code that computes it (the engine and the plugins of its dataset, model and
+//! strategy; ARCHITECTURE.md, "Job identity"). A finished job is found again on a re-run, growing
+//! the grid reuses what exists, and a job computed by other code runs again, unless the user asks
+//! to reuse it (`--reuse-stale`): then it is marked stale.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::experiment::Experiment;
 
+/// The code versions of the build that will run the jobs (`distill code-versions`): the
+/// engine's, and the plugin version behind each registered name.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct CodeIndex {
+    /// `engine:<hex>`.
+    pub engine: String,
+    /// Dataset name -> `<plugin>:<hex>`.
+    pub dataset: BTreeMap<String, String>,
+    /// Model name -> `<plugin>:<hex>`.
+    pub model: BTreeMap<String, String>,
+    /// Strategy name -> `<plugin>:<hex>`.
+    pub strategy: BTreeMap<String, String>,
+}
+
+impl CodeIndex {
+    /// The `code` of a job (the engine's `CodeVersions`); an unknown name gets an empty version
+    /// (`distill check` reports the name).
+    fn of(&self, job: &Value) -> Value {
+        let version = |map: &BTreeMap<String, String>, part: &str| {
+            job[part]["name"]
+                .as_str()
+                .and_then(|n| map.get(n))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let mut code = json!({
+            "engine": self.engine,
+            "dataset": version(&self.dataset, "dataset"),
+            "model": version(&self.model, "model"),
+        });
+        if job.get("strategy").is_some() {
+            code["strategy"] = version(&self.strategy, "strategy").into();
+        }
+        code
+    }
+}
+
+/// The jobs already finished in an experiment's `jobs/` folder, by id and by code-free
+/// identity (`spec_id`).
+#[derive(Debug, Default)]
+pub struct Finished {
+    ids: std::collections::BTreeSet<String>,
+    /// spec_id -> (id, folder) of the newest finished job with that spec_id.
+    by_spec: BTreeMap<String, (String, PathBuf)>,
+}
+
+impl Finished {
+    /// Scans `jobs_dir`: every folder whose record says `ok` or `diverged`. A folder planned
+    /// before code versions has no `spec_id` in its `job.json`; its id is one (it hashed the
+    /// same content without code).
+    pub fn scan(jobs_dir: &Path) -> Self {
+        let mut found = Self::default();
+        let mut newest: BTreeMap<String, f64> = BTreeMap::new();
+        for entry in std::fs::read_dir(jobs_dir).into_iter().flatten().flatten() {
+            let dir = entry.path();
+            let id = entry.file_name().to_string_lossy().into_owned();
+            let Some(record) = crate::runner::finished_record(&dir) else {
+                continue;
+            };
+            if record.status == "failed" {
+                continue;
+            }
+            let spec_id = std::fs::read(dir.join("job.json"))
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
+                .and_then(|v| v["spec_id"].as_str().map(String::from))
+                .unwrap_or_else(|| id.clone());
+            if newest.get(&spec_id).is_none_or(|t| *t < record.finished_at) {
+                newest.insert(spec_id.clone(), record.finished_at);
+                found.by_spec.insert(spec_id, (id.clone(), dir));
+            }
+            found.ids.insert(id);
+        }
+        found
+    }
+}
+
+impl Finished {
+    /// A job with this id has finished.
+    pub fn has(&self, id: &str) -> bool {
+        self.ids.contains(id)
+    }
+
+    /// A job with this code-free identity has finished (with whichever code).
+    pub fn has_older(&self, spec_id: &str) -> bool {
+        self.by_spec.contains_key(spec_id)
+    }
+}
+
 /// One job of the plan.
 #[derive(Clone, Debug)]
 pub struct PlannedJob {
-    /// Content address.
+    /// Content address (configuration, teachers and code).
     pub id: String,
+    /// Content address without the code versions.
+    pub spec_id: String,
+    /// Its result comes from other code, reused on request (`--reuse-stale`), or one of its
+    /// teachers' does.
+    pub stale: bool,
     /// The job file's content (the engine's `JobSpec`).
     pub spec: Value,
     /// The teacher jobs it waits for.
@@ -85,83 +183,120 @@ fn train_origin(own: &Value, key: &str) -> String {
     }
 }
 
+/// What the plan needs besides the experiment: the code of this build, what has finished
+/// before, and whether results of other code are reused.
+pub struct PlanInputs<'a> {
+    /// The build's code versions.
+    pub code: &'a CodeIndex,
+    /// The finished jobs of the results folder.
+    pub finished: &'a Finished,
+    /// Reuse a finished job computed by other code (marked stale) instead of running it again.
+    pub reuse_stale: bool,
+}
+
 /// Where the jobs of one experiment go, and what every job spec names.
 struct Jobs<'a> {
     experiment: &'a str,
     dir: PathBuf,
+    inputs: &'a PlanInputs<'a>,
     list: Vec<PlannedJob>,
 }
 
 impl Jobs<'_> {
-    /// Adds a job whose id is the hash of `content` and whose spec runs `job`.
+    /// Adds a job computing `job` whose teachers are `teachers`; `content` is what identifies it
+    /// besides code and teachers. Returns it as its students refer to it.
     fn push(
         &mut self,
         content: &Value,
         job: Value,
-        depends_on: Vec<String>,
+        teachers: &[&TeacherJob],
         origin: BTreeMap<String, String>,
         label: String,
-    ) -> (String, PathBuf) {
-        let id = content_id(content);
-        let dir = self.dir.join(&id);
+    ) -> TeacherJob {
+        let with_teachers = |id: fn(&TeacherJob) -> &String| {
+            let mut content = content.clone();
+            if job["kind"] == "student" {
+                let hashed: Vec<Value> = teachers
+                    .iter()
+                    .map(|t| json!({"model": t.model, "id": id(t)}))
+                    .collect();
+                content["teacher"] = match hashed.as_slice() {
+                    [] => Value::Null,
+                    [one] => one.clone(),
+                    _ => Value::Array(hashed),
+                };
+            }
+            content
+        };
+        let spec_id = content_id(&with_teachers(|t| &t.spec_id));
+        let code = self.inputs.code.of(&job);
+        let mut full = with_teachers(|t| &t.id);
+        full["code"] = code.clone();
+        let mut id = content_id(&full);
+        let mut dir = self.dir.join(&id);
+        let mut stale = teachers.iter().any(|t| t.stale);
+        if self.inputs.reuse_stale
+            && !self.inputs.finished.ids.contains(&id)
+            && let Some((old, old_dir)) = self.inputs.finished.by_spec.get(&spec_id)
+        {
+            (id, dir, stale) = (old.clone(), old_dir.clone(), true);
+        }
         if !self.list.iter().any(|j| j.id == id) {
             self.list.push(PlannedJob {
                 id: id.clone(),
-                spec: json!({"id": id, "experiment": self.experiment, "out_dir": dir, "job": job}),
-                depends_on,
+                spec_id: spec_id.clone(),
+                stale,
+                spec: json!({"id": id, "spec_id": spec_id, "code": code,
+                             "experiment": self.experiment, "out_dir": dir, "job": job}),
+                depends_on: teachers.iter().map(|t| t.id.clone()).collect(),
                 origin,
                 label,
                 dir: dir.clone(),
             });
         }
-        (id, dir)
+        TeacherJob {
+            id,
+            spec_id,
+            stale,
+            model: job["model"].clone(),
+            dir,
+        }
     }
 
-    /// Adds a teacher job; returns its id and folder.
+    /// Adds a teacher job.
     fn teacher(
         &mut self,
         job: Value,
         origin: BTreeMap<String, String>,
         label: String,
-    ) -> (String, PathBuf) {
-        self.push(&job, job.clone(), Vec::new(), origin, label)
+    ) -> TeacherJob {
+        self.push(&job, job.clone(), &[], origin, label)
     }
 
-    /// Adds a student job taught by `teachers` (each one's id, model component and folder): the
-    /// ids are hashed into the content (`teacher`: null, one, or a list for several), the
-    /// folders written into the spec, and the job waits for them.
+    /// Adds a student job taught by `teachers`: their ids are hashed into its identity
+    /// (`teacher`: null, one, or a list for several), their folders written into the spec, and
+    /// the job waits for them.
     fn student(
         &mut self,
-        mut content: Value,
+        content: Value,
         teachers: &[&TeacherJob],
         origin: BTreeMap<String, String>,
         label: String,
-    ) -> (String, PathBuf) {
-        let hashed: Vec<Value> = teachers
-            .iter()
-            .map(|t| json!({"model": t.model, "id": t.id}))
-            .collect();
-        content["teacher"] = match hashed.as_slice() {
-            [] => Value::Null,
-            [one] => one.clone(),
-            _ => Value::Array(hashed),
-        };
+    ) -> TeacherJob {
         let mut job = content.clone();
-        if let Some(o) = job.as_object_mut() {
-            o.remove("teacher");
-        }
         job["teachers"] = teachers
             .iter()
             .map(|t| json!({"model": t.model, "dir": t.dir}))
             .collect();
-        let depends_on = teachers.iter().map(|t| t.id.clone()).collect();
-        self.push(&content, job, depends_on, origin, label)
+        self.push(&content, job, teachers, origin, label)
     }
 }
 
-/// A planned teacher job, as its students refer to it.
+/// A planned job, as the students it teaches refer to it.
 struct TeacherJob {
     id: String,
+    spec_id: String,
+    stale: bool,
     /// Its model component.
     model: Value,
     dir: PathBuf,
@@ -176,10 +311,11 @@ fn origins(pairs: &[(&str, String)]) -> BTreeMap<String, String> {
 }
 
 /// All jobs of experiment `x` named `name`, teachers first; folders under `out/jobs/`.
-pub fn plan(x: &Experiment, name: &str, out: &Path) -> Vec<PlannedJob> {
+pub fn plan(x: &Experiment, name: &str, out: &Path, inputs: &PlanInputs<'_>) -> Vec<PlannedJob> {
     let mut jobs = Jobs {
         experiment: name,
         dir: out.join("jobs"),
+        inputs,
         list: Vec::new(),
     };
     let shared_train = table(&x.train);
@@ -207,8 +343,7 @@ pub fn plan(x: &Experiment, name: &str, out: &Path) -> Vec<PlannedJob> {
                 ),
             ]);
             let label = format!("teacher {} on {}", t.model, d.name);
-            let (id, dir) = jobs.teacher(job, origin, label);
-            teachers.insert((di, ti), TeacherJob { id, model, dir });
+            teachers.insert((di, ti), jobs.teacher(job, origin, label));
         }
     }
     // Each teacher of the grid in turn, or none when the grid has none.
@@ -324,12 +459,7 @@ fn plan_chains(x: &Experiment, shared_train: &Value, jobs: &mut Jobs<'_>) {
                         ]);
                         let label =
                             format!("born-again teacher {} seed {seed} on {}", s.model, d.name);
-                        let (id, dir) = jobs.teacher(first, origin, label);
-                        let mut previous = TeacherJob {
-                            id,
-                            model: model.clone(),
-                            dir,
-                        };
+                        let mut previous = jobs.teacher(first, origin, label);
                         for generation in 1..=generations {
                             let content = json!({
                                 "kind": "student",
@@ -351,12 +481,7 @@ fn plan_chains(x: &Experiment, shared_train: &Value, jobs: &mut Jobs<'_>) {
                                 "{} <- {} generation {generation} seed {seed} on {}",
                                 s.model, k.name, d.name
                             );
-                            let (id, dir) = jobs.student(content, &[&previous], origin, label);
-                            previous = TeacherJob {
-                                id,
-                                model: model.clone(),
-                                dir,
-                            };
+                            previous = jobs.student(content, &[&previous], origin, label);
                         }
                     }
                 }
@@ -416,7 +541,14 @@ teachers = [0, 1]
 "#,
         )?;
         let (x, name) = crate::experiment::load(&path, &[])?;
-        let jobs = plan(&x, &name, Path::new("/out"));
+        let code = CodeIndex::default();
+        let finished = Finished::default();
+        let inputs = PlanInputs {
+            code: &code,
+            finished: &finished,
+            reuse_stale: false,
+        };
+        let jobs = plan(&x, &name, Path::new("/out"), &inputs);
         let _ = std::fs::remove_file(&path);
         let (t0, t1) = (&jobs[0].id, &jobs[1].id);
         // The second teacher only teaches the entry that names it.
@@ -436,6 +568,184 @@ teachers = [0, 1]
             let teachers = j.spec["job"]["teachers"].as_array().map_or(0, Vec::len);
             assert_eq!(teachers, 2);
             assert_eq!(j.origin["teacher"], "strategies[1].teachers");
+        }
+        Ok(())
+    }
+
+    /// An experiment on a vision and an NLP dataset, with a teacher and two strategies.
+    fn two_tasks() -> anyhow::Result<(Experiment, String)> {
+        let path = std::env::temp_dir().join(format!("xtask-code-{}.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            r#"
+seeds = [0]
+[[datasets]]
+name = "vision.synthetic"
+[[datasets]]
+name = "nlp.synthetic"
+[[teachers]]
+model = "big"
+[[students]]
+model = "small"
+[[strategies]]
+name = "baseline"
+[[strategies]]
+name = "kd"
+"#,
+        )?;
+        let loaded = crate::experiment::load(&path, &[]);
+        let _ = std::fs::remove_file(&path);
+        loaded
+    }
+
+    fn code(engine: &str, vision: &str, nlp: &str, strategies: &str) -> CodeIndex {
+        let map = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        CodeIndex {
+            engine: engine.into(),
+            dataset: map(&[("vision.synthetic", vision), ("nlp.synthetic", nlp)]),
+            model: map(&[("big", "models:1"), ("small", "models:1")]),
+            strategy: map(&[("baseline", strategies), ("kd", strategies)]),
+        }
+    }
+
+    /// (label, id, spec_id, stale) of every job.
+    fn ids(
+        x: &Experiment,
+        code: &CodeIndex,
+        finished: &Finished,
+        reuse_stale: bool,
+    ) -> Vec<(String, String, String, bool)> {
+        let inputs = PlanInputs {
+            code,
+            finished,
+            reuse_stale,
+        };
+        plan(x, "x", Path::new("/out"), &inputs)
+            .into_iter()
+            .map(|j| (j.label, j.id, j.spec_id, j.stale))
+            .collect()
+    }
+
+    #[test]
+    fn a_plugin_change_renames_exactly_the_jobs_that_use_it() -> anyhow::Result<()> {
+        let (x, _) = two_tasks()?;
+        let none = Finished::default();
+        let before = ids(
+            &x,
+            &code("e1", "vision:1", "nlp:1", "strategies:1"),
+            &none,
+            false,
+        );
+        assert_eq!(before.len(), 6, "{before:?}");
+        let changed = |after: &[(String, String, String, bool)]| -> Vec<String> {
+            before
+                .iter()
+                .zip(after)
+                .filter(|(b, a)| b.1 != a.1)
+                .map(|(b, _)| b.0.clone())
+                .collect()
+        };
+        // The vision plugin: the vision teacher and its students, not the NLP jobs.
+        let vision = ids(
+            &x,
+            &code("e1", "vision:2", "nlp:1", "strategies:1"),
+            &none,
+            false,
+        );
+        let moved = changed(&vision);
+        assert_eq!(moved.len(), 3, "{moved:?}");
+        assert!(
+            moved.iter().all(|l| l.contains("vision.synthetic")),
+            "{moved:?}"
+        );
+        // The strategies plugin: every student, no teacher.
+        let strategies = ids(
+            &x,
+            &code("e1", "vision:1", "nlp:1", "strategies:2"),
+            &none,
+            false,
+        );
+        let moved = changed(&strategies);
+        assert_eq!(moved.len(), 4, "{moved:?}");
+        assert!(!moved.iter().any(|l| l.starts_with("teacher")), "{moved:?}");
+        // The engine: everything. The code-free identity never moves.
+        let engine = ids(
+            &x,
+            &code("e2", "vision:1", "nlp:1", "strategies:1"),
+            &none,
+            false,
+        );
+        assert_eq!(changed(&engine).len(), 6);
+        for after in [&vision, &strategies, &engine] {
+            for (b, a) in before.iter().zip(after.iter()) {
+                assert_eq!(b.2, a.2, "spec_id of {}", b.0);
+            }
+        }
+        // Unchanged code: the same ids (a README edit changes no version).
+        assert_eq!(
+            ids(
+                &x,
+                &code("e1", "vision:1", "nlp:1", "strategies:1"),
+                &none,
+                false
+            ),
+            before
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn reuse_stale_takes_old_results_and_marks_what_depends_on_them() -> anyhow::Result<()> {
+        let (x, _) = two_tasks()?;
+        let old = ids(
+            &x,
+            &code("e1", "vision:1", "nlp:1", "strategies:1"),
+            &Finished::default(),
+            false,
+        );
+        // Everything finished with the old code.
+        let mut finished = Finished::default();
+        for (_, id, spec_id, _) in &old {
+            finished.ids.insert(id.clone());
+            finished.by_spec.insert(
+                spec_id.clone(),
+                (id.clone(), PathBuf::from("/out/jobs").join(id)),
+            );
+        }
+        let new_code = code("e1", "vision:2", "nlp:1", "strategies:1");
+        let rerun = ids(&x, &new_code, &finished, false);
+        assert!(
+            rerun.iter().all(|j| !j.3),
+            "without the flag nothing is stale"
+        );
+        let reused = ids(&x, &new_code, &finished, true);
+        assert_eq!(reused.len(), old.len());
+        for ((label, id, _, stale), (_, old_id, _, _)) in reused.iter().zip(&old) {
+            let vision = label.contains("vision.synthetic");
+            assert_eq!(*stale, vision, "{label}");
+            assert_eq!(
+                id, old_id,
+                "{label}: the finished job is reused under its own id"
+            );
+        }
+        // A student that never ran, taught by a reused teacher, runs now and is stale too.
+        let mut partial = Finished::default();
+        for (label, id, spec_id, _) in &old {
+            if label.starts_with("teacher") {
+                partial.ids.insert(id.clone());
+                partial
+                    .by_spec
+                    .insert(spec_id.clone(), (id.clone(), PathBuf::from(id)));
+            }
+        }
+        let taught = ids(&x, &new_code, &partial, true);
+        for (label, _, _, stale) in &taught {
+            assert_eq!(*stale, label.contains("vision.synthetic"), "{label}");
         }
         Ok(())
     }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
@@ -43,11 +43,63 @@ pub struct RunCounts {
     pub failed: usize,
 }
 
-/// The status in a job folder's record, if it has one.
-pub fn finished_status(dir: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(dir.join("record.json")).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    v.get("status").and_then(|s| s.as_str()).map(String::from)
+/// What the orchestrator reads of a job's record.
+#[derive(Debug, serde::Deserialize)]
+pub struct Finished {
+    /// `ok`, `diverged` or `failed`.
+    pub status: String,
+    /// Seconds since the Unix epoch.
+    #[serde(default)]
+    pub finished_at: f64,
+    /// File name -> its size and SHA-256, as the worker wrote them.
+    #[serde(default)]
+    files: BTreeMap<String, Digest>,
+}
+
+#[derive(Debug, PartialEq, Eq, serde::Deserialize)]
+struct Digest {
+    size: u64,
+    sha256: String,
+}
+
+/// The record of the job folder `dir`, unchecked: `None` without one or when it does not parse.
+pub fn finished_record(dir: &Path) -> Option<Finished> {
+    let text = std::fs::read(dir.join("record.json")).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// The record of the job folder `dir` when it can be trusted: `Ok(None)` without one; an error
+/// saying why when it does not parse or a file it lists (weights, teacher cache) no longer has
+/// the size and SHA-256 it lists: truncated, corrupted, or replaced.
+pub fn checked_record(dir: &Path) -> std::result::Result<Option<Finished>, String> {
+    let path = dir.join("record.json");
+    let text = match std::fs::read(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let record: Finished = serde_json::from_slice(&text)
+        .map_err(|e| format!("{}: not a job record: {e}", path.display()))?;
+    for (name, want) in &record.files {
+        let file = dir.join(name);
+        let (size, sha256) =
+            distill_data::sha256_file(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+        if (size, &sha256) != (want.size, &want.sha256) {
+            return Err(format!(
+                "{}: {size} bytes with sha256 {sha256}, but its record lists {} bytes with \
+                 sha256 {}: truncated or corrupted",
+                file.display(),
+                want.size,
+                want.sha256
+            ));
+        }
+    }
+    Ok(Some(record))
+}
+
+/// The status of the trusted record of `dir`, if it has one.
+fn finished_status(dir: &Path) -> Option<String> {
+    checked_record(dir).ok().flatten().map(|r| r.status)
 }
 
 /// Threads of candle's own element-wise pool in every worker and bench process: none beside
@@ -86,13 +138,20 @@ pub fn malloc_tunables() -> String {
     }
 }
 
+/// Writes `bytes` to `path` through a temporary file and a rename: a reader sees the old file
+/// or the whole new one.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
 fn write_failed(dir: &Path, reason: &str) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join("failed.json");
-    let tmp = dir.join("failed.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&json!({"error": reason}))?)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+    crate::results::job_folder(dir)?;
+    write_atomic(
+        &dir.join("failed.json"),
+        &serde_json::to_vec_pretty(&json!({"error": reason}))?,
+    )
 }
 
 fn describe_exit(status: ExitStatus) -> String {
@@ -123,15 +182,50 @@ struct Running {
     started: Instant,
 }
 
-/// Runs `plan`; returns the counts.
+/// How long stopped workers get between SIGTERM and SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// Stops every running worker: SIGTERM, then SIGKILL after [`STOP_GRACE`]. A worker writes its
+/// record last and atomically, so a stopped job has no record, or a whole one.
+fn stop_workers(running: &mut BTreeMap<&str, Running>) {
+    for r in running.values() {
+        let _ = Command::new("kill")
+            .args(["-TERM", &r.child.id().to_string()])
+            .status();
+    }
+    let deadline = Instant::now() + STOP_GRACE;
+    while Instant::now() < deadline
+        && running
+            .values_mut()
+            .any(|r| matches!(r.child.try_wait(), Ok(None)))
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for r in running.values_mut() {
+        let _ = r.child.kill();
+        let _ = r.child.wait();
+    }
+}
+
+/// Runs `plan`; returns the counts. SIGINT or SIGTERM stops the running workers within
+/// seconds and ends the run with an error; finished jobs keep their records.
 pub fn run(plan: &[PlannedJob], opts: &RunOptions) -> Result<RunCounts> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, std::sync::Arc::clone(&stop))
+            .context("installing the signal handlers")?;
+    }
     let mut counts = RunCounts::default();
     let mut state: BTreeMap<&str, Option<String>> = BTreeMap::new(); // id -> final status
     for job in plan {
-        match finished_status(&job.dir) {
-            Some(s) if s != "failed" => {
+        let record = checked_record(&job.dir).unwrap_or_else(|reason| {
+            eprintln!("{}: {reason}; running it again", job.label);
+            None
+        });
+        match record {
+            Some(r) if r.status != "failed" => {
                 counts.skipped += 1;
-                state.insert(&job.id, Some(s));
+                state.insert(&job.id, Some(r.status));
             }
             _ => {
                 let _ = std::fs::remove_file(job.dir.join("failed.json"));
@@ -187,11 +281,9 @@ pub fn run(plan: &[PlannedJob], opts: &RunOptions) -> Result<RunCounts> {
                 bar.inc(1);
                 continue;
             }
-            std::fs::create_dir_all(&job.dir)
-                .with_context(|| format!("creating {}", job.dir.display()))?;
+            crate::results::job_folder(&job.dir)?;
             let job_file = job.dir.join("job.json");
-            std::fs::write(&job_file, serde_json::to_vec_pretty(&job.spec)?)
-                .with_context(|| format!("writing {}", job_file.display()))?;
+            write_atomic(&job_file, &serde_json::to_vec_pretty(&job.spec)?)?;
             let log =
                 File::create(job.dir.join("worker.log")).context("creating the worker log")?;
             let mut command = Command::new(&opts.distill);
@@ -222,6 +314,19 @@ pub fn run(plan: &[PlannedJob], opts: &RunOptions) -> Result<RunCounts> {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let stopped = running.len();
+            stop_workers(&mut running);
+            bar.finish_and_clear();
+            bail!(
+                "interrupted: stopped {stopped} running jobs; {} finished jobs keep their records \
+                 (run the same command again to resume)",
+                state
+                    .values()
+                    .filter(|s| s.as_deref().is_some_and(|s| s != "failed"))
+                    .count()
+            );
+        }
         let ids: Vec<&str> = running.keys().copied().collect();
         for id in ids {
             let Some(job) = plan.iter().find(|j| j.id == id) else {

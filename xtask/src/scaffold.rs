@@ -54,6 +54,7 @@ pub fn new_plugin(root: &Path, kind: Kind, name: &str) -> Result<PathBuf> {
     let cargo_toml = CARGO_TOML.replace("{description}", description);
     for (path, text) in [
         (dir.join("Cargo.toml"), fill(&cargo_toml)),
+        (dir.join("build.rs"), BUILD_RS.to_string()),
         (dir.join("src/lib.rs"), fill(lib)),
     ] {
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
@@ -117,8 +118,20 @@ crate-type = ["cdylib"]
 [dependencies]
 distill-rt.workspace = true
 
+[build-dependencies]
+# The code version every job that uses this plugin includes in its identity.
+distill-build.workspace = true
+
 [lints]
 workspace = true
+"#;
+
+/// The build script of every plugin: its code version (`distill-build`).
+const BUILD_RS: &str = r#"//! Computes this plugin's code version (`distill-build`), which `export_plugin!` exports.
+
+fn main() {
+    distill_build::emit_plugin_version();
+}
 "#;
 
 const STRATEGY_LIB: &str = r#"//! The `{name}` strategy: `loss = ce_weight * CE(s, y) + weight * mean((s - t)^2)` on the

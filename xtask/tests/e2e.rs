@@ -700,7 +700,7 @@ fn crashing_and_panicking_strategies_fail_only_their_jobs() -> Result<()> {
     let dir = temp("faults");
     std::fs::create_dir_all(&dir)?;
     let file = dir.join("faults.toml");
-    let strategies = "[[strategies]]\nname = \"baseline\"\n[[strategies]]\nname = \"test.panic\"\n[[strategies]]\nname = \"test.abort\"\n";
+    let strategies = "[[strategies]]\nname = \"baseline\"\n[[strategies]]\nname = \"test.panic\"\n[[strategies]]\nname = \"test.abort\"\n[[strategies]]\nname = \"test.nan\"\n";
     std::fs::write(&file, format!("{SMALL}{strategies}"))?;
     let faulty = PathBuf::from(env!("CARGO_BIN_EXE_xtask"))
         .with_file_name("deps")
@@ -713,13 +713,13 @@ fn crashing_and_panicking_strategies_fail_only_their_jobs() -> Result<()> {
         .output()?;
     assert!(out.status.success(), "{}", text(&out));
     let runs = read(&dir.join("out/runs.parquet"))?;
-    assert_eq!(runs.height(), 3);
+    assert_eq!(runs.height(), 4);
     let (strategy, status, error) = (
         strings(&runs, "strategy")?,
         strings(&runs, "status")?,
         strings(&runs, "error")?,
     );
-    for i in 0..3 {
+    for i in 0..4 {
         let (s, st, e) = (
             strategy[i].as_deref().unwrap_or(""),
             status[i].as_deref().unwrap_or(""),
@@ -732,6 +732,10 @@ fn crashing_and_panicking_strategies_fail_only_their_jobs() -> Result<()> {
                 "{st}: {e}"
             ),
             "test.abort" => assert!(st == "failed" && e.contains("SIGABRT"), "{st}: {e}"),
+            "test.nan" => assert!(
+                st == "diverged" && e.contains("optimizer step 1"),
+                "{st}: {e}"
+            ),
             other => panic!("unexpected strategy {other}"),
         }
     }
@@ -851,6 +855,359 @@ fn named_data_is_fetched_by_the_check_and_a_dry_run_trains_nothing() -> Result<(
     ] {
         assert!(said.contains(needle), "`{needle}` missing from:\n{said}");
     }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// A tiny grid: one teacher, `baseline` and `kd` students over `seeds` seeds; `epochs` epochs.
+fn fault_grid(dir: &Path, seeds: usize, epochs: usize) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let file = dir.join("grid.toml");
+    let seeds: Vec<String> = (0..seeds).map(|s| s.to_string()).collect();
+    std::fs::write(
+        &file,
+        format!(
+            r#"name = "faults"
+seeds = [{}]
+[train]
+epochs = {epochs}
+batch_size = 32
+[[datasets]]
+name = "vision.synthetic"
+config = {{ train = 512, validation = 32, test = 64, size = 8 }}
+[[teachers]]
+model = "vision.mlp"
+config = {{ hidden = [16] }}
+[[students]]
+model = "vision.mlp"
+config = {{ hidden = [8] }}
+[[strategies]]
+name = "baseline"
+[[strategies]]
+name = "kd"
+"#,
+            seeds.join(", ")
+        ),
+    )?;
+    Ok(file)
+}
+
+/// A small deterministic generator for the moments of the faults (seeded: a failure repeats).
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// Every job folder's record that says `ok`, with its bytes.
+fn ok_records(out: &Path) -> BTreeMap<String, Vec<u8>> {
+    records(out)
+        .into_keys()
+        .filter_map(|id| {
+            let bytes = std::fs::read(out.join("jobs").join(&id).join("record.json")).ok()?;
+            let ok = String::from_utf8_lossy(&bytes).contains("\"status\": \"ok\"");
+            ok.then_some((id, bytes))
+        })
+        .collect()
+}
+
+#[test]
+fn workers_killed_at_20_random_moments_lose_nothing() -> Result<()> {
+    let dir = temp("kill-matrix");
+    let file = fault_grid(&dir, 4, 1)?;
+    let whole = run_experiment(&file, &dir.join("whole"), &["--jobs", "2"])?;
+    assert!(whole.status.success(), "{}", text(&whole));
+    let reference = metrics_by_run(&read(&dir.join("whole/metrics.parquet"))?)?;
+
+    let mut moments = Lcg(17);
+    let (mut kills, mut round) = (0, 0);
+    while kills < 20 {
+        round += 1;
+        let out = dir.join(format!("round-{round}"));
+        // Run, killing a worker at random moments, until a run ends with nothing killed.
+        loop {
+            let mut seen = ok_records(&out);
+            let mut orchestrator = xtask()
+                .args(["run", "--no-build", "--jobs", "2", "--out"])
+                .arg(&out)
+                .arg(&file)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()?;
+            let mut killed_now = 0;
+            while orchestrator.try_wait()?.is_none() {
+                std::thread::sleep(Duration::from_millis(30 + moments.below(900)));
+                let running = workers(&out);
+                if kills < 20 && !running.is_empty() {
+                    let pid = &running[moments.below(running.len() as u64) as usize];
+                    if Command::new("kill").args(["-9", pid]).status()?.success() {
+                        kills += 1;
+                        killed_now += 1;
+                    }
+                }
+                // A finished record is never rewritten or lost.
+                let now = ok_records(&out);
+                for (id, bytes) in &seen {
+                    assert_eq!(now.get(id), Some(bytes), "record of {id} changed");
+                }
+                seen = now;
+            }
+            if killed_now == 0 {
+                break;
+            }
+        }
+        let again = run_experiment(&file, &out, &["--jobs", "2"])?;
+        assert!(again.status.success(), "{}", text(&again));
+        assert!(
+            !text(&again).contains("corrupted") && text(&again).contains("skipping 9 finished"),
+            "{}",
+            text(&again)
+        );
+        assert_eq!(
+            metrics_by_run(&read(&out.join("metrics.parquet"))?)?,
+            reference,
+            "round {round}: the tables equal an uninterrupted run's"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Sends `signal` to the orchestrator once a worker runs; it must stop every worker within
+/// seconds and leave only whole records.
+fn interrupt(file: &Path, out: &Path, signal: &str) -> Result<()> {
+    let orchestrator = xtask()
+        .args(["run", "--no-build", "--jobs", "2", "--out"])
+        .arg(out)
+        .arg(file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while workers(out).is_empty() {
+        assert!(Instant::now() < deadline, "no worker started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Command::new("kill")
+        .args([signal, &orchestrator.id().to_string()])
+        .status()?;
+    let sent = Instant::now();
+    let ended = orchestrator.wait_with_output()?;
+    assert!(
+        sent.elapsed() < Duration::from_secs(10),
+        "{signal}: took {:?}",
+        sent.elapsed()
+    );
+    assert!(!ended.status.success(), "{signal}: {}", text(&ended));
+    assert!(text(&ended).contains("interrupted"), "{}", text(&ended));
+    assert!(
+        workers(out).is_empty(),
+        "{signal}: workers outlived the run"
+    );
+    Ok(())
+}
+
+#[test]
+fn sigint_and_sigterm_stop_the_workers_and_mark_nothing_half_done() -> Result<()> {
+    let dir = temp("signals");
+    let file = fault_grid(&dir, 3, 60)?;
+    for signal in ["-TERM", "-INT"] {
+        let out = dir.join(signal);
+        interrupt(&file, &out, signal)?;
+        let kept = ok_records(&out);
+        let again = run_experiment(&file, &out, &["--jobs", "2"])?;
+        assert!(again.status.success(), "{}", text(&again));
+        assert!(
+            !text(&again).contains("corrupted")
+                && text(&again).contains(&format!("ran {} jobs", 7 - kept.len())),
+            "{}",
+            text(&again)
+        );
+        for (id, bytes) in &kept {
+            assert_eq!(
+                ok_records(&out).get(id),
+                Some(bytes),
+                "record of {id} changed"
+            );
+        }
+        let runs = read(&out.join("runs.parquet"))?;
+        assert_eq!(runs.height(), 6);
+        assert!(
+            strings(&runs, "status")?
+                .iter()
+                .all(|s| s.as_deref() == Some("ok")),
+            "{runs}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// The folder of the (single) teacher job of a finished grid.
+fn teacher_folder(out: &Path) -> Result<PathBuf> {
+    for entry in std::fs::read_dir(out.join("jobs"))? {
+        let dir = entry?.path();
+        let job = std::fs::read_to_string(dir.join("job.json")).unwrap_or_default();
+        if job.contains("\"kind\": \"teacher\"") {
+            return Ok(dir);
+        }
+    }
+    Err("no teacher job".into())
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn corrupted_caches_and_records_are_detected_and_computed_again() -> Result<()> {
+    let dir = temp("corrupt");
+    let file = fault_grid(&dir, 1, 1)?;
+    let out = dir.join("out");
+    let first = run_experiment(&file, &out, &[])?;
+    assert!(first.status.success(), "{}", text(&first));
+    let reference = metrics_by_run(&read(&out.join("metrics.parquet"))?)?;
+    let teacher = teacher_folder(&out)?;
+
+    // A truncated cache: the teacher runs again, its students do not.
+    let cache = teacher.join("cache.safetensors");
+    let bytes = std::fs::read(&cache)?;
+    std::fs::write(&cache, &bytes[..bytes.len() / 2])?;
+    let again = run_experiment(&file, &out, &[])?;
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(
+        text(&again).contains("truncated or corrupted; running it again")
+            && text(&again).contains("skipping 2 finished jobs"),
+        "{}",
+        text(&again)
+    );
+    assert_eq!(
+        std::fs::read(&cache)?,
+        bytes,
+        "the cache is computed again, identically"
+    );
+
+    // A flipped byte in the weights, and a record that does not parse.
+    let weights = teacher.join("weights.safetensors");
+    let mut w = std::fs::read(&weights)?;
+    let last = w.len() - 1;
+    w[last] ^= 0x40;
+    std::fs::write(&weights, &w)?;
+    let again = run_experiment(&file, &out, &[])?;
+    assert!(
+        text(&again).contains("weights.safetensors") && text(&again).contains("corrupted"),
+        "{}",
+        text(&again)
+    );
+    std::fs::write(teacher.join("record.json"), "{\"status\": \"ok\", trunc")?;
+    let again = run_experiment(&file, &out, &[])?;
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(
+        text(&again).contains("not a job record"),
+        "{}",
+        text(&again)
+    );
+    assert_eq!(
+        metrics_by_run(&read(&out.join("metrics.parquet"))?)?,
+        reference
+    );
+
+    // Teacher outputs that are NaN (a teacher whose record vouches for them): the student that
+    // reads them diverges, and its row names the step.
+    let mut c = std::fs::read(&cache)?;
+    let header_len = u64::from_le_bytes(c[..8].try_into()?) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&c[8..8 + header_len])?;
+    let span = &header["logits"]["data_offsets"];
+    let (start, end) = (
+        8 + header_len + span[0].as_u64().unwrap_or(0) as usize,
+        8 + header_len + span[1].as_u64().unwrap_or(0) as usize,
+    );
+    assert_eq!(header["logits"]["dtype"], "F32");
+    for chunk in c[start..end].chunks_mut(4) {
+        chunk.copy_from_slice(&f32::NAN.to_le_bytes());
+    }
+    std::fs::write(&cache, &c)?;
+    let record_path = teacher.join("record.json");
+    let mut record: serde_json::Value = serde_json::from_slice(&std::fs::read(&record_path)?)?;
+    record["files"]["cache.safetensors"]["sha256"] = sha256_hex(&c).into();
+    std::fs::write(&record_path, serde_json::to_vec_pretty(&record)?)?;
+    let nan = run_experiment(&file, &out, &["--set", "seeds=[5]"])?;
+    assert!(nan.status.success(), "{}", text(&nan));
+    let runs = read(&out.join("runs.parquet"))?;
+    let rows: Vec<(Option<String>, Option<String>, Option<String>)> = strings(&runs, "strategy")?
+        .into_iter()
+        .zip(strings(&runs, "status")?)
+        .zip(strings(&runs, "error")?)
+        .map(|((a, b), c)| (a, b, c))
+        .collect();
+    assert!(
+        rows.iter().any(|(s, st, e)| s.as_deref() == Some("kd")
+            && st.as_deref() == Some("diverged")
+            && e.as_deref().is_some_and(|e| e.contains("optimizer step 0"))),
+        "{rows:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+#[test]
+fn a_full_disk_fails_the_job_with_a_message_and_keeps_earlier_results() -> Result<()> {
+    let dir = temp("full-disk");
+    let file = fault_grid(&dir, 1, 1)?;
+    let out = dir.join("out");
+    let first = run_experiment(&file, &out, &[])?;
+    assert!(first.status.success(), "{}", text(&first));
+    let teacher = teacher_folder(&out)?;
+    let kept = ok_records(&out);
+    let distill = PathBuf::from(env!("CARGO_BIN_EXE_xtask")).with_file_name("distill");
+    // The teacher job again, into a fresh folder, with files limited to `kib` KiB each (writes
+    // past the limit fail with EFBIG, as on a full disk).
+    let limited = |kib: u32, name: &str| -> Result<(Output, PathBuf)> {
+        let job_dir = dir.join(name);
+        std::fs::create_dir_all(&job_dir)?;
+        let mut spec: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(teacher.join("job.json"))?)?;
+        spec["out_dir"] = job_dir.display().to_string().into();
+        let job = job_dir.join("job.json");
+        std::fs::write(&job, serde_json::to_vec_pretty(&spec)?)?;
+        let line = format!(
+            "trap '' XFSZ; ulimit -f {kib}; exec '{}' run-job '{}'",
+            distill.display(),
+            job.display()
+        );
+        Ok((Command::new("bash").args(["-c", &line]).output()?, job_dir))
+    };
+    // Room for the weights and the record, not for the teacher cache.
+    let (done, job_dir) = limited(24, "cache-full")?;
+    assert!(done.status.success(), "{}", text(&done));
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(job_dir.join("record.json"))?)?;
+    let error = record["error"].as_str().unwrap_or_default();
+    assert_eq!(record["status"], "failed");
+    assert!(
+        error.contains("cache.safetensors") && error.contains("too large"),
+        "{error}"
+    );
+    // No room for anything: the record cannot be written; the worker says so and fails.
+    let (done, job_dir) = limited(1, "all-full")?;
+    assert!(!done.status.success());
+    assert!(
+        text(&done).contains("record.json") && text(&done).contains("too large"),
+        "{}",
+        text(&done)
+    );
+    assert!(!job_dir.join("record.json").exists());
+    assert_eq!(ok_records(&out), kept, "earlier results are untouched");
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

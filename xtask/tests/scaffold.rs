@@ -99,6 +99,11 @@ fn copy_workspace(from: &Path, to: &Path) -> Result<()> {
 
 /// Runs `line` with `sh` in `dir`, building in `target`; fails with its output.
 fn shell(dir: &Path, target: &Path, line: &str) -> Result<()> {
+    shell_output(dir, target, line).map(|_| ())
+}
+
+/// [`shell`], returning stdout and stderr together.
+fn shell_output(dir: &Path, target: &Path, line: &str) -> Result<String> {
     let out = Command::new("sh")
         .args(["-c", line])
         .current_dir(dir)
@@ -113,7 +118,11 @@ fn shell(dir: &Path, target: &Path, line: &str) -> Result<()> {
         )
         .into());
     }
-    Ok(())
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
 }
 
 /// One step of the guide: a shell command, or a file to write.
@@ -164,6 +173,55 @@ fn read(path: &Path) -> Result<DataFrame> {
     Ok(ParquetReader::new(File::open(path)?).finish()?)
 }
 
+/// The guide's experiment (a teacher, a `baseline` and a `cosine-hint` student) after edits: a
+/// change to the strategy's plugin reruns its student only, a README edit reruns nothing, and
+/// `--reuse-stale` keeps the old result and marks it.
+fn code_changes_rerun_exactly_the_jobs_they_touch(copy: &Path, target: &Path) -> Result<()> {
+    let run = "cargo xtask run experiments/cosine-hint.toml";
+    let plugin = copy.join("plugins/cosine-hint/src/lib.rs");
+    let edit = |path: &Path, line: &str| -> Result<()> {
+        let text = std::fs::read_to_string(path)?;
+        std::fs::write(path, format!("{text}{line}\n"))?;
+        Ok(())
+    };
+    edit(&plugin, "// a fix in the loss")?;
+    let out = shell_output(copy, target, run)?;
+    assert!(
+        out.contains("skipping 2 finished jobs")
+            && out.contains("1 jobs finished before with other code"),
+        "{out}"
+    );
+    edit(&copy.join("README.md"), "An edit of the documentation.")?;
+    let out = shell_output(copy, target, run)?;
+    assert!(out.contains("skipping 3 finished jobs"), "{out}");
+
+    edit(&plugin, "// another fix")?;
+    let out = shell_output(copy, target, &format!("{run} --reuse-stale"))?;
+    assert!(
+        out.contains("skipping 3 finished jobs") && out.contains("1 of 2 runs are stale"),
+        "{out}"
+    );
+    let runs = read(&copy.join("reports/cosine-hint/runs.parquet"))?;
+    let stale = runs.column("stale")?.bool()?;
+    let rows: Vec<(Option<String>, Option<bool>)> = strings(&runs, "strategy")?
+        .into_iter()
+        .zip((0..runs.height()).map(|i| stale.get(i)))
+        .collect();
+    assert!(
+        rows.contains(&(Some("cosine-hint".into()), Some(true)))
+            && rows.contains(&(Some("baseline".into()), Some(false))),
+        "{rows:?}"
+    );
+    let versions = strings(&runs, "code_strategy")?;
+    assert!(
+        versions
+            .iter()
+            .all(|v| v.as_deref().is_some_and(|v| v.contains(':'))),
+        "{versions:?}"
+    );
+    Ok(())
+}
+
 #[test]
 fn scaffolded_plugins_and_the_strategy_guide_work_in_a_copy_of_the_workspace() -> Result<()> {
     let target = target_dir()?.join("scaffold-workspace");
@@ -201,6 +259,7 @@ fn scaffolded_plugins_and_the_strategy_guide_work_in_a_copy_of_the_workspace() -
     );
     let metrics = read(&copy.join("reports/cosine-hint/metrics.parquet"))?;
     assert!(strings(&metrics, "metric")?.contains(&Some("cosine".into())));
+    code_changes_rerun_exactly_the_jobs_they_touch(&copy, &target)?;
 
     // The scaffolded task passes its generated test and trains in an experiment too.
     shell(&copy, &target, "cargo test -q -p distill-plugin-toy-task")?;

@@ -9,8 +9,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use distill_engine::job::{JobSpec, RECORD_FILE, run_job, write_json_atomic};
-use distill_host::{PluginHost, discover, load_cblas_from_env};
+use distill_engine::job::{
+    CodeVersions, ENGINE_VERSION, Job, JobSpec, RECORD_FILE, empty_record, run_job,
+    write_json_atomic,
+};
+use distill_host::{PluginHost, load_cblas_from_env, workspace_plugins};
 use distill_rt::candle::Device;
 use distill_rt::tracing_subscriber;
 
@@ -18,9 +21,10 @@ use distill_rt::tracing_subscriber;
 #[derive(Parser)]
 #[command(name = "distill", version, about)]
 struct Cli {
-    /// Folder of plugin libraries (default: the `deps/` folder next to this binary when it holds
-    /// plugins, as in a cargo target folder, else the binary's own folder). Extra plugin files
-    /// can be listed, colon-separated, in `DISTILL_EXTRA_PLUGINS`.
+    /// Folder of plugin libraries, every one loaded (default: the plugins of the workspace this
+    /// binary was built in, from the `deps/` folder next to it when it holds them, as in a cargo
+    /// target folder, else from the binary's own folder). Extra plugin files can be listed,
+    /// colon-separated, in `DISTILL_EXTRA_PLUGINS`.
     #[arg(long, global = true)]
     plugins: Option<PathBuf>,
     /// How log events reach stderr (the filter is `DISTILL_LOG`, default `warn`). `run-job`
@@ -92,6 +96,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Prints, as JSON, the code version of the engine and of the plugin behind every
+    /// registered dataset, model and strategy (what job identities include).
+    CodeVersions,
     /// Runs one planned job (a JSON job file) and writes `record.json` in its output folder.
     RunJob {
         /// The job file.
@@ -132,13 +139,20 @@ fn main() -> Result<()> {
     )?;
     load_cblas_from_env()?;
     distill_host::install_data_resolver();
-    let dir = match cli.plugins {
-        Some(dir) => dir,
-        None => default_plugin_dir()?,
-    };
     let mut host = PluginHost::new();
-    host.load_dir(&dir)
-        .with_context(|| format!("loading plugins from {}", dir.display()))?;
+    let dir = match cli.plugins {
+        Some(dir) => {
+            host.load_dir(&dir)
+                .with_context(|| format!("loading plugins from {}", dir.display()))?;
+            dir
+        }
+        None => {
+            let dir = default_plugin_dir()?;
+            host.load_workspace(&dir)
+                .with_context(|| format!("loading plugins from {}", dir.display()))?;
+            dir
+        }
+    };
     let extra = std::env::var("DISTILL_EXTRA_PLUGINS").unwrap_or_default();
     for path in extra.split(':').filter(|p| !p.is_empty()) {
         host.load(Path::new(path))
@@ -152,6 +166,7 @@ fn main() -> Result<()> {
     }
     match cli.command {
         Command::Plugins { json } => list(&host, json),
+        Command::CodeVersions => code_versions(&host),
         Command::RunJob { .. } => match job {
             Some(spec) => run(&host, &spec),
             None => bail!("run-job without its job spec"),
@@ -181,8 +196,14 @@ fn check_plan(host: &PluginHost, plan: &Path) -> Result<()> {
     )
 }
 
-/// The job ids of the plan `xtask run` left in `dir`, if it left one.
-fn planned_ids(dir: &Path) -> Result<Option<std::collections::BTreeSet<String>>> {
+/// The jobs of the plan `xtask run` left in `dir`, if it left one: every id, and the ids of the
+/// stale ones.
+struct Planned {
+    ids: std::collections::BTreeSet<String>,
+    stale: std::collections::BTreeSet<String>,
+}
+
+fn planned(dir: &Path) -> Result<Option<Planned>> {
     let path = dir.join("plan.json");
     if !path.is_file() {
         return Ok(None);
@@ -191,24 +212,34 @@ fn planned_ids(dir: &Path) -> Result<Option<std::collections::BTreeSet<String>>>
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let plan: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    let ids = plan["jobs"]
+    let jobs = plan["jobs"]
         .as_array()
-        .with_context(|| format!("{}: no `jobs` list", path.display()))?
-        .iter()
-        .filter_map(|j| j["spec"]["id"].as_str().map(str::to_string))
-        .collect();
-    Ok(Some(ids))
+        .with_context(|| format!("{}: no `jobs` list", path.display()))?;
+    let id = |j: &serde_json::Value| j["spec"]["id"].as_str().map(str::to_string);
+    Ok(Some(Planned {
+        ids: jobs.iter().filter_map(id).collect(),
+        stale: jobs
+            .iter()
+            .filter(|j| j["stale"] == true)
+            .filter_map(id)
+            .collect(),
+    }))
 }
 
 fn report(dir: &Path, git_revision: &str) -> Result<()> {
     let mut records = distill_report::collect(&dir.join("jobs"))
         .with_context(|| format!("collecting {}", dir.display()))?;
-    // Jobs left from an earlier version of the experiment stay on disk (a later edit may bring
-    // them back) but are not part of this one's tables.
-    if let Some(ids) = planned_ids(dir)? {
-        records.retain(|r| ids.contains(&r.id));
+    let mut context = distill_report::TableContext {
+        git_revision: git_revision.into(),
+        ..Default::default()
+    };
+    // Jobs left from an earlier version of the experiment, or computed by other code, stay on
+    // disk (a later edit may bring them back) but are not part of this one's tables.
+    if let Some(plan) = planned(dir)? {
+        records.retain(|r| plan.ids.contains(&r.id));
+        context.stale = plan.stale;
     }
-    let (runs, metrics) = distill_report::write_tables(dir, &records, git_revision)?;
+    let (runs, metrics) = distill_report::write_tables(dir, &records, &context)?;
     let students: Vec<_> = records
         .iter()
         .filter(|r| r.kind == "student")
@@ -220,7 +251,21 @@ fn report(dir: &Path, git_revision: &str) -> Result<()> {
         .unwrap_or_else(|| "metric".into());
     let summary = distill_report::summarize(&records);
     print!("{}", distill_report::format_summary(&summary, &metric));
-    let tables = distill_report::format_summary_markdown(&summary, &metric);
+    let mut tables = distill_report::format_summary_markdown(&summary, &metric);
+    let stale = students
+        .iter()
+        .filter(|r| context.stale.contains(&r.id))
+        .count();
+    if stale > 0 {
+        let note = format!(
+            "{stale} of {} runs are stale: computed by other code than this build's and reused \
+             with --reuse-stale (column `stale` of runs.parquet); run without it to compute them \
+             again",
+            students.len()
+        );
+        println!("{note}");
+        tables.push_str(&format!("\n**{note}.**\n"));
+    }
     let markdown = dir.join("summary.md");
     std::fs::write(&markdown, &tables)
         .with_context(|| format!("writing {}", markdown.display()))?;
@@ -262,7 +307,8 @@ fn report(dir: &Path, git_revision: &str) -> Result<()> {
     Ok(())
 }
 
-/// The `deps/` folder next to the executable if it holds plugins, else the executable's folder.
+/// The `deps/` folder next to the executable if it holds this workspace's plugins, else the
+/// executable's folder.
 /// In a cargo target folder every build writes plugins to `deps/` first (`cargo test` writes
 /// them nowhere else), so `deps/` is never older than the copies cargo places next to binaries.
 fn default_plugin_dir() -> Result<PathBuf> {
@@ -272,7 +318,7 @@ fn default_plugin_dir() -> Result<PathBuf> {
         .map(Path::to_path_buf)
         .context("the executable has no parent folder")?;
     let deps = dir.join("deps");
-    let has_plugins = |d: &Path| discover(d).map(|p| !p.is_empty()).unwrap_or(false);
+    let has_plugins = |d: &Path| workspace_plugins(d).is_ok_and(|p| !p.is_empty());
     Ok(if has_plugins(&deps) { deps } else { dir })
 }
 
@@ -344,8 +390,60 @@ fn read_job(job: &Path) -> Result<JobSpec> {
     serde_json::from_str(&text).with_context(|| format!("parsing job file {}", job.display()))
 }
 
+/// `{"engine": ..., "dataset": {name: version}, "model": {...}, "strategy": {...}}`.
+fn code_versions(host: &PluginHost) -> Result<()> {
+    let mut out =
+        serde_json::json!({"engine": ENGINE_VERSION, "dataset": {}, "model": {}, "strategy": {}});
+    for e in host.registrar().list() {
+        if let Some(v) = host.plugin_version(&e.origin) {
+            out[e.kind][&e.name] = v.into();
+        }
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+/// The code of this build for the job's components; `None` when a name is not registered (the
+/// job then fails naming it).
+fn current_code(host: &PluginHost, job: &Job) -> Option<CodeVersions> {
+    let (dataset, model, strategy) = match job {
+        Job::Teacher { dataset, model, .. } => (dataset, model, None),
+        Job::Student {
+            dataset,
+            model,
+            strategy,
+            ..
+        } => (dataset, model, Some(strategy)),
+    };
+    Some(CodeVersions {
+        engine: ENGINE_VERSION.into(),
+        dataset: host.code_version("dataset", &dataset.name)?,
+        model: host.code_version("model", &model.name)?,
+        strategy: match strategy {
+            Some(s) => Some(host.code_version("strategy", &s.name)?),
+            None => None,
+        },
+    })
+}
+
 fn run(host: &PluginHost, spec: &JobSpec) -> Result<()> {
-    let record = run_job(host.registrar(), spec, &Device::Cpu);
+    let code = current_code(host, &spec.job);
+    let record = match (&spec.code, &code) {
+        (Some(planned), Some(built)) if planned != built => {
+            let mut record = empty_record(spec);
+            record.error = Some(format!(
+                "the job was planned for code {planned:?}, but this build has {built:?}: the \
+                 workspace was rebuilt after planning; run `cargo xtask run` again to plan with \
+                 this build"
+            ));
+            record
+        }
+        _ => {
+            let mut record = run_job(host.registrar(), spec, &Device::Cpu);
+            record.code = code;
+            record
+        }
+    };
     let path = spec.out_dir.join(RECORD_FILE);
     write_json_atomic(&path, &record).with_context(|| format!("writing {}", path.display()))?;
     Ok(())

@@ -11,6 +11,9 @@
 //!    the host's only when both use the same loaded runtime; a plugin that linked its own copy of
 //!    the core (and so of candle) sees its own copy, and would silently lose gradients.
 //!
+//! Beside the checks, [`SYM_CODE_VERSION`] gives the plugin's code version (a hash of its
+//! sources, `distill-build`), which every job's identity includes.
+//!
 //! Constants and `TypeId`s are evaluated when the *plugin* is compiled (they are expanded into it
 //! by the macros), so they record what the plugin was built against.
 
@@ -19,7 +22,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::atomic::AtomicU8;
 
 /// Version of the plugin API; bumped on every change to a type or trait that crosses the boundary.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// The fields of the fingerprint known when the core is compiled (versions, a hash of the core's
 /// sources, rustc, target, profile, opt-level, core features, rustflags, Cargo.lock hash),
@@ -34,6 +37,10 @@ pub const SYM_FINGERPRINT: &[u8] = b"distill_plugin_fingerprint";
 pub const SYM_TYPE_HASH: &[u8] = b"distill_plugin_type_hash";
 /// Symbol: `extern "C" fn() -> *const u8`, the address of [`RUNTIME_ANCHOR`] the plugin sees.
 pub const SYM_RUNTIME_ANCHOR: &[u8] = b"distill_plugin_runtime_anchor";
+/// Symbol: `extern "C" fn() -> *const c_char`, the plugin's NUL-terminated code version: the
+/// hash its build script computed (`distill_build::emit_plugin_version`), or empty for a plugin
+/// built without one (the host then hashes the library file).
+pub const SYM_CODE_VERSION: &[u8] = b"distill_plugin_code_version";
 /// Symbol: [`RegisterFn`], called last.
 pub const SYM_REGISTER: &[u8] = b"distill_plugin_register";
 
@@ -234,6 +241,21 @@ macro_rules! export_plugin {
         #[unsafe(no_mangle)]
         pub extern "C" fn distill_plugin_runtime_anchor() -> *const u8 {
             $crate::abi::runtime_anchor()
+        }
+
+        /// The code version of this plugin's sources (empty without `distill-build`), NUL-terminated.
+        #[unsafe(no_mangle)]
+        pub extern "C" fn distill_plugin_code_version() -> *const ::std::ffi::c_char {
+            const PARTS: &[&str] = &[
+                match ::std::option_env!("DISTILL_PLUGIN_CODE_VERSION") {
+                    Some(v) => v,
+                    None => "",
+                },
+                "\0",
+            ];
+            const LEN: usize = $crate::abi::total_len(PARTS);
+            static BYTES: [u8; LEN] = $crate::abi::concat_parts(PARTS);
+            BYTES.as_ptr().cast()
         }
 
         /// Registers this plugin's factories; a panic becomes an error.

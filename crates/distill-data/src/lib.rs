@@ -10,7 +10,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 pub use manifest::{Kind, Manifest, find, manifests};
-pub use store::{CacheStatus, Store};
+pub use store::{CacheStatus, Store, sha256_file};
 
 /// Everything that can go wrong finding, fetching or verifying named data.
 #[derive(Debug, thiserror::Error)]

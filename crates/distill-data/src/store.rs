@@ -147,7 +147,7 @@ impl Store {
             if !path.exists() {
                 continue;
             }
-            let (size, sha) = hash_file(&path).map_err(io_err(&path))?;
+            let (size, sha) = sha256_file(&path).map_err(io_err(&path))?;
             if !f.accepts(size, &sha) {
                 fs::remove_file(&path).map_err(io_err(&path))?;
                 removed.push(f.name.clone());
@@ -225,7 +225,7 @@ impl Store {
         for f in &m.files {
             let path = folder.join(&f.name);
             if path.is_file() {
-                let (size, sha) = hash_file(&path).map_err(io_err(&path))?;
+                let (size, sha) = sha256_file(&path).map_err(io_err(&path))?;
                 if f.accepts(size, &sha) {
                     hashes.push((f.name.clone(), size, sha));
                     continue;
@@ -427,7 +427,7 @@ impl Store {
         let part = self.partial(m).join(format!("archive-{file_name}"));
         self.download(&a.url, &part, file_name)?;
         if let Some(expected) = &a.sha256 {
-            let (_, actual) = hash_file(&part).map_err(local(&part))?;
+            let (_, actual) = sha256_file(&part).map_err(local(&part))?;
             if &actual != expected {
                 let _ = fs::remove_file(&part);
                 return Err(Failure::Source(format!(
@@ -557,7 +557,7 @@ fn remove_if_exists(path: &Path) -> Result<(), DataError> {
 }
 
 /// Size and SHA-256 (lowercase hex) of a file.
-fn hash_file(path: &Path) -> io::Result<(u64, String)> {
+pub fn sha256_file(path: &Path) -> io::Result<(u64, String)> {
     let mut file = File::open(path)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -580,7 +580,7 @@ fn hash_file(path: &Path) -> io::Result<(u64, String)> {
 
 /// Checks a downloaded part against the manifest; a part that does not match is removed.
 fn verify_part(part: &Path, f: &FileSpec) -> Result<(u64, String), Failure> {
-    let (size, sha) = hash_file(part).map_err(local(part))?;
+    let (size, sha) = sha256_file(part).map_err(local(part))?;
     if f.accepts(size, &sha) {
         return Ok((size, sha));
     }

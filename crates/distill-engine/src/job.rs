@@ -92,12 +92,41 @@ pub enum Job {
     },
 }
 
+/// The engine's code version: the sources of the engine, the core and the runtime crate, the
+/// lock file and the toolchain (`build.rs`, ARCHITECTURE.md, "Job identity").
+pub const ENGINE_VERSION: &str = concat!("engine:", env!("DISTILL_ENGINE_CODE_VERSION"));
+
+/// The code that computes a job: the engine's version and, for each component, the version of
+/// the plugin that registered it (`<plugin>:<hex>`). Part of the job's identity, and of its
+/// record.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(crate = "distill_rt::serde", deny_unknown_fields)]
+pub struct CodeVersions {
+    /// [`ENGINE_VERSION`] of the build that runs the job.
+    pub engine: String,
+    /// The dataset's plugin.
+    pub dataset: String,
+    /// The model's plugin.
+    pub model: String,
+    /// The strategy's plugin (student jobs).
+    #[serde(default)]
+    pub strategy: Option<String>,
+}
+
 /// A job with its identity and output folder.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(crate = "distill_rt::serde", deny_unknown_fields)]
 pub struct JobSpec {
-    /// Content address of the job (hash of its resolved configuration).
+    /// Content address of the job: a hash of its resolved configuration, its teachers' ids and
+    /// the versions of the code that computes it.
     pub id: String,
+    /// The same hash without the code versions (teachers by their `spec_id`): equal for the same
+    /// job computed by other code, so that `--reuse-stale` can find it.
+    #[serde(default)]
+    pub spec_id: Option<String>,
+    /// The code the job was planned for; the worker refuses to run it with other code.
+    #[serde(default)]
+    pub code: Option<CodeVersions>,
     /// The experiment it belongs to.
     pub experiment: String,
     /// Where it writes weights, cache and record.
@@ -138,6 +167,9 @@ pub struct JobRecord {
     pub teacher: Option<String>,
     /// The resolved configuration: dataset, model, strategy and train tables.
     pub params: serde_json::Value,
+    /// The code that computed it (absent in records older than code versions).
+    #[serde(default)]
+    pub code: Option<CodeVersions>,
     /// Seed.
     pub seed: u64,
     /// How it ended.
@@ -185,6 +217,51 @@ pub struct JobRecord {
     pub finished_at: f64,
     /// Per-epoch loss terms and metrics.
     pub epochs: Vec<EpochRecord>,
+    /// The files the job wrote (weights, teacher cache) with their size and SHA-256: a file that
+    /// no longer matches is never read as this job's output.
+    #[serde(default)]
+    pub files: BTreeMap<String, FileDigest>,
+}
+
+/// Size and SHA-256 of a file a record vouches for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(crate = "distill_rt::serde", deny_unknown_fields)]
+pub struct FileDigest {
+    /// Bytes.
+    pub size: u64,
+    /// Lower-case hex.
+    pub sha256: String,
+}
+
+impl FileDigest {
+    /// The digest of the file at `path`.
+    pub fn of(path: &Path) -> Result<Self> {
+        let (size, sha256) =
+            distill_data::sha256_file(path).map_err(|e| Error::data(path, e.to_string()))?;
+        Ok(Self { size, sha256 })
+    }
+}
+
+/// Checks that the file `name` in the job folder `dir` is the one `record` lists; a record
+/// older than digests lists none and vouches for nothing.
+pub fn verify_file(record: &JobRecord, dir: &Path, name: &str) -> Result<()> {
+    let Some(want) = record.files.get(name) else {
+        return Ok(());
+    };
+    let path = dir.join(name);
+    let got = FileDigest::of(&path)?;
+    if &got != want {
+        return Err(Error::data(
+            &path,
+            format!(
+                "does not match the record of job {} ({} bytes, sha256 {}; the file has {} \
+                 bytes, sha256 {}): it is truncated or corrupted; `cargo xtask run` computes it \
+                 again",
+                record.id, want.size, want.sha256, got.size, got.sha256
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// File names inside a job folder.
@@ -274,6 +351,7 @@ pub fn empty_record(spec: &JobSpec) -> JobRecord {
         strategy,
         teacher,
         params,
+        code: spec.code.clone(),
         seed,
         status: Status::Failed,
         error: None,
@@ -296,6 +374,7 @@ pub fn empty_record(spec: &JobSpec) -> JobRecord {
         started_at: now(),
         finished_at: now(),
         epochs: Vec::new(),
+        files: BTreeMap::new(),
     }
 }
 
@@ -406,6 +485,7 @@ fn load_teacher(
             teacher_record.id, teacher_record.status
         )));
     }
+    verify_file(&teacher_record, &t.dir, WEIGHTS_FILE)?;
     let path = t.dir.join(WEIGHTS_FILE);
     let weights = distill_rt::candle::safetensors::load(&path, device)
         .map_err(|e| Error::data(&path, e.to_string()))?;
@@ -423,6 +503,7 @@ fn load_teacher(
 /// The teacher job's cache in `dir` when it holds `features` for all `n_train` training samples
 /// (a student that teaches the next born-again generation leaves weights and no cache).
 fn usable_cache(
+    record: &JobRecord,
     dir: &Path,
     features: &[String],
     n_train: usize,
@@ -432,17 +513,35 @@ fn usable_cache(
     if !path.is_file() {
         return Ok(None);
     }
+    verify_file(record, dir, CACHE_FILE)?;
     let cache = TeacherCache::load(&path, device)?;
     let probe = cache.outputs_for(&Tensor::new(&[0u32], device)?)?;
     let has_all = features.iter().all(|f| probe.features.contains_key(f));
     Ok((has_all && cache.samples()? == n_train).then_some(cache))
 }
 
+/// Saves the weights and lists them, with their digest, in the record.
+fn save_weights(varmap: &VarMap, path: &Path, record: &mut JobRecord) -> Result<()> {
+    varmap
+        .save(path)
+        .map_err(|e| Error::data(path, e.to_string()))?;
+    record
+        .files
+        .insert(WEIGHTS_FILE.into(), FileDigest::of(path)?);
+    Ok(())
+}
+
 /// Fills the training results of `record` from `outcome`.
 fn record_outcome(record: &mut JobRecord, outcome: crate::train::Outcome) {
     let primary = record.primary_metric.clone();
     record.status = match outcome.stop {
-        StopReason::Diverged { .. } => Status::Diverged,
+        StopReason::Diverged { step } => {
+            record.error = Some(format!(
+                "diverged: the loss or a gradient was NaN or infinite at optimizer step {step} \
+                 (zero-based)"
+            ));
+            Status::Diverged
+        }
         _ => Status::Ok,
     };
     record.best_epoch = outcome.best_epoch;
@@ -540,10 +639,7 @@ fn run_job_inner(
                     record_outcome(record, outcome);
                 }
             }
-            built
-                .varmap
-                .save(&weights_path)
-                .map_err(|e| Error::data(&weights_path, e.to_string()))?;
+            save_weights(&built.varmap, &weights_path, record)?;
             if record.status == Status::Ok {
                 let cache = TeacherCache::compute(
                     &*built.model,
@@ -552,7 +648,11 @@ fn run_job_inner(
                     train.eval_batch_size,
                     device,
                 )?;
-                cache.save(&spec.out_dir.join(CACHE_FILE))?;
+                let path = spec.out_dir.join(CACHE_FILE);
+                cache.save(&path)?;
+                record
+                    .files
+                    .insert(CACHE_FILE.into(), FileDigest::of(&path)?);
             }
             record_latency(record, &*built.model, &*data, device)?;
         }
@@ -620,6 +720,7 @@ fn run_job_inner(
                 .map(|(i, t)| {
                     if needs.teacher && !needs.live {
                         usable_cache(
+                            &teacher_models[i].1,
                             &t.dir,
                             &needs.of_teacher(i, teachers.len()),
                             n_train,
@@ -667,10 +768,7 @@ fn run_job_inner(
             };
             let outcome = fit(inputs, train)?;
             record_outcome(record, outcome);
-            built
-                .varmap
-                .save(&weights_path)
-                .map_err(|e| Error::data(&weights_path, e.to_string()))?;
+            save_weights(&built.varmap, &weights_path, record)?;
             record_latency(record, &*built.model, &*data, device)?;
         }
     }
@@ -715,6 +813,8 @@ mod tests {
         let root = temp_dir("jobs");
         let teacher_spec = JobSpec {
             id: "t1".into(),
+            spec_id: None,
+            code: None,
             experiment: "toy".into(),
             out_dir: root.join("t1"),
             job: Job::Teacher {
@@ -748,6 +848,8 @@ mod tests {
 
         let student_spec = JobSpec {
             id: "s1".into(),
+            spec_id: None,
+            code: None,
             experiment: "toy".into(),
             out_dir: root.join("s1"),
             job: Job::Student {
@@ -817,6 +919,8 @@ mod tests {
         let r = toy::registrar()?;
         let spec = JobSpec {
             id: "bad".into(),
+            spec_id: None,
+            code: None,
             experiment: "toy".into(),
             out_dir: temp_dir("bad"),
             job: Job::Student {

@@ -107,6 +107,18 @@ pub enum LoadError {
         /// What went wrong.
         source: distill_rt::Error,
     },
+    /// The plugin file or its folder can be changed by other users.
+    #[error(
+        "plugin {path}: {loose} is writable by other users (mode {mode:o}); a plugin runs with your rights, so it is not loaded: `chmod go-w {loose}`"
+    )]
+    Insecure {
+        /// The plugin path.
+        path: PathBuf,
+        /// The file or folder that others can write.
+        loose: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// A plugin directory could not be read.
     #[error("plugin directory {path}: {source}")]
     Dir {
@@ -131,6 +143,8 @@ fn host_type_hash() -> u64 {
 pub struct PluginHost {
     registrar: Registrar,
     loaded: Vec<PathBuf>,
+    /// Plugin path -> its code version, `<name>:<hex>`.
+    versions: std::collections::BTreeMap<PathBuf, String>,
 }
 
 impl PluginHost {
@@ -149,12 +163,30 @@ impl PluginHost {
         &self.loaded
     }
 
+    /// The code version (`<plugin>:<hex>`, ARCHITECTURE.md, "Job identity") of the plugin
+    /// loaded from `origin` (the origin of a registered name).
+    pub fn plugin_version(&self, origin: &str) -> Option<&str> {
+        self.versions.get(Path::new(origin)).map(String::as_str)
+    }
+
+    /// The code version of the plugin that registered the dataset, model or strategy (`kind`)
+    /// named `name`; `None` for an unknown name.
+    pub fn code_version(&self, kind: &str, name: &str) -> Option<String> {
+        let entry = self
+            .registrar
+            .list()
+            .into_iter()
+            .find(|e| e.kind == kind && e.name == name)?;
+        self.plugin_version(&entry.origin).map(String::from)
+    }
+
     /// Checks and loads one plugin library, then calls its `register`.
     pub fn load(&mut self, path: &Path) -> Result<(), LoadError> {
         let path_buf = path.to_path_buf();
         if !path.is_file() {
             return Err(LoadError::Missing { path: path_buf });
         }
+        refuse_loose(path)?;
         // SAFETY: loading runs the library's initialisers. Plugins are Rust cdylibs of this
         // workspace; every symbol is checked below before any Rust type crosses.
         let lib = unsafe { libloading::Library::new(path) }.map_err(|e| LoadError::Open {
@@ -167,12 +199,14 @@ impl PluginHost {
         // SAFETY: the checks proved the plugin was built by the same compiler and build as the
         // host and shares its runtime, so the Rust-ABI signature is the one it was compiled with.
         let register = unsafe { symbol::<RegisterFn>(lib, path, abi::SYM_REGISTER)? };
+        let version = code_version(lib, path)?;
         self.registrar.set_origin(path.display().to_string());
         register(&mut self.registrar).map_err(|source| LoadError::Register {
             path: path_buf.clone(),
             source,
         })?;
-        tracing::info!(plugin = %path.display(), "loaded plugin");
+        tracing::info!(plugin = %path.display(), version, "loaded plugin");
+        self.versions.insert(path_buf.clone(), version);
         self.loaded.push(path_buf);
         Ok(())
     }
@@ -185,6 +219,96 @@ impl PluginHost {
         }
         Ok(())
     }
+
+    /// Loads the plugins of this workspace ([`WORKSPACE_PLUGINS`]) found in `dir`, a target
+    /// folder's `deps/`: a library another clone sharing the folder built is not loaded.
+    pub fn load_workspace(&mut self, dir: &Path) -> Result<(), LoadError> {
+        for path in workspace_plugins(dir)? {
+            self.load(&path)?;
+        }
+        Ok(())
+    }
+}
+
+/// The library names (`distill_plugin_*`) of this workspace's plugins, its members named
+/// `distill-plugin-*` when it was built (`build.rs`), comma separated.
+pub const WORKSPACE_PLUGINS: &str = env!("DISTILL_WORKSPACE_PLUGINS");
+
+/// The libraries of this workspace's plugins in `dir`, sorted by name.
+pub fn workspace_plugins(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
+    let ours: Vec<&str> = WORKSPACE_PLUGINS.split(',').collect();
+    Ok(discover(dir)?
+        .into_iter()
+        .filter(|p| {
+            let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+            let name = stem
+                .strip_prefix(std::env::consts::DLL_PREFIX)
+                .unwrap_or(stem);
+            let ours = ours.contains(&name);
+            if !ours {
+                tracing::debug!(plugin = %p.display(), "not a plugin of this workspace; not loaded");
+            }
+            ours
+        })
+        .collect())
+}
+
+/// Refuses a plugin that users other than its owner could have changed: the file, or the
+/// folder it is in, writable by others (a folder with the sticky bit, like `/tmp`, lets nobody
+/// replace another's file), or by a group other than the owner's private group (as ssh treats
+/// a key).
+fn refuse_loose(path: &Path) -> Result<(), LoadError> {
+    use std::os::unix::fs::MetadataExt;
+    let folder = match path.parent() {
+        Some(p) if p.as_os_str().is_empty() => Path::new("."),
+        Some(p) => p,
+        None => Path::new("/"),
+    };
+    for loose in [path, folder] {
+        let Ok(meta) = std::fs::metadata(loose) else {
+            continue;
+        };
+        let mode = meta.mode() & 0o7777;
+        let sticky_dir = meta.is_dir() && mode & 0o1000 != 0;
+        let others = mode & 0o002 != 0 && !sticky_dir;
+        let group = mode & 0o020 != 0 && !sticky_dir && !private_group(meta.uid(), meta.gid());
+        if others || group {
+            return Err(LoadError::Insecure {
+                path: path.to_path_buf(),
+                loose: loose.to_path_buf(),
+                mode,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Whether group `gid` is user `uid`'s own: named like the user, with no other members
+/// (`/etc/passwd`, `/etc/group`). Unknown users or groups are not.
+fn private_group(uid: u32, gid: u32) -> bool {
+    let entries = |file: &str| -> Vec<Vec<String>> {
+        std::fs::read_to_string(file)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.split(':').map(String::from).collect())
+            .collect()
+    };
+    let id = |e: &[String]| e.get(2).and_then(|v| v.parse::<u32>().ok());
+    let Some(user) = entries("/etc/passwd")
+        .into_iter()
+        .find(|e| id(e) == Some(uid))
+        .and_then(|e| e.first().cloned())
+    else {
+        return false;
+    };
+    entries("/etc/group")
+        .into_iter()
+        .find(|e| id(e) == Some(gid))
+        .is_some_and(|e| {
+            e.first() == Some(&user)
+                && e.get(3)
+                    .is_none_or(|m| m.split(',').all(|m| m.is_empty() || m == user))
+        })
 }
 
 /// Plugin libraries in `dir`, sorted by name.
@@ -220,6 +344,37 @@ unsafe fn symbol<T: Copy>(
             path: path.to_path_buf(),
             symbol: String::from_utf8_lossy(name).into_owned(),
         })
+}
+
+/// `<name>:<hex>`: the plugin's name (its file name without `libdistill_plugin_` and the
+/// suffix) and the code version its build script computed; for a plugin built without one, the
+/// first 16 hex digits of the library file's SHA-256 (any rebuild that changes it counts).
+fn code_version(lib: &'static libloading::Library, path: &Path) -> Result<String, LoadError> {
+    // SAFETY: the C-ABI signature `export_plugin!` defines for this symbol.
+    let version =
+        unsafe { symbol::<extern "C" fn() -> *const c_char>(lib, path, abi::SYM_CODE_VERSION)? };
+    // SAFETY: a pointer to a NUL-terminated static in the never-unloaded image.
+    let built = unsafe { CStr::from_ptr(version()) }
+        .to_string_lossy()
+        .into_owned();
+    let hex = if built.is_empty() {
+        let (_, sha) = distill_data::sha256_file(path).map_err(|e| LoadError::Open {
+            path: path.to_path_buf(),
+            message: format!("hashing the library for its code version: {e}"),
+        })?;
+        sha[..16].to_string()
+    } else {
+        built
+    };
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = stem
+        .strip_prefix(std::env::consts::DLL_PREFIX)
+        .unwrap_or(&stem);
+    let name = stem.strip_prefix("distill_plugin_").unwrap_or(stem);
+    Ok(format!("{name}:{hex}"))
 }
 
 /// Runs the C-ABI checks, in the order of the module docs.

@@ -159,8 +159,19 @@ fn datetime(name: &str, seconds: Vec<f64>) -> Column {
         .into()
 }
 
+/// What the tables say besides the records: the revision of the checkout and which runs are
+/// stale (computed by other code than the current build's, reused with `--reuse-stale`).
+#[derive(Clone, Debug, Default)]
+pub struct TableContext {
+    /// Git revision recorded in every row.
+    pub git_revision: String,
+    /// Ids of the stale runs.
+    pub stale: std::collections::BTreeSet<String>,
+}
+
 /// One row per student run.
-pub fn runs_frame(records: &[JobRecord], git_revision: &str) -> Result<DataFrame> {
+pub fn runs_frame(records: &[JobRecord], context: &TableContext) -> Result<DataFrame> {
+    let git_revision = context.git_revision.as_str();
     let s: Vec<&JobRecord> = records.iter().filter(|r| r.kind == "student").collect();
     let str_col = |name: &str, f: &dyn Fn(&JobRecord) -> String| {
         Column::new(name.into(), s.iter().map(|r| f(r)).collect::<Vec<_>>())
@@ -225,6 +236,22 @@ pub fn runs_frame(records: &[JobRecord], git_revision: &str) -> Result<DataFrame
         f64_col("wall_seconds", &|r| Some(r.wall_seconds)),
         str_col("config_hash", &|r| r.id.clone()),
         str_col("git_revision", &|_| git_revision.to_string()),
+        Column::new(
+            "stale".into(),
+            s.iter()
+                .map(|r| context.stale.contains(&r.id))
+                .collect::<Vec<_>>(),
+        ),
+        opt_str("code_engine", &|r| {
+            r.code.as_ref().map(|c| c.engine.clone())
+        }),
+        opt_str("code_dataset", &|r| {
+            r.code.as_ref().map(|c| c.dataset.clone())
+        }),
+        opt_str("code_model", &|r| r.code.as_ref().map(|c| c.model.clone())),
+        opt_str("code_strategy", &|r| {
+            r.code.as_ref().and_then(|c| c.strategy.clone())
+        }),
         datetime("started_at", s.iter().map(|r| r.started_at).collect()),
         datetime("finished_at", s.iter().map(|r| r.finished_at).collect()),
     ];
@@ -286,11 +313,11 @@ fn write_parquet(path: &Path, df: &mut DataFrame) -> Result<()> {
 pub fn write_tables(
     dir: &Path,
     records: &[JobRecord],
-    git_revision: &str,
+    context: &TableContext,
 ) -> Result<(PathBuf, PathBuf)> {
     let runs = dir.join("runs.parquet");
     let metrics = dir.join("metrics.parquet");
-    write_parquet(&runs, &mut runs_frame(records, git_revision)?)?;
+    write_parquet(&runs, &mut runs_frame(records, context)?)?;
     write_parquet(&metrics, &mut metrics_frame(records)?)?;
     Ok((runs, metrics))
 }
@@ -605,6 +632,8 @@ mod tests {
     fn student(id: &str, seed: u64, best: f64, alpha: f64) -> JobRecord {
         let spec = JobSpec {
             id: id.into(),
+            spec_id: None,
+            code: None,
             experiment: "exp".into(),
             out_dir: PathBuf::from("/nonexistent"),
             job: Job::Student {
@@ -654,7 +683,19 @@ mod tests {
             path: dir.clone(),
             source,
         })?;
-        let (runs, metrics) = write_tables(&dir, &records, "abc123")?;
+        let mut context = TableContext {
+            git_revision: "abc123".into(),
+            ..TableContext::default()
+        };
+        context.stale.insert("b".into());
+        let mut records = records;
+        records[0].code = Some(distill_engine::job::CodeVersions {
+            engine: "engine:1".into(),
+            dataset: "vision:2".into(),
+            model: "vision:2".into(),
+            strategy: Some("strategies:3".into()),
+        });
+        let (runs, metrics) = write_tables(&dir, &records, &context)?;
         let runs = read_parquet(&runs)?;
         assert_eq!(runs.height(), 3);
         assert_eq!(runs.column("seed")?.dtype(), &DataType::UInt64);
@@ -666,6 +707,14 @@ mod tests {
         assert_eq!(runs.column("param.alpha")?.f64()?.get(2), Some(0.5));
         assert_eq!(runs.column("compression")?.f64()?.get(0), Some(10.0));
         assert_eq!(runs.column("git_revision")?.str()?.get(1), Some("abc123"));
+        let stale_column = runs.column("stale")?.bool()?;
+        let stale: Vec<Option<bool>> = (0..3).map(|i| stale_column.get(i)).collect();
+        assert_eq!(stale, [Some(false), Some(true), Some(false)]);
+        let strategy_code = runs.column("code_strategy")?.str()?;
+        assert_eq!(
+            (strategy_code.get(0), strategy_code.get(1)),
+            (Some("strategies:3"), None)
+        );
         let metrics = read_parquet(&metrics)?;
         // Per run: total, ce, lr (train), accuracy (validation), accuracy (test).
         assert_eq!(metrics.height(), 3 * 5);

@@ -668,6 +668,8 @@ mod tests {
         };
         let spec = JobSpec {
             id: id.into(),
+            spec_id: None,
+            code: None,
             experiment: "exp".into(),
             out_dir: PathBuf::from("/nonexistent"),
             job: Job::Student {

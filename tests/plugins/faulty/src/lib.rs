@@ -1,7 +1,8 @@
 //! Test plugin for fault containment and observability: the strategy `test.panic` panics in
 //! `loss`, `test.panic-build` panics while being built, `test.abort` aborts the process,
 //! `test.traced` emits a tracing event from inside the plugin and computes a plain
-//! cross-entropy; the model `test.panic-model` panics in `forward`.
+//! cross-entropy; `test.nan` computes cross-entropy at optimizer step 0 and NaN from then on;
+//! the model `test.panic-model` panics in `forward`.
 
 use distill_rt::strategy::StepInfo;
 use distill_rt::{
@@ -26,6 +27,7 @@ fn register(r: &mut Registrar) -> Result<()> {
     )?;
     r.strategy("test.abort", Aborting)?;
     r.strategy("test.traced", Traced)?;
+    r.strategy("test.nan", NanFromStep1)?;
     r.model("test.panic-model", PanickingModelFactory)?;
     Ok(())
 }
@@ -139,6 +141,34 @@ impl Strategy for TracedStrategy {
     ) -> Result<LossTerms> {
         tracing::info!(target: "distill_test_faulty", step = step.step, "loss computed inside the plugin");
         let ce = ops::cross_entropy(&s.logits, &b.targets)?;
+        LossTerms::sum([("ce", ce)])
+    }
+}
+
+struct NanFromStep1;
+
+impl StrategyFactory for NanFromStep1 {
+    fn summary(&self) -> &str {
+        "test strategy whose loss is NaN from optimizer step 1 on"
+    }
+    fn build(&self, _c: &Config, _ctx: StrategyContext<'_>) -> Result<Box<dyn Strategy>> {
+        Ok(Box::new(NanFromStep1))
+    }
+}
+
+impl Strategy for NanFromStep1 {
+    fn teacher_needs(&self) -> TeacherNeeds {
+        TeacherNeeds::default()
+    }
+    fn loss(
+        &self,
+        s: &ModelOutput,
+        _t: Option<&ModelOutput>,
+        b: &Batch,
+        step: &StepInfo,
+    ) -> Result<LossTerms> {
+        let ce = ops::cross_entropy(&s.logits, &b.targets)?;
+        let ce = if step.step >= 1 { (ce * f64::NAN)? } else { ce };
         LossTerms::sum([("ce", ce)])
     }
 }

@@ -6,6 +6,7 @@ mod bench;
 mod experiment;
 mod fetch;
 mod plan;
+mod record;
 mod results;
 mod runner;
 mod scaffold;

@@ -71,7 +71,7 @@ impl Finished {
         for entry in std::fs::read_dir(jobs_dir).into_iter().flatten().flatten() {
             let dir = entry.path();
             let id = entry.file_name().to_string_lossy().into_owned();
-            let Some(record) = crate::runner::finished_record(&dir) else {
+            let Some(record) = crate::record::finished_record(&dir) else {
                 continue;
             };
             if record.status == "failed" {

@@ -16,6 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use crate::plan::PlannedJob;
+use crate::record::{checked_record, finished_status};
 
 /// How to run the plan.
 pub struct RunOptions {
@@ -41,65 +42,6 @@ pub struct RunCounts {
     pub skipped: usize,
     /// Jobs that ended failed (run now, or not run because their teacher failed).
     pub failed: usize,
-}
-
-/// What the orchestrator reads of a job's record.
-#[derive(Debug, serde::Deserialize)]
-pub struct Finished {
-    /// `ok`, `diverged` or `failed`.
-    pub status: String,
-    /// Seconds since the Unix epoch.
-    #[serde(default)]
-    pub finished_at: f64,
-    /// File name -> its size and SHA-256, as the worker wrote them.
-    #[serde(default)]
-    files: BTreeMap<String, Digest>,
-}
-
-#[derive(Debug, PartialEq, Eq, serde::Deserialize)]
-struct Digest {
-    size: u64,
-    sha256: String,
-}
-
-/// The record of the job folder `dir`, unchecked: `None` without one or when it does not parse.
-pub fn finished_record(dir: &Path) -> Option<Finished> {
-    let text = std::fs::read(dir.join("record.json")).ok()?;
-    serde_json::from_slice(&text).ok()
-}
-
-/// The record of the job folder `dir` when it can be trusted: `Ok(None)` without one; an error
-/// saying why when it does not parse or a file it lists (weights, teacher cache) no longer has
-/// the size and SHA-256 it lists: truncated, corrupted, or replaced.
-pub fn checked_record(dir: &Path) -> std::result::Result<Option<Finished>, String> {
-    let path = dir.join("record.json");
-    let text = match std::fs::read(&path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
-    };
-    let record: Finished = serde_json::from_slice(&text)
-        .map_err(|e| format!("{}: not a job record: {e}", path.display()))?;
-    for (name, want) in &record.files {
-        let file = dir.join(name);
-        let (size, sha256) =
-            distill_data::sha256_file(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-        if (size, &sha256) != (want.size, &want.sha256) {
-            return Err(format!(
-                "{}: {size} bytes with sha256 {sha256}, but its record lists {} bytes with \
-                 sha256 {}: truncated or corrupted",
-                file.display(),
-                want.size,
-                want.sha256
-            ));
-        }
-    }
-    Ok(Some(record))
-}
-
-/// The status of the trusted record of `dir`, if it has one.
-fn finished_status(dir: &Path) -> Option<String> {
-    checked_record(dir).ok().flatten().map(|r| r.status)
 }
 
 /// Threads of candle's own element-wise pool in every worker and bench process: none beside

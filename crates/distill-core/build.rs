@@ -18,7 +18,6 @@ fn main() {
         println!("cargo:rerun-if-changed={}", path.display());
     }
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=src");
     println!("cargo:rerun-if-env-changed=RUSTFLAGS");
     println!("cargo:rerun-if-env-changed=CARGO_ENCODED_RUSTFLAGS");
 
@@ -33,9 +32,11 @@ fn main() {
 
     let fields = [
         ("core", env::var("CARGO_PKG_VERSION").unwrap_or_default()),
+        // A plugin compiled against other core sources is refused even when every version
+        // number agrees.
         (
             "core-source",
-            format!("{:016x}", source_hash(&manifest_dir.join("src"))),
+            distill_build::code_version(std::slice::from_ref(&manifest_dir), &[]),
         ),
         ("candle-core", locked_version(&lock, "candle-core")),
         ("candle-nn", locked_version(&lock, "candle-nn")),
@@ -96,35 +97,6 @@ fn rustc_version() -> (String, String) {
             .unwrap_or_else(|| "unknown".into())
     };
     (field("release:"), field("commit-hash:"))
-}
-
-/// A hash of every file under `dir` (names and contents, in name order): a plugin compiled
-/// against other core sources is refused even when every version number agrees.
-fn source_hash(dir: &Path) -> u64 {
-    let mut files = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in fs::read_dir(&d).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                files.push(path);
-            }
-        }
-    }
-    files.sort();
-    let mut bytes = Vec::new();
-    for f in files {
-        bytes.extend_from_slice(
-            f.strip_prefix(dir)
-                .unwrap_or(&f)
-                .to_string_lossy()
-                .as_bytes(),
-        );
-        bytes.extend_from_slice(&fs::read(&f).unwrap_or_default());
-    }
-    fnv1a(&bytes)
 }
 
 fn sanitize(v: &str) -> String {

@@ -83,3 +83,69 @@ fn a_missing_job_file_is_a_named_error() -> Result<(), Box<dyn std::error::Error
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/job.json"));
     Ok(())
 }
+
+/// A job planned for other code (the workspace rebuilt while a grid ran) is refused by the worker,
+/// with a failed record that says why; with this build's code it runs and records that code.
+#[test]
+fn run_job_refuses_a_job_planned_for_other_code() -> Result<(), Box<dyn std::error::Error>> {
+    let out = distill().arg("code-versions").output()?;
+    assert!(out.status.success());
+    let versions: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let code = serde_json::json!({
+        "engine": versions["engine"],
+        "dataset": versions["dataset"]["vision.synthetic"],
+        "model": versions["model"]["vision.mlp"],
+        "strategy": versions["strategy"]["baseline"],
+    });
+    assert!(
+        code["engine"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("engine:"))
+    );
+    assert!(
+        code["strategy"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("strategies:"))
+    );
+    let dir = std::env::temp_dir().join(format!("distill-cli-code-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let run = |code: &serde_json::Value,
+               name: &str|
+     -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+        let out_dir = dir.join(name);
+        let spec = serde_json::json!({
+            "id": name, "spec_id": name, "code": code, "experiment": "cli", "out_dir": out_dir,
+            "job": {"kind": "student",
+                    "dataset": {"name": "vision.synthetic", "config": {"train": 64, "validation": 32, "test": 32, "size": 8}},
+                    "model": {"name": "vision.mlp", "config": {"hidden": [8]}},
+                    "strategy": {"name": "baseline", "config": {}},
+                    "teachers": [], "train": {"epochs": 1, "batch_size": 32}, "seed": 0}
+        });
+        let job = dir.join(format!("{name}.json"));
+        std::fs::write(&job, serde_json::to_vec(&spec)?)?;
+        let done = distill().arg("run-job").arg(&job).output()?;
+        assert!(
+            done.status.success(),
+            "{}",
+            String::from_utf8_lossy(&done.stderr)
+        );
+        Ok(serde_json::from_slice(&std::fs::read(
+            out_dir.join("record.json"),
+        )?)?)
+    };
+    let mut other = code.clone();
+    other["strategy"] = "strategies:0000000000000000".into();
+    let refused = run(&other, "other-code")?;
+    assert_eq!(refused["status"], "failed");
+    let error = refused["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("planned for code") && error.contains("rebuilt"),
+        "{error}"
+    );
+    let ran = run(&code, "this-code")?;
+    assert_eq!(ran["status"], "ok");
+    assert_eq!(ran["code"], code);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

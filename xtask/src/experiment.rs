@@ -121,14 +121,15 @@ pub struct StrategyEntry {
 
 /// The `DISTILL_*` variables that configure the workers and plugins rather than the
 /// experiment (without the prefix): the log filter, extra plugin files, the CBLAS library, the
-/// plots' font, the data cache and its mirrors.
-const RUNTIME_VARIABLES: [&str; 6] = [
+/// plots' font, the data cache and its mirrors, and the tests' Python environment.
+const RUNTIME_VARIABLES: [&str; 7] = [
     "LOG",
     "EXTRA_PLUGINS",
     "CBLAS",
     "FONT",
     "DATA",
     "DATA_MIRROR",
+    "VENV",
 ];
 
 /// Reads `path`, then `DISTILL_*` variables (`DISTILL_TRAIN__EPOCHS=2`; not those of

@@ -689,6 +689,7 @@ fn runtime_variables_are_not_read_as_experiment_keys() -> Result<()> {
         .env("DISTILL_DATA", dir.join("data-cache"))
         .env("DISTILL_DATA_MIRROR", dir.join("no-mirror"))
         .env("DISTILL_LOG", "warn")
+        .env("DISTILL_VENV", dir.join("venv"))
         .output()?;
     assert!(out.status.success(), "{}", text(&out));
     assert!(dir.join("out/runs.parquet").is_file());

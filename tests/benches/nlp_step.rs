@@ -49,6 +49,7 @@ fn bench(c: &mut Criterion) {
             let varmap = VarMap::new();
             let ctx = ModelContext {
                 dataset: data.info(),
+                seed: 0,
                 vb: seeded_var_builder(&varmap, 1, DType::F32, &dev),
             };
             Ok((r.get_model(name)?.build(&config, ctx)?, varmap))

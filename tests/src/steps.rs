@@ -132,6 +132,7 @@ fn images(batch: usize, dev: &Device) -> Result<Inputs> {
         batch: Batch {
             inputs: [("image".to_string(), image)].into(),
             targets: labels(&mut rng, batch, 10, dev)?,
+            soft_targets: None,
             indices: indices(batch, dev)?,
         },
     })
@@ -169,6 +170,7 @@ fn sentences(batch: usize, len: usize, dev: &Device) -> Result<Inputs> {
         batch: Batch {
             inputs,
             targets: labels(&mut rng, batch, 2, dev)?,
+            soft_targets: None,
             indices: indices(batch, dev)?,
         },
     })
@@ -197,6 +199,7 @@ fn interactions(users: usize, items: usize, batch: usize, dev: &Device) -> Resul
         batch: Batch {
             inputs: [("user".to_string(), Tensor::new(ids, dev)?)].into(),
             targets: Tensor::from_vec(relevance, (batch, items), dev)?,
+            soft_targets: None,
             indices: indices(batch, dev)?,
         },
     })
@@ -212,6 +215,7 @@ fn build_model(
     let varmap = VarMap::new();
     let ctx = ModelContext {
         dataset: info,
+        seed: 0,
         vb: seeded_var_builder(&varmap, seed, DType::F32, &Device::Cpu),
     };
     Ok((r.get_model(name)?.build(&config, ctx)?, varmap))
@@ -282,6 +286,7 @@ fn step(
                 .collect();
             let frozen = ModelContext {
                 dataset: &inputs.info,
+                seed: 0,
                 vb: frozen_var_builder(weights, DType::F32, &Device::Cpu),
             };
             match mode {

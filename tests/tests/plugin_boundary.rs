@@ -30,6 +30,7 @@ fn batch() -> Result<Batch> {
     Ok(Batch {
         inputs: BTreeMap::new(),
         targets: Tensor::new(&[0u32, 1, 2, 3, 4, 1], &Device::Cpu)?,
+        soft_targets: None,
         indices: Tensor::arange(0u32, BATCH as u32, &Device::Cpu)?,
     })
 }
@@ -370,6 +371,7 @@ fn plugin_panics_are_errors_and_the_process_goes_on() -> Result<()> {
     };
     let ctx = ModelContext {
         dataset: &info,
+        seed: 0,
         vb: VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
     };
     let model = host

@@ -108,6 +108,7 @@ fn every_strategy_trains_a_student_without_nan() -> Result<()> {
     };
     let context = |vars: &VarMap, seed| ModelContext {
         dataset: data.info(),
+        seed: 0,
         vb: seeded_var_builder(vars, seed, DType::F32, &dev),
     };
     let probe = data.batch(Split::Train, &[0, 1], &dev)?;
@@ -229,6 +230,7 @@ fn ranking_strategies_train_a_recommender_and_reach_every_variable() -> Result<(
     }))?;
     let context = |vars: &VarMap, seed| ModelContext {
         dataset: data.info(),
+        seed: 0,
         vb: seeded_var_builder(vars, seed, DType::F32, &dev),
     };
     let no_features = BTreeMap::new();
@@ -256,10 +258,7 @@ fn ranking_strategies_train_a_recommender_and_reach_every_variable() -> Result<(
     )?;
     train_alone(data.as_ref(), teacher.as_ref(), &teacher_vars, &config)?;
     let users: Vec<usize> = (0..16).collect();
-    let mut probe = data.batch(Split::Train, &users, &dev)?;
-    if let Some(t) = data.epoch_targets(0, 0, &users, &dev)? {
-        probe.targets = t;
-    }
+    let probe = data.train_batch(0, 0, &users, &dev)?;
     for name in ["baseline", "kd", "ranking-kd"] {
         for student_model in ["recsys.mf", "recsys.gmf", "recsys.mlp"] {
             let varmap = VarMap::new();

@@ -56,6 +56,7 @@ fn loading_and_running_a_plugin_adds_no_threads() -> Result<(), Box<dyn std::err
     let batch = Batch {
         inputs: BTreeMap::new(),
         targets: y,
+        soft_targets: None,
         indices: Tensor::arange(0u32, 256, &dev)?,
     };
     let student = Var::from_tensor(&a.matmul(&a.t()?)?)?;

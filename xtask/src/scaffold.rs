@@ -205,7 +205,7 @@ impl Strategy for {title} {
         _step: &StepInfo,
     ) -> Result<LossTerms> {
         let t = require_teacher(OWNER, t)?;
-        let ce = (label_loss(&s.logits, &batch.targets)? * self.config.ce_weight)?;
+        let ce = (label_loss(&s.logits, batch)? * self.config.ce_weight)?;
         let diff = (&s.logits - t.logits.detach())?;
         let matching = (diff.sqr()?.mean_all()? * self.config.weight)?;
         LossTerms::sum([("ce", ce), ("{ident}", matching)])
@@ -249,6 +249,7 @@ mod tests {
         let batch = Batch {
             inputs: BTreeMap::new(),
             targets: Tensor::new(&[1u32, 0], &dev)?,
+            soft_targets: None,
             indices: Tensor::new(&[0u32, 1], &dev)?,
         };
         let total = |s: &Tensor| -> Result<Tensor> {
@@ -380,6 +381,7 @@ impl Dataset for Synthetic {
                 Tensor::from_vec(x, (indices.len(), WIDTH), device)?,
             )]),
             targets: Tensor::new(y.as_slice(), device)?,
+            soft_targets: None,
             indices: Tensor::new(ids.as_slice(), device)?,
         })
     }
@@ -449,13 +451,14 @@ mod tests {
             &Config::Null,
             ModelContext {
                 dataset: data.info(),
+                seed: 0,
                 vb: seeded_var_builder(&varmap, 0, DType::F32, &dev),
             },
         )?;
         let batch = data.batch(Split::Train, &[0, 1, 2, 3], &dev)?;
         let out = model.forward(&batch.inputs, true)?;
         assert_eq!(out.logits.dims(), &[4, 2]);
-        let loss = ops::label_loss(&out.logits, &batch.targets)?;
+        let loss = ops::label_loss(&out.logits, &batch)?;
         check_gradient_coverage(&named_vars(&varmap), &[], &loss.backward()?)
             .map_err(|e| Error::Invalid(e.to_string()))?;
         Ok(())

@@ -106,7 +106,7 @@ pub fn check(registrar: &Registrar, plan: &Plan) -> Vec<String> {
         let Some(data) = data else { continue };
         let build = |c: &distill_engine::job::Component| -> distill_rt::Result<(Box<dyn distill_rt::Model>, VarMap)> {
             let varmap = VarMap::new();
-            let ctx = ModelContext { dataset: data.info(), vb: seeded_var_builder(&varmap, 0, DType::F32, &device) };
+            let ctx = ModelContext { dataset: data.info(), seed: 0, vb: seeded_var_builder(&varmap, 0, DType::F32, &device) };
             Ok((registrar.get_model(&c.name)?.build(&c.config, ctx)?, varmap))
         };
         let student = match build(model) {

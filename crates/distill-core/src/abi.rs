@@ -22,7 +22,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::atomic::AtomicU8;
 
 /// Version of the plugin API; bumped on every change to a type or trait that crosses the boundary.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// The fields of the fingerprint known when the core is compiled (versions, a hash of the core's
 /// sources, rustc, target, profile, opt-level, core features, rustflags, Cargo.lock hash),

@@ -80,8 +80,12 @@ pub struct Batch {
     pub inputs: TensorMap,
     /// Targets: class ids (`u32`, `[batch]`) for classification; for ranking, relevance
     /// (`f32`, the logits' shape `[batch, candidates]`): 1 relevant, 0 not relevant, and
-    /// [`UNLABELLED`] for candidates that neither losses nor metrics read.
+    /// [`UNLABELLED`] for candidates that neither losses nor metrics read. In a batch that
+    /// mixes samples (mixup, CutMix) each sample's dominant class.
     pub targets: Tensor,
+    /// Class probabilities (`f32`, `[batch, classes]`, each row summing to 1) when a training
+    /// batch mixes samples; the label loss ([`crate::ops::label_loss`]) then reads these.
+    pub soft_targets: Option<Tensor>,
     /// Index of each sample within its split (`u32`), for teacher caches and memory banks.
     pub indices: Tensor,
 }
@@ -100,19 +104,25 @@ pub trait Dataset: Send + Sync {
         let _ = split;
         None
     }
-    /// The targets of the training samples at `indices` in `epoch` of a run seeded `seed`, for a
-    /// dataset whose targets change between epochs (negatives sampled anew each epoch); `None`:
-    /// those of [`Dataset::batch`]. Inputs never change, so a teacher's cached outputs stay
-    /// valid.
-    fn epoch_targets(
+    /// The training samples at `indices` as they appear in `epoch` of a run seeded `seed`: with
+    /// augmented inputs (random crops, flips, mixup), or with targets drawn anew each epoch
+    /// (sampled negatives). The same arguments give the same batch. Default: [`Dataset::batch`]
+    /// of the training split.
+    fn train_batch(
         &self,
         epoch: usize,
         seed: u64,
         indices: &[usize],
         device: &Device,
-    ) -> Result<Option<Tensor>> {
-        let _ = (epoch, seed, indices, device);
-        Ok(None)
+    ) -> Result<Batch> {
+        let _ = (epoch, seed);
+        self.batch(Split::Train, indices, device)
+    }
+    /// Whether [`Dataset::train_batch`] changes inputs (augmentation): a teacher's outputs
+    /// cached on the unaugmented training samples then describe other inputs than the
+    /// student's.
+    fn augments(&self) -> bool {
+        false
     }
 }
 

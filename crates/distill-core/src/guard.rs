@@ -119,10 +119,12 @@ impl DatasetFactory for Guarded<dyn DatasetFactory> {
                     )));
                 }
             }
+            let augments = inner.augments();
             Ok(Box::new(GuardedDataset {
                 name: self.name.clone(),
                 info,
                 lengths,
+                augments,
                 inner,
             }) as Box<dyn Dataset>)
         })
@@ -134,6 +136,8 @@ struct GuardedDataset {
     info: DatasetInfo,
     /// Asked once, when the dataset is built.
     lengths: [Option<Vec<usize>>; 3],
+    /// Asked once, when the dataset is built.
+    augments: bool,
     inner: Box<dyn Dataset>,
 }
 
@@ -149,16 +153,19 @@ impl Dataset for GuardedDataset {
     fn lengths(&self, split: Split) -> Option<Vec<usize>> {
         self.lengths[split as usize].clone()
     }
-    fn epoch_targets(
+    fn train_batch(
         &self,
         epoch: usize,
         seed: u64,
         indices: &[usize],
         device: &Device,
-    ) -> Result<Option<Tensor>> {
-        contain(&format!("dataset `{}`: epoch_targets", self.name), || {
-            self.inner.epoch_targets(epoch, seed, indices, device)
+    ) -> Result<Batch> {
+        contain(&format!("dataset `{}`: train_batch", self.name), || {
+            self.inner.train_batch(epoch, seed, indices, device)
         })
+    }
+    fn augments(&self) -> bool {
+        self.augments
     }
     fn metrics(&self) -> Result<Box<dyn MetricAccumulator>> {
         contain(&format!("dataset `{}`: metrics", self.name), || {

@@ -253,6 +253,7 @@ mod tests {
         let batch = Batch {
             inputs: Default::default(),
             targets,
+            soft_targets: None,
             indices: Tensor::new(&[0u32, 1], &dev)?,
         };
         let mut m = RankingMetrics::new(1);

@@ -31,7 +31,9 @@ impl ModelOutput {
 
 /// A teacher or student network.
 pub trait Model: Send {
-    /// Runs the model on named inputs; `train` enables dropout and similar.
+    /// Runs the model on named inputs. `train`: training mode (dropout active, batch norm on
+    /// the batch's statistics, updating its running ones); otherwise evaluation mode, as for
+    /// evaluation, a teacher's cache and a live teacher.
     fn forward(&self, inputs: &TensorMap, train: bool) -> Result<ModelOutput>;
     /// Multiply-accumulate count of one forward pass for one sample.
     fn flops_per_sample(&self) -> u64;
@@ -45,6 +47,9 @@ pub trait Model: Send {
 pub struct ModelContext<'a> {
     /// The dataset the model is for (input shapes, number of classes).
     pub dataset: &'a DatasetInfo,
+    /// The run's seed, for randomness inside the forward pass (dropout masks); the weights'
+    /// initialisation comes from `vb`.
+    pub seed: u64,
     /// Where the model creates (or loads) its variables; names follow the module tree.
     pub vb: VarBuilder<'a>,
 }

@@ -1,10 +1,23 @@
-//! Layers shared by task plugins: fully connected, embedding and layer norm, initialised as
-//! PyTorch initialises them and built only from ops with a backward pass.
+//! Layers shared by task plugins: fully connected, embedding, layer norm, batch norm and
+//! dropout, initialised as PyTorch initialises them and built only from ops with a backward
+//! pass; and which variables are buffers (state saved with the weights that never trains).
 
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
-use crate::{Result, ops};
+use crate::kernels::{channel_add, channel_mul, group_norm, group_norm_relu, relu};
+use crate::rng::Rng;
+use crate::{Error, Result, ops};
+
+/// The last name segments of buffers: a batch norm's running statistics. Buffers are saved
+/// with the weights and updated by the forward pass in training mode; no optimizer updates
+/// them, and parameter counts leave them out (PyTorch's `parameters()` against `buffers()`).
+pub const BUFFER_NAMES: [&str; 2] = ["running_mean", "running_var"];
+
+/// Whether the variable `name` is a buffer ([`BUFFER_NAMES`]).
+pub fn is_buffer(name: &str) -> bool {
+    BUFFER_NAMES.contains(&name.rsplit('.').next().unwrap_or(name))
+}
 
 /// PyTorch's default for `nn.Linear` and `nn.Conv*` weights and biases: uniform in
 /// `±1/sqrt(fan_in)`.
@@ -141,6 +154,155 @@ impl LayerNorm {
     }
 }
 
+/// Batch normalisation over `[batch, channels, spatial...]` (Ioffe & Szegedy 2015) as
+/// PyTorch's `BatchNorm2d`: in training mode each channel is normalised with the batch's mean and
+/// biased variance and the running statistics move by `momentum` towards them (the running
+/// variance towards the unbiased one); in evaluation mode the running statistics normalise.
+/// Variables `weight` (1), `bias` (0) and the buffers `running_mean` (0), `running_var` (1).
+pub struct BatchNorm {
+    gamma: Tensor,
+    beta: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    eps: f64,
+    momentum: f64,
+}
+
+impl BatchNorm {
+    /// A batch norm of `channels` channels under `vb` with PyTorch's defaults (eps 1e-5,
+    /// momentum 0.1).
+    pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            gamma: vb.get_with_hints(channels, "weight", Init::Const(1.0))?,
+            beta: vb.get_with_hints(channels, "bias", Init::Const(0.0))?,
+            // A variable of the model's map shares its storage with the `Var` made from it, so
+            // the updates below are what the weights file saves; over trained weights loaded as
+            // constants (a frozen teacher) this is a private copy, and evaluation never writes.
+            running_mean: Var::from_tensor(&vb.get_with_hints(
+                channels,
+                "running_mean",
+                Init::Const(0.0),
+            )?)?,
+            running_var: Var::from_tensor(&vb.get_with_hints(
+                channels,
+                "running_var",
+                Init::Const(1.0),
+            )?)?,
+            eps: 1e-5,
+            momentum: 0.1,
+        })
+    }
+
+    /// Normalises `x`; `train` selects batch statistics (and updates the running ones).
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.apply(x, train, false)
+    }
+
+    /// `relu(self.forward(x, train))`, fused in training mode.
+    pub fn forward_relu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.apply(x, train, true)
+    }
+
+    fn apply(&self, x: &Tensor, train: bool, with_relu: bool) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let channels = self.gamma.elem_count();
+        if dims.len() < 2 || dims[1] != channels {
+            return Err(Error::Invalid(format!(
+                "batch norm of {channels} channels got input {dims:?} (channels second)"
+            )));
+        }
+        if !train {
+            let rv = self.running_var.as_tensor().to_dtype(x.dtype())?;
+            let rm = self.running_mean.as_tensor().to_dtype(x.dtype())?;
+            let scale = self.gamma.div(&(rv + self.eps)?.sqrt()?)?;
+            let shift = (&self.beta - rm.mul(&scale)?)?;
+            let y = channel_add(&channel_mul(x, &scale, 1)?, &shift, 1)?;
+            return if with_relu { relu(&y) } else { Ok(y) };
+        }
+        // Channels first, everything else one group each: group norm with a group per channel
+        // is batch norm, with its fused backward pass.
+        let per_channel = x
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((1, channels, ()))?;
+        let n = per_channel.dim(2)?;
+        if n < 2 {
+            return Err(Error::Invalid(format!(
+                "batch norm in training mode needs more than one value per channel, got input {dims:?}"
+            )));
+        }
+        let norm = if with_relu {
+            group_norm_relu
+        } else {
+            group_norm
+        };
+        let y = norm(&per_channel, &self.gamma, &self.beta, channels, self.eps)?;
+        let mut swapped = dims.clone();
+        swapped.swap(0, 1);
+        let y = y.reshape(swapped)?.transpose(0, 1)?.contiguous()?;
+        // The running statistics, from the detached batch.
+        let values = per_channel.detach().squeeze(0)?;
+        let mean = values.mean(1)?;
+        let var = values.broadcast_sub(&mean.unsqueeze(1)?)?.sqr()?.mean(1)?;
+        let unbiased = (var * (n as f64 / (n as f64 - 1.0)))?;
+        let m = self.momentum;
+        let blend = |running: &Var, batch: Tensor| -> Result<()> {
+            let old = running.as_tensor();
+            let new = ((old * (1.0 - m))? + (batch.to_dtype(old.dtype())? * m)?)?;
+            Ok(running.set(&new)?)
+        };
+        blend(&self.running_mean, mean)?;
+        blend(&self.running_var, unbiased)?;
+        Ok(y)
+    }
+}
+
+/// Inverted dropout (PyTorch's `nn.Dropout`): in training mode each element is zeroed with
+/// probability `p` and the rest scaled by `1 / (1 - p)`; evaluation passes `x` through. The
+/// mask comes from a seeded stream (candle's random tensors are not seedable), advanced on
+/// every call, so a run is reproducible.
+pub struct Dropout {
+    p: f64,
+    rng: std::sync::Mutex<Rng>,
+}
+
+impl Dropout {
+    /// Dropout with probability `p` in `[0, 1)`, its masks drawn from `seed` and `purpose`.
+    pub fn new(p: f64, seed: u64, purpose: &str) -> Result<Self> {
+        if !(0.0..1.0).contains(&p) {
+            return Err(Error::Invalid(format!(
+                "dropout probability must be in [0, 1), got {p}"
+            )));
+        }
+        Ok(Self {
+            p,
+            rng: std::sync::Mutex::new(Rng::derive(seed, &format!("dropout/{purpose}"))),
+        })
+    }
+
+    /// Applies dropout in training mode.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if !train || self.p == 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 / (1.0 - self.p);
+        let mask: Vec<f32> = {
+            let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+            (0..x.elem_count())
+                .map(|_| {
+                    if rng.uniform() < self.p {
+                        0.0
+                    } else {
+                        keep as f32
+                    }
+                })
+                .collect()
+        };
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        Ok(x.mul(&mask)?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +310,7 @@ mod tests {
     use crate::testing::max_abs_difference;
     use candle_core::{DType, Device};
     use candle_nn::VarMap;
+    use serde_json;
 
     #[test]
     fn linear_on_rank_three_equals_row_by_row() -> Result<()> {
@@ -178,6 +341,112 @@ mod tests {
         let row5 = table.get(5)?;
         assert!(max_abs_difference(&out.get(0)?.get(0)?, &row5)? < 1e-15);
         assert!(max_abs_difference(&out.get(1)?.get(1)?, &row5)? < 1e-15);
+        Ok(())
+    }
+
+    /// PyTorch's `BatchNorm2d` on the same numbers (`tests/fixtures/batchnorm_reference.py`).
+    #[test]
+    fn batch_norm_matches_pytorch_in_training_and_evaluation_mode() -> Result<()> {
+        let fixture: serde_json::Value = serde_json::from_str(include_str!(
+            "../../../tests/fixtures/batchnorm_reference.json"
+        ))
+        .map_err(|e| crate::Error::Invalid(e.to_string()))?;
+        let list = |key: &str| -> Vec<f64> {
+            fixture[key]
+                .as_array()
+                .map(|a| a.iter().filter_map(|v| v.as_f64()).collect())
+                .unwrap_or_default()
+        };
+        let shape: Vec<usize> = list("shape").iter().map(|v| *v as usize).collect();
+        let dev = Device::Cpu;
+        let tensor = |key: &str| Tensor::from_vec(list(key), shape.as_slice(), &dev);
+        let vector = |key: &str| Tensor::from_vec(list(key), 3, &dev);
+        let close = |got: &Tensor, key: &str| -> Result<()> {
+            let want = Tensor::from_vec(list(key), got.shape(), &dev)?;
+            let d = max_abs_difference(got, &want)?;
+            assert!(d < 1e-10, "{key}: off by {d}");
+            Ok(())
+        };
+        let varmap = VarMap::new();
+        let bn = BatchNorm::new(3, seeded_var_builder(&varmap, 0, DType::F64, &dev).pp("bn"))?;
+        {
+            let vars = varmap
+                .data()
+                .lock()
+                .map_err(|_| crate::Error::Invalid("lock".into()))?;
+            for (name, key) in [("bn.weight", "weight"), ("bn.bias", "bias")] {
+                vars[name].set(&vector(key)?)?;
+            }
+        }
+        let buffer = |name: &str| -> Result<Tensor> {
+            let vars = varmap
+                .data()
+                .lock()
+                .map_err(|_| crate::Error::Invalid("lock".into()))?;
+            Ok(vars[name].as_tensor().clone())
+        };
+        close(&bn.forward(&tensor("x1")?, true)?, "train_y1")?;
+        // The model's map holds the running statistics the layer updated (what is saved).
+        close(&buffer("bn.running_mean")?, "running_mean_1")?;
+        close(&buffer("bn.running_var")?, "running_var_1")?;
+        let x2 = Var::from_tensor(&tensor("x2")?)?;
+        let y2 = bn.forward(x2.as_tensor(), true)?;
+        close(&y2, "train_y2")?;
+        let probe = tensor("probe")?;
+        let grads = (y2 * &probe)?.sum_all()?.backward()?;
+        let grad = |t: &Tensor| {
+            grads
+                .get(t)
+                .cloned()
+                .ok_or_else(|| crate::Error::Invalid("no gradient".into()))
+        };
+        close(&grad(x2.as_tensor())?, "train_grad_x")?;
+        close(&grad(&bn.gamma)?, "train_grad_weight")?;
+        close(&grad(&bn.beta)?, "train_grad_bias")?;
+        close(&buffer("bn.running_mean")?, "running_mean_2")?;
+        close(&buffer("bn.running_var")?, "running_var_2")?;
+        let x3 = Var::from_tensor(&tensor("x3")?)?;
+        let y3 = bn.forward(x3.as_tensor(), false)?;
+        close(&y3, "eval_y3")?;
+        let grads = (y3 * &probe)?.sum_all()?.backward()?;
+        let grad = |t: &Tensor| {
+            grads
+                .get(t)
+                .cloned()
+                .ok_or_else(|| crate::Error::Invalid("no gradient".into()))
+        };
+        close(&grad(x3.as_tensor())?, "eval_grad_x")?;
+        close(&grad(&bn.gamma)?, "eval_grad_weight")?;
+        close(&grad(&bn.beta)?, "eval_grad_bias")?;
+        // Evaluation leaves the running statistics alone; the fused ReLU is the ReLU.
+        close(&buffer("bn.running_mean")?, "running_mean_2")?;
+        for train in [false, true] {
+            let fused = bn.forward_relu(&tensor("x3")?, train)?;
+            let plain = bn.forward(&tensor("x3")?, train)?.relu()?;
+            assert!(max_abs_difference(&fused, &plain)? < 1e-12);
+        }
+        assert!(is_buffer("layer1.0.bn1.running_var") && !is_buffer("bn.weight"));
+        Ok(())
+    }
+
+    #[test]
+    fn dropout_zeroes_at_its_rate_scales_the_rest_and_is_off_in_evaluation() -> Result<()> {
+        let x = Tensor::ones((100, 100), DType::F32, &Device::Cpu)?;
+        let d = Dropout::new(0.25, 1, "test")?;
+        let y = d.forward(&x, true)?.flatten_all()?.to_vec1::<f32>()?;
+        let zeros = y.iter().filter(|v| **v == 0.0).count() as f64 / 1e4;
+        assert!((zeros - 0.25).abs() < 0.02, "{zeros}");
+        assert!(y.iter().all(|v| *v == 0.0 || (*v - 4.0 / 3.0).abs() < 1e-6));
+        // The next call draws another mask; a new layer with the same seed repeats the first.
+        let again = d.forward(&x, true)?.flatten_all()?.to_vec1::<f32>()?;
+        assert_ne!(y, again);
+        let fresh = Dropout::new(0.25, 1, "test")?.forward(&x, true)?;
+        assert_eq!(fresh.flatten_all()?.to_vec1::<f32>()?, y);
+        assert_eq!(
+            d.forward(&x, false)?.flatten_all()?.to_vec1::<f32>()?,
+            vec![1.0; 10_000]
+        );
+        assert!(Dropout::new(1.0, 1, "test").is_err());
         Ok(())
     }
 }

@@ -7,7 +7,7 @@
 use candle_core::shape::Dim;
 use candle_core::{D, DType, Tensor};
 
-use crate::Result;
+use crate::{Batch, Result};
 
 /// `log(softmax(x))` along `dim`, computed stably (the max is subtracted and detached; the result
 /// and its gradient do not depend on it).
@@ -86,15 +86,34 @@ pub fn binary_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor>
     mean_or_zero(&ll.neg()?)
 }
 
-/// The loss on a task's labels: [`cross_entropy`] for class ids (`targets` one rank below
+/// The loss on a batch's labels: [`soft_cross_entropy`] when the batch carries class
+/// probabilities (mixup, CutMix), [`cross_entropy`] for class ids (`targets` one rank below
 /// `logits`, classification), [`binary_cross_entropy`] for relevance (`targets` the logits'
 /// shape, ranking).
-pub fn label_loss(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    if is_relevance(logits, targets) {
-        binary_cross_entropy(logits, targets)
+pub fn label_loss(logits: &Tensor, batch: &Batch) -> Result<Tensor> {
+    if let Some(probs) = &batch.soft_targets {
+        soft_cross_entropy(logits, probs)
+    } else if is_relevance(logits, &batch.targets) {
+        binary_cross_entropy(logits, &batch.targets)
     } else {
-        cross_entropy(logits, targets)
+        cross_entropy(logits, &batch.targets)
     }
+}
+
+/// Mean cross-entropy of `logits` (`[batch, classes]`) against class probabilities `probs` of
+/// the same shape: `mean_b(-sum_c p_bc log softmax(z_b)_c)`, PyTorch's `F.cross_entropy` with
+/// probability targets. Equal to [`cross_entropy`] for one-hot `probs`.
+pub fn soft_cross_entropy(logits: &Tensor, probs: &Tensor) -> Result<Tensor> {
+    if probs.dims() != logits.dims() {
+        return Err(crate::Error::Invalid(format!(
+            "class probabilities {:?} do not match logits {:?}",
+            probs.dims(),
+            logits.dims()
+        )));
+    }
+    let log_p = log_softmax(logits, D::Minus1)?;
+    let picked = (log_p * probs.to_dtype(logits.dtype())?)?.sum(D::Minus1)?;
+    Ok(picked.mean_all()?.neg()?)
 }
 
 /// Whether `targets` are ranking relevance (the logits' shape) rather than class ids.
@@ -202,11 +221,48 @@ mod tests {
     fn binary_cross_entropy_averages_over_labelled_entries_only() -> Result<()> {
         let x = Tensor::new(&[[2.0f64, -1.0, 5.0], [0.0, 0.5, 1.0]], &Device::Cpu)?;
         let y = Tensor::new(&[[1.0f32, 0.0, -1.0], [-1.0, 1.0, 0.0]], &Device::Cpu)?;
-        let got = label_loss(&x, &y)?.to_scalar::<f64>()?;
+        let batch = Batch {
+            inputs: Default::default(),
+            targets: y,
+            soft_targets: None,
+            indices: Tensor::new(&[0u32, 1], &Device::Cpu)?,
+        };
+        let got = label_loss(&x, &batch)?.to_scalar::<f64>()?;
         // -log(sigmoid(2)), -log(1 - sigmoid(-1)), -log(sigmoid(0.5)), -log(1 - sigmoid(1)).
         let sp = |v: f64| (1.0 + v.exp()).ln();
         let want = (sp(-2.0) + sp(-1.0) + sp(-0.5) + sp(1.0)) / 4.0;
         assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+        Ok(())
+    }
+
+    #[test]
+    fn soft_targets_take_the_label_loss_and_one_hot_ones_equal_class_ids() -> Result<()> {
+        let x = Tensor::new(&[[2.0f64, -1.0, 0.5], [0.0, 0.5, 1.0]], &Device::Cpu)?;
+        let ids = Tensor::new(&[0u32, 2], &Device::Cpu)?;
+        let mut batch = Batch {
+            inputs: Default::default(),
+            targets: ids.clone(),
+            soft_targets: Some(Tensor::new(
+                &[[0.7f32, 0.3, 0.0], [0.0, 0.0, 1.0]],
+                &Device::Cpu,
+            )?),
+            indices: Tensor::new(&[0u32, 1], &Device::Cpu)?,
+        };
+        let got = label_loss(&x, &batch)?.to_scalar::<f64>()?;
+        // Row 1: -(0.7 log p0 + 0.3 log p1); row 2: -log p2; log p_c = z_c - log sum exp z.
+        let lse = |z: [f64; 3]| z.iter().map(|v| v.exp()).sum::<f64>().ln();
+        let (l1, l2) = (lse([2.0, -1.0, 0.5]), lse([0.0, 0.5, 1.0]));
+        let want = (-(0.7 * (2.0 - l1) + 0.3 * (-1.0 - l1)) - (1.0 - l2)) / 2.0;
+        assert!((got - want).abs() < 1e-7, "{got} vs {want}");
+        batch.soft_targets = Some(Tensor::new(
+            &[[1.0f32, 0.0, 0.0], [0.0, 0.0, 1.0]],
+            &Device::Cpu,
+        )?);
+        let one_hot = label_loss(&x, &batch)?.to_scalar::<f64>()?;
+        let hard = cross_entropy(&x, &ids)?.to_scalar::<f64>()?;
+        assert!((one_hot - hard).abs() < 1e-12);
+        batch.soft_targets = Some(Tensor::new(&[[1.0f32, 0.0], [0.0, 1.0]], &Device::Cpu)?);
+        assert!(label_loss(&x, &batch).is_err());
         Ok(())
     }
 

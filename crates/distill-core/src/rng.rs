@@ -76,6 +76,36 @@ impl Rng {
         (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
     }
 
+    /// Gamma(`shape`, 1) for `shape > 0` (Marsaglia & Tsang 2000; below 1 through
+    /// `Gamma(shape + 1) * U^(1 / shape)`).
+    pub fn gamma(&mut self, shape: f64) -> f64 {
+        if shape < 1.0 {
+            let u = 1.0 - self.uniform();
+            return self.gamma(shape + 1.0) * u.powf(1.0 / shape);
+        }
+        let d = shape - 1.0 / 3.0;
+        let c = 1.0 / (9.0 * d).sqrt();
+        loop {
+            let z = self.normal();
+            let v = (1.0 + c * z).powi(3);
+            if v <= 0.0 {
+                continue;
+            }
+            let u = 1.0 - self.uniform();
+            if u.ln() < 0.5 * z * z + d - d * v + d * v.ln() {
+                return d * v;
+            }
+        }
+    }
+
+    /// Beta(`a`, `b`) for `a, b > 0`, as `X / (X + Y)` of two gamma draws: mixup's and CutMix's
+    /// mixing weight.
+    pub fn beta(&mut self, a: f64, b: f64) -> f64 {
+        let x = self.gamma(a);
+        let y = self.gamma(b);
+        x / (x + y)
+    }
+
     /// Shuffles `items` in place (Fisher-Yates).
     pub fn shuffle<T>(&mut self, items: &mut [T]) {
         for i in (1..items.len()).rev() {
@@ -130,5 +160,35 @@ mod tests {
             counts.iter().all(|c| (*c as i64 - 10_000).abs() < 400),
             "{counts:?}"
         );
+    }
+
+    #[test]
+    fn gamma_and_beta_have_their_moments() {
+        let mut r = Rng::new(5);
+        let n = 100_000;
+        for shape in [0.2, 1.0, 3.5] {
+            let xs: Vec<f64> = (0..n).map(|_| r.gamma(shape)).collect();
+            let mean = xs.iter().sum::<f64>() / n as f64;
+            let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64;
+            // Gamma(k, 1): mean k, variance k.
+            assert!(
+                (mean / shape - 1.0).abs() < 0.03,
+                "shape {shape}: mean {mean}"
+            );
+            assert!((var / shape - 1.0).abs() < 0.06, "shape {shape}: var {var}");
+        }
+        for a in [0.2, 1.0] {
+            let xs: Vec<f64> = (0..n).map(|_| r.beta(a, a)).collect();
+            assert!(xs.iter().all(|x| (0.0..=1.0).contains(x)));
+            let mean = xs.iter().sum::<f64>() / n as f64;
+            let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64;
+            // Beta(a, a): mean 1/2, variance 1 / (4 (2a + 1)).
+            let want = 1.0 / (4.0 * (2.0 * a + 1.0));
+            assert!((mean - 0.5).abs() < 0.005, "a {a}: mean {mean}");
+            assert!(
+                (var / want - 1.0).abs() < 0.03,
+                "a {a}: var {var}, want {want}"
+            );
+        }
     }
 }

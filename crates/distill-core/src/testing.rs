@@ -21,10 +21,12 @@ pub fn named_vars(varmap: &VarMap) -> NamedVars {
     vars
 }
 
-/// Splits `vars` into (trainable, frozen) by the model's frozen name prefixes.
+/// Splits `vars` into (trainable, frozen): frozen are those under the model's frozen name
+/// prefixes and the buffers ([`crate::nn::is_buffer`]: running statistics never train).
 pub fn split_frozen(vars: NamedVars, frozen_prefixes: &[String]) -> (NamedVars, NamedVars) {
-    vars.into_iter()
-        .partition(|(name, _)| !frozen_prefixes.iter().any(|p| name.starts_with(p.as_str())))
+    vars.into_iter().partition(|(name, _)| {
+        !crate::nn::is_buffer(name) && !frozen_prefixes.iter().any(|p| name.starts_with(p.as_str()))
+    })
 }
 
 /// What the gradient-coverage check found wrong, by variable name.
@@ -45,7 +47,8 @@ pub struct CoverageError {
 }
 
 /// Checks that after one backward pass every trainable variable has a finite, not-all-zero
-/// gradient and that no frozen tensor has one.
+/// gradient and that no frozen tensor has one. Buffers ([`crate::nn::is_buffer`]) among
+/// `trainable` count as frozen: they must not get a gradient.
 pub fn check_gradient_coverage(
     trainable: &[(String, Var)],
     frozen: &[(String, Tensor)],
@@ -53,6 +56,12 @@ pub fn check_gradient_coverage(
 ) -> std::result::Result<(), CoverageError> {
     let mut report = CoverageError::default();
     for (name, var) in trainable {
+        if crate::nn::is_buffer(name) {
+            if grads.get(var.as_tensor()).is_some() {
+                report.frozen_with_gradient.push(name.clone());
+            }
+            continue;
+        }
         let Some(g) = grads.get(var.as_tensor()) else {
             report.missing.push(name.clone());
             continue;

@@ -149,6 +149,7 @@ mod tests {
         let varmap = VarMap::new();
         let ctx = ModelContext {
             dataset: data.info(),
+            seed: 0,
             vb: seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu),
         };
         let model = MlpFactory(8).build(&Config::Null, ctx)?;

@@ -19,8 +19,8 @@ use distill_rt::{
 
 use crate::cache::TeacherCache;
 use crate::train::{
-    EpochRecord, FitInputs, StopReason, Supervised, TeacherSource, TrainConfig, evaluate, fit,
-    metric,
+    EpochRecord, FitInputs, StopReason, Supervised, TeacherOutputs, TeacherSource, TrainConfig,
+    evaluate, fit, metric,
 };
 
 /// A registered name with its configuration table.
@@ -394,6 +394,7 @@ fn build_model(
     let varmap = VarMap::new();
     let ctx = ModelContext {
         dataset: dataset.info(),
+        seed,
         vb: seeded_var_builder(&varmap, seed, DType::F32, device),
     };
     let model = registrar.get_model(&c.name)?.build(&c.config, ctx)?;
@@ -419,9 +420,11 @@ fn prepare(
     Ok((data, built))
 }
 
+/// Parameters, not buffers (running statistics), as PyTorch's `parameters()` counts them.
 fn parameter_count(varmap: &VarMap) -> u64 {
     named_vars(varmap)
         .iter()
+        .filter(|(name, _)| !distill_rt::nn::is_buffer(name))
         .map(|(_, v)| v.as_tensor().elem_count() as u64)
         .sum()
 }
@@ -491,6 +494,7 @@ fn load_teacher(
         .map_err(|e| Error::data(&path, e.to_string()))?;
     let ctx = ModelContext {
         dataset: data.info(),
+        seed: 0,
         vb: frozen_var_builder(weights, DType::F32, device),
     };
     let model = registrar
@@ -714,21 +718,49 @@ fn run_job_inner(
                 )));
             }
             let n_train = data.info().len(Split::Train);
+            let augments = data.augments();
+            let try_cache = needs.teacher
+                && match train.teacher_outputs {
+                    TeacherOutputs::Auto => !needs.live && !augments,
+                    TeacherOutputs::Live => false,
+                    TeacherOutputs::Cache if needs.live => {
+                        return Err(Error::config(
+                            "train",
+                            "teacher_outputs",
+                            format!(
+                                "is `cache`, and strategy `{}` needs a live teacher",
+                                strategy.name
+                            ),
+                        ));
+                    }
+                    TeacherOutputs::Cache => true,
+                };
             let caches = teachers
                 .iter()
                 .enumerate()
                 .map(|(i, t)| {
-                    if needs.teacher && !needs.live {
-                        usable_cache(
-                            &teacher_models[i].1,
-                            &t.dir,
-                            &needs.of_teacher(i, teachers.len()),
-                            n_train,
-                            device,
-                        )
-                    } else {
-                        Ok(None)
+                    if !try_cache {
+                        return Ok(None);
                     }
+                    let cache = usable_cache(
+                        &teacher_models[i].1,
+                        &t.dir,
+                        &needs.of_teacher(i, teachers.len()),
+                        n_train,
+                        device,
+                    )?;
+                    if cache.is_none() && train.teacher_outputs == TeacherOutputs::Cache {
+                        return Err(Error::config(
+                            "train",
+                            "teacher_outputs",
+                            format!(
+                                "is `cache`, and teacher job {} has no cache with the outputs \
+                                 strategy `{}` reads",
+                                teacher_models[i].1.id, strategy.name
+                            ),
+                        ));
+                    }
+                    Ok(cache)
                 })
                 .collect::<Result<Vec<_>>>()?;
             let sources: Vec<TeacherSource<'_>> = if needs.teacher {
@@ -748,7 +780,10 @@ fn run_job_inner(
             } else {
                 sources
                     .iter()
-                    .map(TeacherSource::name)
+                    .map(|source| match source {
+                        TeacherSource::Cached(_) if augments => "cache (unaugmented)",
+                        other => other.name(),
+                    })
                     .collect::<Vec<_>>()
                     .join(" + ")
             });

@@ -1,4 +1,5 @@
-//! Optimizers (AdamW, SGD with momentum) and learning-rate schedules (constant, cosine, step).
+//! Optimizers (AdamW, SGD with momentum) and learning-rate schedules (constant, cosine, step,
+//! multi-step; a linear warm-up in front of any).
 //!
 //! Conventions follow PyTorch: AdamW decouples weight decay (`p -= lr * wd * p`), betas
 //! (0.9, 0.999), eps 1e-8; SGD adds weight decay to the gradient (`g + wd * p`), then momentum
@@ -110,6 +111,20 @@ pub enum Schedule {
         /// Decay factor.
         gamma: f64,
     },
+    /// Multiply by `gamma` at each of the given epochs (PyTorch's `MultiStepLR`; RepDistiller:
+    /// x0.1 at 150, 180 and 210).
+    #[serde(rename = "multistep")]
+    MultiStep {
+        /// Epochs (zero-based) from which the next factor applies, increasing.
+        milestones: Vec<usize>,
+        /// Decay factor.
+        #[serde(default = "default_gamma")]
+        gamma: f64,
+    },
+}
+
+fn default_gamma() -> f64 {
+    0.1
 }
 
 impl Schedule {
@@ -125,6 +140,39 @@ impl Schedule {
                 let epoch = step / steps_per_epoch.max(1);
                 peak * gamma.powi((epoch / (*every).max(1)) as i32)
             }
+            Schedule::MultiStep { milestones, gamma } => {
+                let epoch = step / steps_per_epoch.max(1);
+                let passed = milestones.iter().filter(|m| **m <= epoch).count();
+                peak * gamma.powi(passed as i32)
+            }
+        }
+    }
+
+    /// Checks the values; errors name the key.
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            Schedule::Step { every: 0, .. } => {
+                Err(Error::config("train", "schedule.every", "must be > 0"))
+            }
+            Schedule::Step { gamma, .. } | Schedule::MultiStep { gamma, .. }
+                if !(gamma.is_finite() && *gamma > 0.0) =>
+            {
+                Err(Error::config(
+                    "train",
+                    "schedule.gamma",
+                    format!("must be > 0, got {gamma}"),
+                ))
+            }
+            Schedule::MultiStep { milestones, .. }
+                if milestones.windows(2).any(|w| w[0] >= w[1]) =>
+            {
+                Err(Error::config(
+                    "train",
+                    "schedule.milestones",
+                    format!("must increase, got {milestones:?}"),
+                ))
+            }
+            _ => Ok(()),
         }
     }
 }
@@ -338,6 +386,51 @@ mod tests {
         };
         assert!((step.rate(1.0, 3, 100, 2) - 1.0).abs() < 1e-12); // epoch 1
         assert!((step.rate(1.0, 4, 100, 2) - 0.1).abs() < 1e-12); // epoch 2
+    }
+
+    #[test]
+    fn multistep_follows_repdistillers_protocol() -> Result<()> {
+        // RepDistiller: lr 0.05, x0.1 at epochs 150, 180 and 210 of 240; 782 steps per epoch.
+        let s: Schedule = distill_rt::serde_json::from_value(distill_rt::serde_json::json!({
+            "name": "multistep", "milestones": [150, 180, 210]
+        }))
+        .map_err(|e| Error::Invalid(e.to_string()))?;
+        let spe = 782;
+        for (epoch, want) in [
+            (0, 0.05),
+            (149, 0.05),
+            (150, 0.005),
+            (179, 0.005),
+            (180, 5e-4),
+            (239, 5e-5),
+        ] {
+            for step in [epoch * spe, epoch * spe + spe - 1] {
+                let got = s.rate(0.05, step, 240 * spe, spe);
+                assert!(
+                    (got / want - 1.0).abs() < 1e-12,
+                    "epoch {epoch}: {got} vs {want}"
+                );
+            }
+        }
+        let unsorted = Schedule::MultiStep {
+            milestones: vec![5, 3],
+            gamma: 0.1,
+        };
+        assert!(
+            unsorted
+                .validate()
+                .is_err_and(|e| e.to_string().contains("milestones"))
+        );
+        let negative = Schedule::MultiStep {
+            milestones: vec![3],
+            gamma: -1.0,
+        };
+        assert!(
+            negative
+                .validate()
+                .is_err_and(|e| e.to_string().contains("gamma"))
+        );
+        Ok(())
     }
 
     #[test]

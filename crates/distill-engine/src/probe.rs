@@ -154,6 +154,7 @@ fn call(inputs: &TensorMap, dtype: DType) -> Result<Call> {
         batch: Batch {
             inputs: TensorMap::new(),
             targets,
+            soft_targets: None,
             indices,
         },
         vars,

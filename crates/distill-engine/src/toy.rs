@@ -51,6 +51,7 @@ impl Dataset for Blobs {
                 Tensor::from_vec(xs, (indices.len(), 2), device)?,
             )]),
             targets: Tensor::from_vec(ys, indices.len(), device)?,
+            soft_targets: None,
             indices: Tensor::from_vec(idx, indices.len(), device)?,
         })
     }

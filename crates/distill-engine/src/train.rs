@@ -35,6 +35,27 @@ pub struct TrainConfig {
     pub patience: Option<usize>,
     /// Stop once the validation metric is within this distance of the teacher's.
     pub gap_tolerance: Option<f64>,
+    /// Epochs of linear learning-rate warm-up before the schedule: the rate rises from
+    /// `lr / steps` to `lr` over these epochs' steps.
+    pub warmup_epochs: usize,
+    /// Where a student's teacher outputs come from ([`TeacherOutputs`]); teachers ignore it.
+    pub teacher_outputs: TeacherOutputs,
+}
+
+/// Where a student's teacher outputs come from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(crate = "distill_rt::serde", rename_all = "snake_case")]
+pub enum TeacherOutputs {
+    /// From the teacher's cache, unless the dataset augments its training batches or the
+    /// strategy needs a live teacher: then the teacher runs on the student's batch, in
+    /// evaluation mode (consistent teaching, Beyer et al. 2022).
+    #[default]
+    Auto,
+    /// The teacher runs on every training batch.
+    Live,
+    /// The cache, even when the dataset augments: the teacher's outputs are then those of the
+    /// unaugmented samples (job records say `cache (unaugmented)`).
+    Cache,
 }
 
 impl Default for TrainConfig {
@@ -47,6 +68,8 @@ impl Default for TrainConfig {
             schedule: Schedule::default(),
             patience: None,
             gap_tolerance: None,
+            warmup_epochs: 0,
+            teacher_outputs: TeacherOutputs::Auto,
         }
     }
 }
@@ -63,9 +86,7 @@ impl TrainConfig {
                 return Err(Error::config("train", key, "must be > 0"));
             }
         }
-        if let Schedule::Step { every: 0, .. } = self.schedule {
-            return Err(Error::config("train", "schedule.every", "must be > 0"));
-        }
+        self.schedule.validate()?;
         if let Some(t) = self.gap_tolerance
             && (t.is_nan() || t < 0.0)
         {
@@ -167,7 +188,7 @@ impl Strategy for Supervised {
         batch: &Batch,
         _step: &StepInfo,
     ) -> Result<LossTerms> {
-        let ce = ops::label_loss(&s.logits, &batch.targets)?;
+        let ce = ops::label_loss(&s.logits, batch)?;
         LossTerms::sum([("ce", ce)])
     }
 }
@@ -221,6 +242,16 @@ pub fn metric(metrics: &[(String, f64)], name: &str) -> Option<f64> {
     metrics.iter().find(|(k, _)| k == name).map(|(_, v)| *v)
 }
 
+/// The warm-up factor of optimizer step `step` (zero-based) of `steps` warm-up steps:
+/// `(step + 1) / steps` during them, 1 after.
+fn warmup(step: usize, steps: usize) -> f64 {
+    if step < steps {
+        (step + 1) as f64 / steps as f64
+    } else {
+        1.0
+    }
+}
+
 /// How often a long epoch logs its progress.
 const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -259,10 +290,7 @@ pub fn fit(inputs: FitInputs<'_>, config: &TrainConfig) -> Result<Outcome> {
         let mut lr = config.optimizer.lr();
         let mut last_report = Instant::now();
         for (b, chunk) in batches.iter().enumerate() {
-            let mut batch = dataset.batch(Split::Train, chunk, device)?;
-            if let Some(targets) = dataset.epoch_targets(epoch, seed, chunk, device)? {
-                batch.targets = targets;
-            }
+            let batch = dataset.train_batch(epoch, seed, chunk, device)?;
             let student = model.forward(&batch.inputs, true)?;
             let teacher_out = if teachers.is_empty() {
                 None
@@ -307,7 +335,7 @@ pub fn fit(inputs: FitInputs<'_>, config: &TrainConfig) -> Result<Outcome> {
                 step as usize,
                 total_steps,
                 steps_per_epoch,
-            );
+            ) * warmup(step as usize, config.warmup_epochs * steps_per_epoch);
             let grads = terms.total.backward()?;
             if !optimizer.gradients_finite(&grads)? {
                 tracing::warn!(
@@ -420,6 +448,7 @@ mod tests {
         let varmap = VarMap::new();
         let ctx = ModelContext {
             dataset: data.info(),
+            seed: 0,
             vb: seeded_var_builder(&varmap, seed, DType::F32, &Device::Cpu),
         };
         let model = r.get_model("toy.mlp")?.build(&Config::Null, ctx)?;
@@ -566,6 +595,14 @@ mod tests {
         let out = run(1, &mut Supervised, &gap, Some(0.5))?;
         assert_eq!((out.stop, out.epochs.len()), (StopReason::GapReached, 1));
         Ok(())
+    }
+
+    #[test]
+    fn warmup_rises_linearly_then_leaves_the_schedule_alone() {
+        assert_eq!(warmup(0, 4), 0.25);
+        assert_eq!(warmup(3, 4), 1.0);
+        assert_eq!(warmup(9, 4), 1.0);
+        assert_eq!(warmup(0, 0), 1.0);
     }
 
     #[test]

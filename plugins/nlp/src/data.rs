@@ -240,6 +240,7 @@ impl Dataset for TextData {
         Ok(Batch {
             inputs,
             targets: Tensor::from_vec(labels, indices.len(), device)?,
+            soft_targets: None,
             indices: Tensor::from_vec(index_values, indices.len(), device)?,
         })
     }

@@ -548,6 +548,7 @@ mod tests {
         let varmap = VarMap::new();
         let ctx = ModelContext {
             dataset: data.info(),
+            seed: 0,
             vb: seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu),
         };
         let model = factory.build(&cfg, ctx)?;
@@ -644,6 +645,7 @@ mod tests {
         let varmap = VarMap::new();
         let ctx = ModelContext {
             dataset: data.info(),
+            seed: 0,
             vb: seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu),
         };
         let model = BiLstmFactory.build(&json!({"embedding": 8, "hidden": 6, "mlp": 10}), ctx)?;
@@ -698,6 +700,7 @@ mod tests {
         let varmap = VarMap::new();
         let ctx = ModelContext {
             dataset: data.info(),
+            seed: 0,
             vb: seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu),
         };
         let config = json!({"pretrained": MINILM});
@@ -710,6 +713,7 @@ mod tests {
         }
         let ctx = ModelContext {
             dataset: data.info(),
+            seed: 0,
             vb: distill_rt::init::frozen_var_builder(weights, DType::F32, &Device::Cpu),
         };
         let frozen = BertFactory.build(&config, ctx)?;
@@ -729,6 +733,7 @@ mod tests {
         let varmap = VarMap::new();
         let ctx = ModelContext {
             dataset: data.info(),
+            seed: 0,
             vb: seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu),
         };
         let model = BertFactory.build(&json!({"pretrained": MINILM}), ctx)?;

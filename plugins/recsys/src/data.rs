@@ -5,7 +5,7 @@
 //! `[batch, items]` and the targets are relevance of the same shape (`distill_rt::data`):
 //! - train: the user's training positives are 1; each epoch, `negatives` items per positive that
 //!   are not training positives are drawn from the run's seed and the epoch
-//!   ([`Dataset::epoch_targets`]) and are 0; every other item is unlabelled. The loss on these
+//!   ([`Dataset::train_batch`]) and are 0; every other item is unlabelled. The loss on these
 //!   labels is NCF's pointwise log loss over each positive and its sampled negatives.
 //! - validation / test: the held-out item is 1, `eval_negatives` items that are none of the
 //!   user's positives (drawn once from the dataset's `seed`) are 0; with `full_ranking`, every
@@ -166,7 +166,7 @@ impl Dataset for RecData {
         &self.info
     }
 
-    /// Training targets here mark the positives only; [`Dataset::epoch_targets`] adds the
+    /// Training targets here mark the positives only; [`Dataset::train_batch`] adds the
     /// epoch's negatives.
     fn batch(&self, split: Split, indices: &[usize], device: &Device) -> Result<Batch> {
         self.check(split, indices)?;
@@ -200,6 +200,7 @@ impl Dataset for RecData {
         Ok(Batch {
             inputs: [("user".to_string(), Tensor::new(users.as_slice(), device)?)].into(),
             targets,
+            soft_targets: None,
             indices: Tensor::new(users.as_slice(), device)?,
         })
     }
@@ -208,15 +209,17 @@ impl Dataset for RecData {
         Ok(Box::new(RankingMetrics::new(self.protocol.k)))
     }
 
-    fn epoch_targets(
+    /// The positives and the negatives sampled for `epoch` of a run seeded `seed`; inputs are
+    /// [`Dataset::batch`]'s (a teacher's cached scores stay valid).
+    fn train_batch(
         &self,
         epoch: usize,
         seed: u64,
         indices: &[usize],
         device: &Device,
-    ) -> Result<Option<Tensor>> {
-        self.check(Split::Train, indices)?;
-        let targets = self.rows(indices, device, |u, row| {
+    ) -> Result<Batch> {
+        let mut batch = self.batch(Split::Train, indices, device)?;
+        batch.targets = self.rows(indices, device, |u, row| {
             let positives = &self.train_sorted[u];
             let mut rng = Rng::derive(seed, &format!("train-negatives/{epoch}/{u}"));
             let count = positives.len() * self.protocol.negatives;
@@ -227,7 +230,7 @@ impl Dataset for RecData {
                 row[i as usize] = 1.0;
             }
         })?;
-        Ok(Some(targets))
+        Ok(batch)
     }
 }
 
@@ -453,11 +456,7 @@ mod tests {
         assert_eq!((info.num_classes, info.len(Split::Train)), (1956, 601));
         let users: Vec<usize> = (0..info.len(Split::Train)).collect();
         let train = rows(&data.batch(Split::Train, &users, &DEV)?.targets)?;
-        let epoch = rows(
-            &data
-                .epoch_targets(0, 7, &users, &DEV)?
-                .unwrap_or(Tensor::zeros(1, DType::F32, &DEV)?),
-        )?;
+        let epoch = rows(&data.train_batch(0, 7, &users, &DEV)?.targets)?;
         let validation = rows(&data.batch(Split::Validation, &users, &DEV)?.targets)?;
         let test = rows(&data.batch(Split::Test, &users, &DEV)?.targets)?;
         for u in users {
@@ -500,8 +499,7 @@ mod tests {
         assert_ne!(eval(3)?, eval(4)?);
         let data = movielens(json!({}))?;
         let train = |epoch, seed| -> Result<Vec<Vec<f32>>> {
-            let t = data.epoch_targets(epoch, seed, &users, &DEV)?;
-            rows(&t.unwrap_or(Tensor::zeros((1, 1), DType::F32, &DEV)?))
+            rows(&data.train_batch(epoch, seed, &users, &DEV)?.targets)
         };
         assert_eq!(train(2, 1)?, train(2, 1)?);
         assert_ne!(train(2, 1)?, train(3, 1)?);
@@ -563,6 +561,7 @@ mod tests {
             &json!({ "dim": 16 }),
             ModelContext {
                 dataset: &info,
+                seed: 0,
                 vb: seeded_var_builder(&varmap, 0, DType::F32, &DEV),
             },
         )?;

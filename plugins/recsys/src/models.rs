@@ -374,7 +374,7 @@ mod tests {
     use distill_rt::init::seeded_var_builder;
     use distill_rt::serde_json::json;
     use distill_rt::testing::{check_gradient_coverage, max_abs_difference, named_vars};
-    use distill_rt::{Dataset, DatasetFactory, Split, ops};
+    use distill_rt::{Dataset, DatasetFactory, ops};
 
     fn dataset() -> Result<Box<dyn Dataset>> {
         SyntheticFactory.build(&json!({
@@ -388,6 +388,7 @@ mod tests {
             &cfg,
             ModelContext {
                 dataset: data.info(),
+                seed: 0,
                 vb: seeded_var_builder(varmap, 0, DType::F32, &Device::Cpu),
             },
         )
@@ -398,10 +399,7 @@ mod tests {
         let data = dataset()?;
         let users: Vec<usize> = (0..8).collect();
         let items = data.info().num_classes;
-        let mut batch = data.batch(Split::Train, &users, &Device::Cpu)?;
-        if let Some(t) = data.epoch_targets(0, 0, &users, &Device::Cpu)? {
-            batch.targets = t;
-        }
+        let batch = data.train_batch(0, 0, &users, &Device::Cpu)?;
         for (factory, cfg, width) in [
             (&MF, json!({ "dim": 4 }), 4),
             (&GMF, json!({ "dim": 4 }), 4),
@@ -420,7 +418,7 @@ mod tests {
             assert_eq!(out.features["user_embedding"].dim(0)?, 8);
             assert_eq!(out.features["item_embedding"].dims()[..2], [8, items]);
             // Embeddings start near 0, so every score starts near 0: the loss near ln 2.
-            let loss = ops::label_loss(&out.logits, &batch.targets)?;
+            let loss = ops::label_loss(&out.logits, &batch)?;
             let l = loss.to_scalar::<f32>()?;
             assert!(
                 (l - 2f32.ln()).abs() < 0.05,

@@ -188,7 +188,7 @@ impl Strategy for At {
             let a_t = attention(&pool_to(&f_t, size)?, c.p)?;
             at = (at + (a_s - a_t)?.sqr()?.mean_all()?)?;
         }
-        let ce = (label_loss(&s.logits, &batch.targets)? * c.ce_weight)?;
+        let ce = (label_loss(&s.logits, batch)? * c.ce_weight)?;
         let at = (at * c.feature_weight)?;
         LossTerms::sum([("ce", ce), ("at", at)])
     }

@@ -43,7 +43,7 @@ impl Strategy for Baseline {
         batch: &Batch,
         _step: &StepInfo,
     ) -> Result<LossTerms> {
-        let ce = label_loss(&s.logits, &batch.targets)?;
+        let ce = label_loss(&s.logits, batch)?;
         LossTerms::sum([("ce", ce)])
     }
 }

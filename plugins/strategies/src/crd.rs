@@ -274,7 +274,7 @@ impl Strategy for Crd {
             z,
         };
         *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(pending);
-        let ce = (label_loss(&s.logits, &batch.targets)? * c.ce_weight)?;
+        let ce = (label_loss(&s.logits, batch)? * c.ce_weight)?;
         let crd = (nce * c.feature_weight)?;
         LossTerms::sum([("ce", ce), ("crd", crd)])
     }
@@ -347,6 +347,7 @@ mod tests {
         let batch = Batch {
             inputs: BTreeMap::new(),
             targets: Tensor::new(&[0u32, 1, 2, 0], &dev)?,
+            soft_targets: None,
             indices: Tensor::new(&[7u32, 2, 9, 0], &dev)?,
         };
         let value = |crd: &dyn Strategy| -> Result<f32> {

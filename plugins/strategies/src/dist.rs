@@ -99,7 +99,7 @@ impl Strategy for Dist {
         let p_s = softmax(&(&s.logits / c.tau)?, D::Minus1)?;
         let p_t = softmax(&(t.logits.detach() / c.tau)?, D::Minus1)?;
         let t2 = c.tau * c.tau;
-        let ce = (label_loss(&s.logits, &batch.targets)? * c.ce_weight)?;
+        let ce = (label_loss(&s.logits, batch)? * c.ce_weight)?;
         let inter = (one_minus_pearson(&p_s, &p_t)? * (t2 * c.beta))?;
         let intra = (one_minus_pearson(&p_s.t()?.contiguous()?, &p_t.t()?.contiguous()?)?
             * (t2 * c.gamma))?;

@@ -14,7 +14,7 @@
 //! classes), so a confident teacher does not give `log 0`. Reads logits only; no parameters.
 
 use distill_rt::candle::{D, Tensor};
-use distill_rt::ops::{cross_entropy, is_relevance, log_softmax};
+use distill_rt::ops::{is_relevance, label_loss, log_softmax};
 use distill_rt::strategy::{StepInfo, require_teacher};
 use distill_rt::{
     Batch, Config, Error, LossTerms, ModelOutput, Result, Strategy, StrategyContext,
@@ -138,7 +138,7 @@ impl Strategy for Dkd {
         let (bin_t, others_t) = decoupled(&t.logits.detach(), &gt, c.temperature)?;
         let warm = ((step.epoch + 1) as f64 / c.warmup as f64).min(1.0);
         let t2 = c.temperature * c.temperature;
-        let ce = (cross_entropy(&s.logits, &batch.targets)? * c.ce_weight)?;
+        let ce = (label_loss(&s.logits, batch)? * c.ce_weight)?;
         let tckd = (kl_sum_over_batch(&bin_s, &bin_t)? * (warm * c.alpha * t2))?;
         let nckd = (kl_sum_over_batch(&others_s, &others_t)? * (warm * c.beta * t2))?;
         LossTerms::sum([("ce", ce), ("tckd", tckd), ("nckd", nckd)])

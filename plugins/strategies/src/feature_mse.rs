@@ -251,7 +251,7 @@ impl Strategy for FeatureMse {
         } else {
             self.config.ce_weight
         };
-        let ce = (label_loss(&s.logits, &batch.targets)? * ce_weight)?;
+        let ce = (label_loss(&s.logits, batch)? * ce_weight)?;
         let (name, distance) = match self.matching {
             Matching::HalfSquared => ("feature", half_squared_error(&h_s, h_t)?),
             Matching::FitNets => ("hint", (&h_s - h_t.detach())?.sqr()?.mean_all()?),

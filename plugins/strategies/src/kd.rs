@@ -118,7 +118,7 @@ impl Strategy for Kd {
     ) -> Result<LossTerms> {
         let t = require_teacher("strategy kd", t)?;
         let t2 = self.temperature * self.temperature;
-        let ce = (label_loss(&s.logits, &batch.targets)? * self.alpha)?;
+        let ce = (label_loss(&s.logits, batch)? * self.alpha)?;
         let kl = if is_relevance(&s.logits, &batch.targets) {
             binary_kl(&s.logits, &t.logits, &batch.targets, self.temperature)?
         } else {

@@ -199,7 +199,7 @@ impl Strategy for MultiTeacher {
             target = (target + (logits.detach() * *w)?)?;
         }
         let c = &self.config;
-        let ce = (label_loss(&s.logits, &batch.targets)? * c.alpha)?;
+        let ce = (label_loss(&s.logits, batch)? * c.alpha)?;
         let kd = (kl_batchmean(&s.logits, &target, c.temperature)?
             * ((1.0 - c.alpha) * c.temperature * c.temperature))?;
         let mut hint = ce.zeros_like()?;

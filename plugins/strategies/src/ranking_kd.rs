@@ -158,7 +158,7 @@ impl Strategy for RankingKd {
                 batch.targets.dims()
             )));
         }
-        let ce = label_loss(&s.logits, &batch.targets)?;
+        let ce = label_loss(&s.logits, batch)?;
         let (rows, k) = (s.logits.dim(0)?, self.config.k);
         let (index, weight) = self.targets(&s.logits, &t.logits, &batch.targets)?;
         let device = s.logits.device();

@@ -166,7 +166,7 @@ impl Strategy for RelationStrategy {
         let t = require_teacher(&self.owner, t)?;
         let f_s = feature(&self.owner, "student", s, &self.student_feature)?;
         let f_t = feature(&self.owner, "teacher", t, &self.teacher_feature)?;
-        let ce = (label_loss(&s.logits, &batch.targets)? * self.ce_weight)?;
+        let ce = (label_loss(&s.logits, batch)? * self.ce_weight)?;
         let relation = (self.relation.loss(f_s, f_t)? * self.feature_weight)?;
         LossTerms::sum([("ce", ce), (self.relation.name(), relation)])
     }

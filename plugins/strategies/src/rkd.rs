@@ -128,7 +128,7 @@ impl Strategy for Rkd {
         }
         let f_s = f_s.reshape((b, ()))?;
         let f_t = f_t.detach().reshape((b, ()))?.to_dtype(f_s.dtype())?;
-        let ce = (label_loss(&s.logits, &batch.targets)? * self.config.ce_weight)?;
+        let ce = (label_loss(&s.logits, batch)? * self.config.ce_weight)?;
         let distance = (smooth_l1(&(normalised_distances(&f_s)? - normalised_distances(&f_t)?)?)?
             * self.config.distance_weight)?;
         let angle = if self.config.angle_weight == 0.0 {

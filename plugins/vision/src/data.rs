@@ -2,7 +2,8 @@
 //! Fashion-MNIST) and `vision.cifar10`. Validation (and, when a source has no test files, test)
 //! splits are carved from the training source by a seeded shuffle. Inputs are one tensor named
 //! `image`, `[batch, channels, height, width]`, pixels scaled to `[0, 1]` and, by default,
-//! normalised per channel with the training split's mean and standard deviation.
+//! normalised per channel with the training split's mean and standard deviation. Every dataset
+//! takes an `augment` table ([`Augment`]) for its training batches.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use distill_rt::{
     TaskKind, assets, config,
 };
 
+use crate::augment::{Augment, Shape, crop_flip_normalise};
 use crate::images::{Images, load_cifar10, load_idx};
 
 /// Name of the model input every vision dataset provides.
@@ -27,12 +29,18 @@ pub struct VisionData {
     splits: [Images; 3],
     mean: Vec<f32>,
     std: Vec<f32>,
+    augment: Augment,
 }
 
 impl VisionData {
     /// Builds the dataset from its splits; `normalize` uses the training split's statistics.
     /// `num_classes` defaults to the largest label seen plus one.
-    fn new(splits: [Images; 3], num_classes: Option<usize>, normalize: bool) -> Result<Self> {
+    fn new(
+        splits: [Images; 3],
+        num_classes: Option<usize>,
+        normalize: bool,
+        augment: Augment,
+    ) -> Result<Self> {
         let train = &splits[0];
         if train.len() == 0 {
             return Err(Error::Invalid("the training split is empty".into()));
@@ -64,7 +72,21 @@ impl VisionData {
             splits,
             mean,
             std,
+            augment,
         })
+    }
+
+    /// `split`'s images, with every index in range.
+    fn checked(&self, split: Split, indices: &[usize]) -> Result<&Images> {
+        let images = &self.splits[split as usize];
+        match indices.iter().find(|&&i| i >= images.len()) {
+            Some(i) => Err(Error::Invalid(format!(
+                "index {i} out of range for the {} split of {}",
+                split.name(),
+                images.len()
+            ))),
+            None => Ok(images),
+        }
     }
 }
 
@@ -98,35 +120,107 @@ impl Dataset for VisionData {
     }
 
     fn batch(&self, split: Split, indices: &[usize], device: &Device) -> Result<Batch> {
-        let images = &self.splits[split as usize];
+        let images = self.checked(split, indices)?;
         let plane = images.height * images.width;
         let mut pixels = Vec::with_capacity(indices.len() * images.image_len());
-        let mut labels = Vec::with_capacity(indices.len());
         for &i in indices {
-            if i >= images.len() {
-                return Err(Error::Invalid(format!(
-                    "index {i} out of range for the {} split of {}",
-                    split.name(),
-                    images.len()
-                )));
-            }
             for (c, chunk) in images.image(i).chunks_exact(plane).enumerate() {
                 let (m, s) = (self.mean[c], self.std[c]);
                 pixels.extend(chunk.iter().map(|&p| (f32::from(p) / 255.0 - m) / s));
             }
-            labels.push(images.labels[i]);
         }
+        let labels = indices.iter().map(|&i| images.labels[i]).collect();
+        self.assemble(images, indices, pixels, labels, None, device)
+    }
+
+    /// Crops, flips and mixes as `augment` says, each sample's draws keyed by the run's seed,
+    /// the epoch and its index.
+    fn train_batch(
+        &self,
+        epoch: usize,
+        seed: u64,
+        indices: &[usize],
+        device: &Device,
+    ) -> Result<Batch> {
+        if !self.augment.any() {
+            return self.batch(Split::Train, indices, device);
+        }
+        let images = self.checked(Split::Train, indices)?;
+        let shape = Shape {
+            channels: images.channels,
+            height: images.height,
+            width: images.width,
+        };
+        let mut rngs: Vec<Rng> = indices
+            .iter()
+            .map(|i| Rng::derive(seed, &format!("augment/{epoch}/{i}")))
+            .collect();
+        let mut pixels = Vec::with_capacity(indices.len() * images.image_len());
+        for (&i, rng) in indices.iter().zip(&mut rngs) {
+            let g = self.augment.geometry(rng);
+            crop_flip_normalise(
+                images.image(i),
+                shape,
+                self.augment.crop_padding,
+                g,
+                (&self.mean, &self.std),
+                &mut pixels,
+            );
+        }
+        let labels: Vec<u32> = indices.iter().map(|&i| images.labels[i]).collect();
+        if !self.augment.mixes() {
+            return self.assemble(images, indices, pixels, labels, None, device);
+        }
+        let classes = self.info.num_classes;
+        let (pixels, probs) = self
+            .augment
+            .mix(&pixels, &labels, shape, classes, &mut rngs);
+        // Each sample's dominant class (its own on a tie) stands in for metrics.
+        let dominant = probs
+            .chunks_exact(classes)
+            .zip(&labels)
+            .map(|(row, &own)| {
+                let mut best = own;
+                for (c, p) in (0u32..).zip(row) {
+                    if *p > row[best as usize] {
+                        best = c;
+                    }
+                }
+                best
+            })
+            .collect();
+        let soft = Tensor::from_vec(probs, (indices.len(), classes), device)?;
+        self.assemble(images, indices, pixels, dominant, Some(soft), device)
+    }
+
+    fn augments(&self) -> bool {
+        self.augment.any()
+    }
+
+    fn metrics(&self) -> Result<Box<dyn MetricAccumulator>> {
+        Ok(Box::new(ClassificationMetrics::new(self.info.num_classes)))
+    }
+}
+
+impl VisionData {
+    /// A batch of `images`' shape from normalised `pixels` and targets.
+    fn assemble(
+        &self,
+        images: &Images,
+        indices: &[usize],
+        pixels: Vec<f32>,
+        labels: Vec<u32>,
+        soft_targets: Option<Tensor>,
+        device: &Device,
+    ) -> Result<Batch> {
         let shape = (indices.len(), images.channels, images.height, images.width);
         let index_values: Vec<u32> = indices.iter().map(|&i| i as u32).collect();
         Ok(Batch {
             inputs: BTreeMap::from([(IMAGE.to_string(), Tensor::from_vec(pixels, shape, device)?)]),
             targets: Tensor::from_vec(labels, indices.len(), device)?,
+            soft_targets,
             indices: Tensor::from_vec(index_values, indices.len(), device)?,
         })
-    }
-
-    fn metrics(&self) -> Result<Box<dyn MetricAccumulator>> {
-        Ok(Box::new(ClassificationMetrics::new(self.info.num_classes)))
     }
 }
 
@@ -221,6 +315,9 @@ struct IdxConfig {
     split_seed: u64,
     #[serde(default = "default_true")]
     normalize: bool,
+    /// Training-time augmentation.
+    #[serde(default)]
+    augment: Augment,
 }
 
 fn default_train_prefix() -> String {
@@ -255,6 +352,7 @@ impl DatasetFactory for IdxFactory {
     fn build(&self, cfg: &Config) -> Result<Box<dyn Dataset>> {
         const OWNER: &str = "dataset vision.idx";
         let c: IdxConfig = config::parse(OWNER, cfg)?;
+        c.augment.validate(OWNER)?;
         let dir = assets::folder(OWNER, c.path.as_deref(), c.data.as_deref())?;
         require_dir(OWNER, &dir)?;
         let source = load_idx(&dir, &c.train)?;
@@ -273,6 +371,7 @@ impl DatasetFactory for IdxFactory {
             carve(OWNER, source, test, &carve_cfg)?,
             None,
             c.normalize,
+            c.augment,
         )?))
     }
 }
@@ -294,6 +393,9 @@ struct CifarConfig {
     split_seed: u64,
     #[serde(default = "default_true")]
     normalize: bool,
+    /// Training-time augmentation.
+    #[serde(default)]
+    augment: Augment,
 }
 
 fn cifar10_data() -> Option<String> {
@@ -313,6 +415,7 @@ impl DatasetFactory for Cifar10Factory {
     fn build(&self, cfg: &Config) -> Result<Box<dyn Dataset>> {
         const OWNER: &str = "dataset vision.cifar10";
         let c: CifarConfig = config::parse(OWNER, cfg)?;
+        c.augment.validate(OWNER)?;
         let dir = assets::folder(OWNER, c.path.as_deref(), c.data.as_deref())?;
         require_dir(OWNER, &dir)?;
         let train_files = [
@@ -334,6 +437,7 @@ impl DatasetFactory for Cifar10Factory {
             carve(OWNER, source, Some(test), &carve_cfg)?,
             Some(10),
             c.normalize,
+            c.augment,
         )?))
     }
 }
@@ -350,6 +454,8 @@ struct SyntheticConfig {
     /// Standard deviation of the pixel noise, in grey levels (0-255).
     noise: f64,
     seed: u64,
+    /// Training-time augmentation.
+    augment: Augment,
 }
 
 impl Default for SyntheticConfig {
@@ -363,6 +469,7 @@ impl Default for SyntheticConfig {
             test: 500,
             noise: 60.0,
             seed: 0,
+            augment: Augment::default(),
         }
     }
 }
@@ -418,6 +525,7 @@ impl DatasetFactory for SyntheticFactory {
     fn build(&self, cfg: &Config) -> Result<Box<dyn Dataset>> {
         const OWNER: &str = "dataset vision.synthetic";
         let c: SyntheticConfig = config::parse(OWNER, cfg)?;
+        c.augment.validate(OWNER)?;
         config::require_positive(
             OWNER,
             &[
@@ -461,7 +569,12 @@ impl DatasetFactory for SyntheticFactory {
             split("validation", c.validation),
             split("test", c.test),
         ];
-        Ok(Box::new(VisionData::new(splits, Some(c.classes), true)?))
+        Ok(Box::new(VisionData::new(
+            splits,
+            Some(c.classes),
+            true,
+            c.augment,
+        )?))
     }
 }
 
@@ -500,6 +613,89 @@ mod tests {
         );
         assert_eq!(a.info().split_sizes, [200, 50, 50]);
         assert_eq!(a.info().num_classes, 10);
+        Ok(())
+    }
+
+    fn pixels(batch: &Batch) -> Result<Vec<f32>> {
+        Ok(batch.inputs[IMAGE].flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    #[test]
+    fn augmented_batches_repeat_for_a_seed_and_change_with_the_epoch() -> Result<()> {
+        let base = json!({"train": 64, "validation": 8, "test": 8, "size": 8});
+        let plain = SyntheticFactory.build(&base)?;
+        let mut cfg = base.clone();
+        cfg["augment"] = json!({"crop_padding": 2, "flip": true});
+        let data = SyntheticFactory.build(&cfg)?;
+        assert!(data.augments() && !plain.augments());
+        let idx: Vec<usize> = (0..64).collect();
+        let dev = Device::Cpu;
+        let a = pixels(&data.train_batch(3, 7, &idx, &dev)?)?;
+        assert_eq!(a, pixels(&data.train_batch(3, 7, &idx, &dev)?)?);
+        assert_ne!(a, pixels(&data.train_batch(4, 7, &idx, &dev)?)?);
+        assert_ne!(a, pixels(&data.train_batch(3, 8, &idx, &dev)?)?);
+        // A sample's view depends on its index, not on its batch-mates.
+        let alone = pixels(&data.train_batch(3, 7, &[5], &dev)?)?;
+        assert_eq!(alone, a[5 * 64..6 * 64]);
+        // Unaugmented, training batches are `batch`'s; evaluation never augments.
+        assert_eq!(
+            pixels(&plain.train_batch(3, 7, &idx, &dev)?)?,
+            pixels(&plain.batch(Split::Train, &idx, &dev)?)?
+        );
+        assert_eq!(
+            pixels(&data.batch(Split::Validation, &[0, 1], &dev)?)?,
+            pixels(&plain.batch(Split::Validation, &[0, 1], &dev)?)?
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn mixed_batches_carry_soft_targets_that_the_label_loss_reads() -> Result<()> {
+        let cfg = json!({"train": 32, "validation": 8, "test": 8, "size": 8, "classes": 4,
+                         "augment": {"mixup": 0.4, "cutmix": 1.0}});
+        let data = SyntheticFactory.build(&cfg)?;
+        let idx: Vec<usize> = (0..32).collect();
+        let batch = data.train_batch(0, 1, &idx, &Device::Cpu)?;
+        let soft = batch
+            .soft_targets
+            .clone()
+            .ok_or_else(|| Error::Invalid("no soft targets".into()))?;
+        let rows = soft.to_vec2::<f32>()?;
+        let hard = batch.targets.to_vec1::<u32>()?;
+        let labels = data
+            .batch(Split::Train, &idx, &Device::Cpu)?
+            .targets
+            .to_vec1::<u32>()?;
+        let mut mixed = 0;
+        for ((row, h), own) in rows.iter().zip(&hard).zip(&labels) {
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6, "{row:?}");
+            // The dominant class stands in as the hard target; the sample's own class is in.
+            assert!(
+                row[*h as usize] >= 0.5 - 1e-6 && row[*own as usize] > 0.0,
+                "{row:?}"
+            );
+            mixed += usize::from(row.iter().filter(|p| **p > 0.0).count() > 1);
+        }
+        assert!(mixed > 10, "only {mixed} of 32 samples were mixed");
+        // The label loss is the cross-entropy against these probabilities, by hand.
+        let logits: Vec<Vec<f32>> = (0..32)
+            .map(|i| (0..4).map(|c| ((i * 7 + c * 3) % 5) as f32 - 2.0).collect())
+            .collect();
+        let tensor = Tensor::new(logits.clone(), &Device::Cpu)?;
+        let got = distill_rt::ops::label_loss(&tensor, &batch)?.to_scalar::<f32>()?;
+        let want = rows
+            .iter()
+            .zip(&logits)
+            .map(|(p, z)| {
+                let lse = z.iter().map(|v| f64::from(*v).exp()).sum::<f64>().ln();
+                -p.iter()
+                    .zip(z)
+                    .map(|(p, z)| f64::from(*p) * (f64::from(*z) - lse))
+                    .sum::<f64>()
+            })
+            .sum::<f64>()
+            / 32.0;
+        assert!((f64::from(got) - want).abs() < 1e-5, "{got} vs {want}");
         Ok(())
     }
 

@@ -10,9 +10,10 @@ pub use distill_rt::nn::Linear;
 use distill_rt::nn::fan_in_init;
 use distill_rt::{Error, Result};
 
-/// A 2-D convolution with bias.
+/// A 2-D convolution, with a bias or without one.
 pub struct Conv {
     weight: Tensor,
+    /// A zero constant (not a variable) for a convolution without a bias.
     bias: Tensor,
     stride: usize,
     padding: usize,
@@ -23,7 +24,8 @@ pub struct Conv {
 }
 
 impl Conv {
-    /// A `kernel x kernel` convolution `input -> output` channels under `vb`.
+    /// A `kernel x kernel` convolution `input -> output` channels with a bias under `vb`,
+    /// PyTorch's default initialisation.
     pub fn new(
         input: usize,
         output: usize,
@@ -33,15 +35,46 @@ impl Conv {
         groups: usize,
         vb: VarBuilder,
     ) -> Result<Self> {
-        if !input.is_multiple_of(groups) || !output.is_multiple_of(groups) {
+        let init = fan_in_init(input / groups.max(1) * kernel * kernel);
+        Self::with_init(
+            (input, output, kernel, stride, padding, groups),
+            init,
+            Some(init),
+            vb,
+        )
+    }
+
+    /// A convolution of `(input, output, kernel, stride, padding, groups)` whose weight is
+    /// drawn from `weight` and whose bias, when `bias` is given, from it.
+    pub fn with_init(
+        (input, output, kernel, stride, padding, groups): (
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+        ),
+        weight: Init,
+        bias: Option<Init>,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        if groups == 0 || !input.is_multiple_of(groups) || !output.is_multiple_of(groups) {
             return Err(Error::Invalid(format!(
                 "convolution {input}->{output} channels cannot be split into {groups} groups"
             )));
         }
-        let init = fan_in_init(input / groups * kernel * kernel);
+        let bias = match bias {
+            Some(init) => vb.get_with_hints(output, "bias", init)?,
+            None => Tensor::zeros(output, vb.dtype(), vb.device())?,
+        };
         Ok(Self {
-            weight: vb.get_with_hints((output, input / groups, kernel, kernel), "weight", init)?,
-            bias: vb.get_with_hints(output, "bias", init)?,
+            weight: vb.get_with_hints(
+                (output, input / groups, kernel, kernel),
+                "weight",
+                weight,
+            )?,
+            bias,
             stride,
             padding,
             groups,

@@ -1,10 +1,14 @@
-//! The vision task plugin: datasets (`vision.synthetic`, `vision.idx`, `vision.cifar10`) and
-//! models (`vision.resnet`, `vision.lenet5`, `vision.mobilenet`, `vision.mlp`).
+//! The vision task plugin: datasets (`vision.synthetic`, `vision.idx`, `vision.cifar10`; each
+//! with training-time augmentation) and models (`vision.resnet`, `vision.lenet5`,
+//! `vision.mobilenet`, `vision.mlp`, and the CIFAR zoo of RepDistiller: `vision.resnet8x4`,
+//! `vision.resnet32x4`, `vision.resnet20/56/110`, `vision.wrn-16-2/40-2`, `vision.vgg8/13`).
 
+mod augment;
 mod data;
 mod images;
 mod layers;
 mod models;
+mod zoo;
 
 use distill_rt::{Registrar, Result};
 
@@ -18,5 +22,8 @@ fn register(r: &mut Registrar) -> Result<()> {
     r.model("vision.lenet5", models::LeNetFactory)?;
     r.model("vision.mobilenet", models::MobileNetFactory)?;
     r.model("vision.mlp", models::MlpFactory)?;
+    for (name, factory, _) in zoo::ZOO {
+        r.model(name, factory)?;
+    }
     Ok(())
 }

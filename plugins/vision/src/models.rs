@@ -499,6 +499,7 @@ mod tests {
         let varmap = VarMap::new();
         let ctx = ModelContext {
             dataset: data.info(),
+            seed: 0,
             vb: seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu),
         };
         let model = factory.build(&cfg, ctx)?;
@@ -579,6 +580,7 @@ mod tests {
         let varmap = VarMap::new();
         let ctx = ModelContext {
             dataset: data.info(),
+            seed: 0,
             vb: seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu),
         };
         let model = LeNetFactory.build(&Config::Null, ctx)?;

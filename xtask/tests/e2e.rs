@@ -110,10 +110,10 @@ fn quick_experiment_writes_tables_that_read_back_and_repeat() -> Result<()> {
         text(&first)
     );
 
-    // summary.md: a table per pair, kd paired with baseline over the two seeds.
+    // summary.md: a table per pair, kd paired with baseline over the three seeds.
     let summary = std::fs::read_to_string(a.join("summary.md"))?;
     assert!(
-        summary.contains("| baseline | 2/2 |") && summary.contains("n 2)"),
+        summary.contains("| baseline | 3/3 |") && summary.contains("n 3)"),
         "{summary}"
     );
 
@@ -143,7 +143,7 @@ fn quick_experiment_writes_tables_that_read_back_and_repeat() -> Result<()> {
     );
 
     let runs = read(&a.join("runs.parquet"))?;
-    assert_eq!(runs.height(), 4, "2 strategies x 2 seeds");
+    assert_eq!(runs.height(), 6, "2 strategies x 3 seeds");
     for (col, dtype) in [
         ("run_id", DataType::String),
         ("seed", DataType::UInt64),
@@ -172,7 +172,7 @@ fn quick_experiment_writes_tables_that_read_back_and_repeat() -> Result<()> {
             .iter()
             .filter(|s| s.as_deref() == Some("kd"))
             .count(),
-        2
+        3
     );
     for col in ["best_metric", "final_metric", "teacher_metric"] {
         for v in floats(&runs, col)? {
@@ -185,11 +185,31 @@ fn quick_experiment_writes_tables_that_read_back_and_repeat() -> Result<()> {
         teacher > 0.8,
         "the teacher learns the synthetic task: {teacher}"
     );
-    let kd_cached = strings(&runs, "teacher_outputs")?
+    // The dataset augments: kd's teacher runs live on the student's augmented batches.
+    let kd_live = strings(&runs, "teacher_outputs")?
         .iter()
-        .filter(|s| s.as_deref() == Some("cache"))
+        .filter(|s| s.as_deref() == Some("live"))
         .count();
-    assert_eq!(kd_cached, 2, "kd students read the teacher cache");
+    assert_eq!(kd_live, 3, "kd students learn from a live teacher");
+    // The README's first command shows distillation helping: kd above baseline for every seed.
+    let by_seed = |strategy: &str| -> Result<BTreeMap<u64, f64>> {
+        let seeds = runs.column("seed")?.u64()?.clone();
+        let names = strings(&runs, "strategy")?;
+        let best = floats(&runs, "best_metric")?;
+        Ok((0..runs.height())
+            .filter(|&i| names[i].as_deref() == Some(strategy))
+            .filter_map(|i| Some((seeds.get(i)?, best[i]?)))
+            .collect())
+    };
+    let (kd, baseline) = (by_seed("kd")?, by_seed("baseline")?);
+    assert_eq!(kd.len(), 3);
+    for (seed, b) in &baseline {
+        assert!(
+            kd[seed] > *b,
+            "seed {seed}: kd {} <= baseline {b}",
+            kd[seed]
+        );
+    }
 
     let metrics = read(&a.join("metrics.parquet"))?;
     assert!(metrics.height() > 4 * 4 * 3, "per-epoch rows for every run");
@@ -206,7 +226,7 @@ fn quick_experiment_writes_tables_that_read_back_and_repeat() -> Result<()> {
         metrics_by_run(&metrics)?,
         metrics_by_run(&read(&b.join("metrics.parquet"))?)?,
     );
-    assert_eq!(ma.len(), 4);
+    assert_eq!(ma.len(), 6);
     assert_eq!(ma, mb, "same seeds, same metrics");
     let _ = (std::fs::remove_dir_all(&a), std::fs::remove_dir_all(&b));
     Ok(())
@@ -216,11 +236,12 @@ fn quick_experiment_writes_tables_that_read_back_and_repeat() -> Result<()> {
 fn tables_hold_only_the_jobs_of_the_experiment_as_it_is_now() -> Result<()> {
     let quick = root().join("experiments/quick.toml");
     let out = temp("shrunk");
-    let first = run_experiment(&quick, &out, &[])?;
+    let short = ["--set", "train.epochs=10"];
+    let first = run_experiment(&quick, &out, &short)?;
     assert!(first.status.success(), "{}", text(&first));
-    assert_eq!(read(&out.join("runs.parquet"))?.height(), 4);
-    // One seed fewer: its finished jobs stay on disk, but not in the tables.
-    let second = run_experiment(&quick, &out, &["--set", "seeds=[0]"])?;
+    assert_eq!(read(&out.join("runs.parquet"))?.height(), 6);
+    // Two seeds fewer: their finished jobs stay on disk, but not in the tables.
+    let second = run_experiment(&quick, &out, &[short[0], short[1], "--set", "seeds=[0]"])?;
     assert!(second.status.success(), "{}", text(&second));
     let runs = read(&out.join("runs.parquet"))?;
     assert_eq!(runs.height(), 2, "{runs}");
@@ -230,6 +251,34 @@ fn tables_hold_only_the_jobs_of_the_experiment_as_it_is_now() -> Result<()> {
         .into_no_null_iter()
         .collect::<Vec<_>>();
     assert_eq!(seeds, [0, 0]);
+    let _ = std::fs::remove_dir_all(&out);
+    Ok(())
+}
+
+#[test]
+fn a_cached_teacher_under_augmentation_is_an_explicit_mode_named_in_the_tables() -> Result<()> {
+    let quick = root().join("experiments/quick.toml");
+    let out = temp("cached-augmented");
+    let args = [
+        "--set",
+        "seeds=[0]",
+        "--set",
+        "train.epochs=3",
+        "--set",
+        "train.teacher_outputs=cache",
+    ];
+    let run = run_experiment(&quick, &out, &args)?;
+    assert!(run.status.success(), "{}", text(&run));
+    let runs = read(&out.join("runs.parquet"))?;
+    let modes: Vec<Option<String>> = strings(&runs, "teacher_outputs")?;
+    let strategies = strings(&runs, "strategy")?;
+    for (mode, strategy) in modes.iter().zip(&strategies) {
+        let want = match strategy.as_deref() {
+            Some("kd") => "cache (unaugmented)",
+            _ => "none",
+        };
+        assert_eq!(mode.as_deref(), Some(want), "{runs}");
+    }
     let _ = std::fs::remove_dir_all(&out);
     Ok(())
 }
@@ -586,7 +635,7 @@ fn workers(out: &Path) -> Vec<String> {
 fn a_killed_run_resumes_without_rerunning_finished_jobs() -> Result<()> {
     let quick = root().join("experiments/quick.toml");
     let (whole, resumed) = (temp("resume-whole"), temp("resume-killed"));
-    let args = ["--jobs", "1", "--set", "seeds=[0, 1, 2]"];
+    let args = ["--jobs", "1", "--set", "train.epochs=12"];
     let uninterrupted = run_experiment(&quick, &whole, &args)?;
     assert!(uninterrupted.status.success(), "{}", text(&uninterrupted));
 

@@ -392,17 +392,27 @@ impl GroupNormOp {
         // Each group writes its own part of dx; each task sums dgamma, dbeta (all channels, in
         // one vector) over its groups: a group per row would otherwise allocate per row.
         let start = || vec![T::default(); 2 * channels];
+        // Fixed tasks of `per_task` groups, their partial sums added in task order: the same
+        // result however the pool schedules them.
         let per_task = (CHUNK / per_group.max(1)).max(1);
-        let sums = dx
-            .par_chunks_mut(per_group)
-            .zip(x.par_chunks(per_group).zip(dy.par_chunks(per_group)))
+        let span = per_group * per_task;
+        let partials: Vec<Vec<T>> = dx
+            .par_chunks_mut(span)
+            .zip(x.par_chunks(span).zip(dy.par_chunks(span)))
             .enumerate()
-            .with_min_len(per_task)
-            .fold(start, |mut acc, (g, (dxs, (xs, dys)))| {
-                wide(|| self.backward_group(g, (xs, dys, dxs), (gamma, beta), &mut acc));
+            .map(|(t, (dxs, (xs, dys)))| {
+                let mut acc = start();
+                let groups = dxs
+                    .chunks_mut(per_group)
+                    .zip(xs.chunks(per_group).zip(dys.chunks(per_group)));
+                for (i, (dxs, (xs, dys))) in groups.enumerate() {
+                    let g = t * per_task + i;
+                    wide(|| self.backward_group(g, (xs, dys, dxs), (gamma, beta), &mut acc));
+                }
                 acc
             })
-            .reduce(start, add_vectors);
+            .collect();
+        let sums = partials.into_iter().fold(start(), add_vectors);
         params.copy_from_slice(&sums);
         out
     }
@@ -1003,47 +1013,55 @@ impl Depthwise {
         let (s, p, k) = (self.stride, self.padding, d.k);
         let mut out = vec![T::default(); x.len() + weight.len()];
         let (dx, dw) = out.split_at_mut(x.len());
-        // Each plane writes its own part of dx; each task sums the weight gradient of the
-        // planes it takes.
+        // Each plane writes its own part of dx; one task per image sums the weight gradient of
+        // its planes, and the partial sums are added in image order: the same result however
+        // the pool schedules them.
         let start = || vec![T::default(); weight.len()];
-        let sums = dx
-            .par_chunks_mut(d.h * d.w)
-            .zip(x.par_chunks(d.h * d.w).zip(dy.par_chunks(d.oh * d.ow)))
-            .enumerate()
-            .fold(start, |mut acc, (plane, (dx, (x, dy)))| {
-                let c = plane % d.channels;
-                let wk = &weight[c * k * k..][..k * k];
-                let dwk = &mut acc[c * k * k..][..k * k];
-                wide(|| {
-                    self.each_row(d, |oy, y, i, columns| {
-                        let dy_row = &dy[oy * d.ow..][..d.ow];
-                        let (dx_row, x_row) = (&mut dx[y * d.w..][..d.w], &x[y * d.w..][..d.w]);
-                        for (j, r) in columns {
-                            let (wv, mut sum) = (wk[i * k + j], T::default());
-                            if s == 1 {
-                                let at = r.start + j - p..r.end + j - p;
-                                for ((dxv, &xv), &g) in dx_row[at.clone()]
-                                    .iter_mut()
-                                    .zip(&x_row[at])
-                                    .zip(&dy_row[r.clone()])
-                                {
-                                    *dxv += g * wv;
-                                    sum += g * xv;
+        let (plane_in, plane_out) = (d.h * d.w, d.oh * d.ow);
+        let per_image = (plane_in * d.channels, plane_out * d.channels);
+        let partials: Vec<Vec<T>> = dx
+            .par_chunks_mut(per_image.0)
+            .zip(x.par_chunks(per_image.0).zip(dy.par_chunks(per_image.1)))
+            .map(|(dx, (x, dy))| {
+                let mut acc = start();
+                let planes = dx
+                    .chunks_mut(plane_in)
+                    .zip(x.chunks(plane_in).zip(dy.chunks(plane_out)));
+                for (c, (dx, (x, dy))) in planes.enumerate() {
+                    let wk = &weight[c * k * k..][..k * k];
+                    let dwk = &mut acc[c * k * k..][..k * k];
+                    wide(|| {
+                        self.each_row(d, |oy, y, i, columns| {
+                            let dy_row = &dy[oy * d.ow..][..d.ow];
+                            let (dx_row, x_row) = (&mut dx[y * d.w..][..d.w], &x[y * d.w..][..d.w]);
+                            for (j, r) in columns {
+                                let (wv, mut sum) = (wk[i * k + j], T::default());
+                                if s == 1 {
+                                    let at = r.start + j - p..r.end + j - p;
+                                    for ((dxv, &xv), &g) in dx_row[at.clone()]
+                                        .iter_mut()
+                                        .zip(&x_row[at])
+                                        .zip(&dy_row[r.clone()])
+                                    {
+                                        *dxv += g * wv;
+                                        sum += g * xv;
+                                    }
+                                } else {
+                                    for ox in r.clone() {
+                                        let g = dy_row[ox];
+                                        dx_row[ox * s + j - p] += g * wv;
+                                        sum += g * x_row[ox * s + j - p];
+                                    }
                                 }
-                            } else {
-                                for ox in r.clone() {
-                                    let g = dy_row[ox];
-                                    dx_row[ox * s + j - p] += g * wv;
-                                    sum += g * x_row[ox * s + j - p];
-                                }
+                                dwk[i * k + j] += sum;
                             }
-                            dwk[i * k + j] += sum;
-                        }
-                    })
-                });
+                        })
+                    });
+                }
                 acc
             })
-            .reduce(start, add_vectors);
+            .collect();
+        let sums = partials.into_iter().fold(start(), add_vectors);
         dw.copy_from_slice(&sums);
         out
     }
@@ -1732,5 +1750,64 @@ mod tests {
         assert!(channel_add(&x, &seq(&[2], 1.0)?, 1).is_err());
         assert!(channel_add(&x, &seq(&[3], 1.0)?, 2).is_err());
         Ok(())
+    }
+
+    /// The kernels whose backward passes sum over a batch in parallel give the same bits on
+    /// every run: the partial sums are added in a fixed order, whatever the pool's scheduling.
+    #[test]
+    fn parallel_backward_sums_repeat_bit_for_bit() -> Result<()> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(4)
+            .build()
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        let dev = Device::Cpu;
+        let rand = |shape: &[usize]| -> Result<Var> {
+            Ok(Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev)?)?)
+        };
+        let (x, w, b) = (rand(&[16, 8, 32, 32])?, rand(&[8, 8, 3, 3])?, rand(&[8])?);
+        let dw = rand(&[8, 1, 3, 3])?;
+        let (gamma, beta) = (rand(&[8])?, rand(&[8])?);
+        let rows = rand(&[4096, 64])?;
+        let (lg, lb) = (rand(&[64])?, rand(&[64])?);
+        let probe = Tensor::randn(0f32, 1.0, (16, 8, 32, 32), &dev)?;
+        let run = || -> Result<Vec<Vec<f32>>> {
+            pool.install(|| {
+                let y = conv2d(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1, 1)?;
+                let y = group_norm(&y, gamma.as_tensor(), beta.as_tensor(), 4, 1e-5)?;
+                let y = depthwise_conv(&y, dw.as_tensor(), 1, 1)?;
+                let z = layer_norm(rows.as_tensor(), lg.as_tensor(), lb.as_tensor(), 1e-5)?;
+                let loss = ((y * &probe)?.sum_all()? + z.sqr()?.sum_all()?)?;
+                let grads = loss.backward()?;
+                [&x, &w, &b, &dw, &gamma, &beta, &rows, &lg, &lb]
+                    .iter()
+                    .map(|v| {
+                        let g = grads
+                            .get(v.as_tensor())
+                            .ok_or_else(|| Error::Invalid("no gradient".into()))?;
+                        Ok(g.flatten_all()?.to_vec1::<f32>()?)
+                    })
+                    .collect()
+            })
+        };
+        let first = run()?;
+        // Busy threads beside the pool make its scheduling vary from run to run.
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| -> Result<()> {
+            for _ in 0..3 {
+                scope.spawn(|| {
+                    let mut spin = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        spin = std::hint::black_box(spin.wrapping_add(1));
+                    }
+                });
+            }
+            let mut same = true;
+            for _ in 0..10 {
+                same &= run()? == first;
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            assert!(same, "a gradient changed between identical runs");
+            Ok(())
+        })
     }
 }

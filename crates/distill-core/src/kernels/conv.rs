@@ -244,23 +244,34 @@ impl Conv2d {
             }
             (acc, cols, dcols)
         };
-        // A few tasks per thread: each task's buffers are allocated once.
+        // A few tasks per thread: each task's buffers are allocated once. Tasks are fixed
+        // runs of images and their partial sums are added in task order, so the gradient does
+        // not depend on how the pool happened to schedule them.
         let per_task = d.b.div_ceil(4 * rayon::current_num_threads()).max(1);
-        let partials = if input_grad {
-            dx.par_chunks_mut(d.image())
+        let tasks: Vec<Vec<T>> = if input_grad {
+            dx.par_chunks_mut(d.image() * per_task)
                 .enumerate()
-                .with_min_len(per_task)
-                .fold(start, |state, (n, dx_n)| image(state, n, Some(dx_n)))
-                .map(|(acc, _, _)| acc)
-                .reduce_with(add_vectors)
+                .map(|(t, dxs)| {
+                    let first = t * per_task;
+                    dxs.chunks_mut(d.image())
+                        .enumerate()
+                        .fold(start(), |state, (i, dx_n)| {
+                            image(state, first + i, Some(dx_n))
+                        })
+                        .0
+                })
+                .collect()
         } else {
-            (0..d.b)
+            (0..d.b.div_ceil(per_task))
                 .into_par_iter()
-                .with_min_len(per_task)
-                .fold(start, |state, n| image(state, n, None))
-                .map(|(acc, _, _)| acc)
-                .reduce_with(add_vectors)
+                .map(|t| {
+                    (t * per_task..((t + 1) * per_task).min(d.b))
+                        .fold(start(), |state, n| image(state, n, None))
+                        .0
+                })
+                .collect()
         };
+        let partials = tasks.into_iter().reduce(add_vectors);
         let mut packed = partials.unwrap_or_else(|| vec![T::default(); nw + nb]);
         packed.append(&mut dx);
         packed

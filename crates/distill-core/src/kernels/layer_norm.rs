@@ -68,10 +68,13 @@ fn backward<T: Float>(x: &[T], gamma: &[T], dy: &[T], eps: f64) -> Vec<T> {
     let (dx, params) = out.split_at_mut(x.len());
     let per_task = n * rows_per_task(n);
     let start = || vec![T::default(); 2 * n];
-    let sums = dx
+    // Fixed tasks whose partial sums are added in task order: the same result however the
+    // pool schedules them.
+    let partials: Vec<Vec<T>> = dx
         .par_chunks_mut(per_task)
         .zip(x.par_chunks(per_task).zip(dy.par_chunks(per_task)))
-        .fold(start, |mut acc, (dxs, (xs, dys))| {
+        .map(|(dxs, (xs, dys))| {
+            let mut acc = start();
             let (dgamma, dbeta) = acc.split_at_mut(n);
             wide(|| {
                 for ((dx, row), d) in dxs.chunks_mut(n).zip(xs.chunks(n)).zip(dys.chunks(n)) {
@@ -93,7 +96,8 @@ fn backward<T: Float>(x: &[T], gamma: &[T], dy: &[T], eps: f64) -> Vec<T> {
             });
             acc
         })
-        .reduce(start, add_vectors);
+        .collect();
+    let sums = partials.into_iter().fold(start(), add_vectors);
     params.copy_from_slice(&sums);
     out
 }

@@ -162,6 +162,25 @@ mod tests {
         );
     }
 
+    /// Pinned outputs: `benches/reference/vision_kd.py` ports this generator to carve the same
+    /// split in PyTorch and checks itself against these values.
+    #[test]
+    fn outputs_are_pinned_for_the_python_port() {
+        let mut r = Rng::derive(0, "split");
+        let first: Vec<u64> = (0..3).map(|_| r.next_u64()).collect();
+        assert_eq!(
+            first,
+            [
+                0x40ce_5e85_001b_e5e4,
+                0xf995_7fcb_4a5c_6d53,
+                0xa706_1963_2d72_1035
+            ]
+        );
+        let mut order: Vec<usize> = (0..10).collect();
+        Rng::derive(7, "split").shuffle(&mut order);
+        assert_eq!(order, [0, 4, 2, 7, 9, 3, 8, 1, 5, 6]);
+    }
+
     #[test]
     fn gamma_and_beta_have_their_moments() {
         let mut r = Rng::new(5);

@@ -1,5 +1,5 @@
 //! The vision datasets: `vision.synthetic` (the default; no files), `vision.idx` (MNIST,
-//! Fashion-MNIST) and `vision.cifar10`. Validation (and, when a source has no test files, test)
+//! Fashion-MNIST), `vision.cifar10`, `vision.cifar100` and `vision.folder` (a user's images). Validation (and, when a source has no test files, test)
 //! splits are carved from the training source by a seeded shuffle. Inputs are one tensor named
 //! `image`, `[batch, channels, height, width]`, pixels scaled to `[0, 1]` and, by default,
 //! normalised per channel with the training split's mean and standard deviation. Every dataset
@@ -18,13 +18,13 @@ use distill_rt::{
 };
 
 use crate::augment::{Augment, Shape, crop_flip_normalise};
-use crate::images::{Images, load_cifar10, load_idx};
+use crate::images::{Cifar100Labels, Images, load_cifar10, load_cifar100, load_idx};
 
 /// Name of the model input every vision dataset provides.
 pub const IMAGE: &str = "image";
 
 /// A vision dataset in memory.
-pub struct VisionData {
+pub(crate) struct VisionData {
     info: DatasetInfo,
     splits: [Images; 3],
     mean: Vec<f32>,
@@ -35,7 +35,7 @@ pub struct VisionData {
 impl VisionData {
     /// Builds the dataset from its splits; `normalize` uses the training split's statistics.
     /// `num_classes` defaults to the largest label seen plus one.
-    fn new(
+    pub(crate) fn new(
         splits: [Images; 3],
         num_classes: Option<usize>,
         normalize: bool,
@@ -225,15 +225,20 @@ impl VisionData {
 }
 
 /// How splits are carved from a training source.
-struct Carve {
-    validation_fraction: f64,
-    test_fraction: f64,
-    max_train: Option<usize>,
-    split_seed: u64,
+pub(crate) struct Carve {
+    pub(crate) validation_fraction: f64,
+    pub(crate) test_fraction: f64,
+    pub(crate) max_train: Option<usize>,
+    pub(crate) split_seed: u64,
 }
 
 /// Splits `source` into train, validation and (when `test` is `None`) test, by a seeded shuffle.
-fn carve(owner: &str, source: Images, test: Option<Images>, c: &Carve) -> Result<[Images; 3]> {
+pub(crate) fn carve(
+    owner: &str,
+    source: Images,
+    test: Option<Images>,
+    c: &Carve,
+) -> Result<[Images; 3]> {
     for (key, v) in [
         ("validation_fraction", c.validation_fraction),
         ("test_fraction", c.test_fraction),
@@ -436,6 +441,82 @@ impl DatasetFactory for Cifar10Factory {
         Ok(Box::new(VisionData::new(
             carve(OWNER, source, Some(test), &carve_cfg)?,
             Some(10),
+            c.normalize,
+            c.augment,
+        )?))
+    }
+}
+
+#[derive(Deserialize, distill_rt::serde::Serialize)]
+#[serde(crate = "distill_rt::serde", deny_unknown_fields)]
+struct Cifar100Config {
+    /// Folder of `train.bin` and `test.bin` (instead of `data`).
+    #[serde(default)]
+    path: Option<PathBuf>,
+    /// The data set's name, fetched and verified into the data cache.
+    #[serde(default = "cifar100_data")]
+    data: Option<String>,
+    /// `fine` (100 classes) or `coarse` (20 superclasses).
+    #[serde(default = "fine")]
+    labels: String,
+    #[serde(default = "default_validation")]
+    validation_fraction: f64,
+    #[serde(default)]
+    max_train: Option<usize>,
+    #[serde(default)]
+    split_seed: u64,
+    #[serde(default = "default_true")]
+    normalize: bool,
+    /// Training-time augmentation.
+    #[serde(default)]
+    augment: Augment,
+}
+
+fn cifar100_data() -> Option<String> {
+    Some("cifar-100".into())
+}
+fn fine() -> String {
+    "fine".into()
+}
+
+/// `vision.cifar100`: the CIFAR-100 binary version, fine or coarse labels.
+pub struct Cifar100Factory;
+
+impl DatasetFactory for Cifar100Factory {
+    fn summary(&self) -> &str {
+        "CIFAR-100 binary files (train.bin, test.bin): `data` (`cifar-100`, fetched into the data cache) or a `path` folder; `labels` fine (100) or coarse (20)"
+    }
+    fn defaults(&self) -> Config {
+        config::defaults_with_required::<Cifar100Config>(&[])
+    }
+    fn build(&self, cfg: &Config) -> Result<Box<dyn Dataset>> {
+        const OWNER: &str = "dataset vision.cifar100";
+        let c: Cifar100Config = config::parse(OWNER, cfg)?;
+        c.augment.validate(OWNER)?;
+        let (labels, classes) = match c.labels.as_str() {
+            "fine" => (Cifar100Labels::Fine, 100),
+            "coarse" => (Cifar100Labels::Coarse, 20),
+            other => {
+                return Err(Error::config(
+                    OWNER,
+                    "labels",
+                    format!("must be `fine` or `coarse`, got `{other}`"),
+                ));
+            }
+        };
+        let dir = assets::folder(OWNER, c.path.as_deref(), c.data.as_deref())?;
+        require_dir(OWNER, &dir)?;
+        let source = load_cifar100(&dir, &["train.bin"], labels)?;
+        let test = load_cifar100(&dir, &["test.bin"], labels)?;
+        let carve_cfg = Carve {
+            validation_fraction: c.validation_fraction,
+            test_fraction: 0.0,
+            max_train: c.max_train,
+            split_seed: c.split_seed,
+        };
+        Ok(Box::new(VisionData::new(
+            carve(OWNER, source, Some(test), &carve_cfg)?,
+            Some(classes),
             c.normalize,
             c.augment,
         )?))

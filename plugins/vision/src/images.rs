@@ -169,11 +169,61 @@ pub fn load_idx(dir: &Path, prefix: &str) -> Result<Images> {
     })
 }
 
-/// Bytes of one CIFAR-10 record: a label byte and 3x32x32 pixels.
-const CIFAR_RECORD: usize = 1 + 3 * 32 * 32;
-
-/// Loads CIFAR-10 binary batches (`data_batch_1.bin` ..., `test_batch.bin`) from `dir`.
+/// Loads CIFAR-10 binary batches (`data_batch_1.bin` ..., `test_batch.bin`: a label byte and
+/// 3x32x32 pixels per record) from `dir`.
 pub fn load_cifar10(dir: &Path, files: &[&str]) -> Result<Images> {
+    load_cifar(dir, files, &CifarFormat::TEN)
+}
+
+/// Which CIFAR-100 label a sample carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cifar100Labels {
+    /// The 100 classes.
+    Fine,
+    /// The 20 superclasses.
+    Coarse,
+}
+
+/// Loads CIFAR-100 binary files (`train.bin`, `test.bin`: a coarse label byte, a fine label byte
+/// and 3x32x32 pixels per record) from `dir`, with the `labels` asked for.
+pub fn load_cifar100(dir: &Path, files: &[&str], labels: Cifar100Labels) -> Result<Images> {
+    let format = match labels {
+        Cifar100Labels::Fine => CifarFormat {
+            name: "CIFAR-100",
+            labels: 2,
+            label_at: 1,
+            classes: 100,
+        },
+        Cifar100Labels::Coarse => CifarFormat {
+            name: "CIFAR-100",
+            labels: 2,
+            label_at: 0,
+            classes: 20,
+        },
+    };
+    load_cifar(dir, files, &format)
+}
+
+/// The layout of a CIFAR binary record: `labels` label bytes (the one at `label_at` is read,
+/// below `classes`), then 3x32x32 pixels.
+struct CifarFormat {
+    name: &'static str,
+    labels: usize,
+    label_at: usize,
+    classes: u8,
+}
+
+impl CifarFormat {
+    const TEN: Self = Self {
+        name: "CIFAR-10",
+        labels: 1,
+        label_at: 0,
+        classes: 10,
+    };
+}
+
+fn load_cifar(dir: &Path, files: &[&str], format: &CifarFormat) -> Result<Images> {
+    let record_len = format.labels + 3 * 32 * 32;
     let mut out = Images {
         channels: 3,
         height: 32,
@@ -183,24 +233,29 @@ pub fn load_cifar10(dir: &Path, files: &[&str]) -> Result<Images> {
     for name in files {
         let path = dir.join(name);
         let bytes = std::fs::read(&path).map_err(|e| Error::data(&path, e.to_string()))?;
-        if bytes.is_empty() || bytes.len() % CIFAR_RECORD != 0 {
+        if bytes.is_empty() || bytes.len() % record_len != 0 {
             return Err(Error::data(
                 &path,
                 format!(
-                    "{} bytes is not a whole number of {CIFAR_RECORD}-byte CIFAR-10 records (truncated?)",
-                    bytes.len()
+                    "{} bytes is not a whole number of {record_len}-byte {} records (truncated?)",
+                    bytes.len(),
+                    format.name
                 ),
             ));
         }
-        for record in bytes.chunks_exact(CIFAR_RECORD) {
-            if record[0] > 9 {
+        for (i, record) in bytes.chunks_exact(record_len).enumerate() {
+            let label = record[format.label_at];
+            if label >= format.classes {
                 return Err(Error::data(
                     &path,
-                    format!("label {} out of range 0..=9", record[0]),
+                    format!(
+                        "record {i}: label {label} out of range 0..={}",
+                        format.classes - 1
+                    ),
                 ));
             }
-            out.labels.push(u32::from(record[0]));
-            out.pixels.extend_from_slice(&record[1..]);
+            out.labels.push(u32::from(label));
+            out.pixels.extend_from_slice(&record[format.labels..]);
         }
     }
     Ok(out)
@@ -302,6 +357,40 @@ mod tests {
             .expect_err("truncated")
             .to_string();
         assert!(msg.contains("t.bin") && msg.contains("truncated"), "{msg}");
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
+    #[test]
+    fn cifar100_reads_fine_or_coarse_labels_and_names_bad_records() -> std::io::Result<()> {
+        let dir = temp_dir("cifar100");
+        let mut bytes = Vec::new();
+        for (coarse, fine) in [(4u8, 42u8), (19, 99)] {
+            bytes.extend([coarse, fine]);
+            bytes.extend(std::iter::repeat_n(fine, 3072));
+        }
+        std::fs::write(dir.join("train.bin"), &bytes)?;
+        let read = |labels| load_cifar100(&dir, &["train.bin"], labels);
+        let fine = read(Cifar100Labels::Fine).map_err(std::io::Error::other)?;
+        assert_eq!(fine.labels, vec![42, 99]);
+        assert_eq!((fine.image(1)[0], fine.image(1).len()), (99, 3072));
+        let coarse = read(Cifar100Labels::Coarse).map_err(std::io::Error::other)?;
+        assert_eq!(coarse.labels, vec![4, 19]);
+        // A CIFAR-10 file is not whole CIFAR-100 records; a fine label of 100 is out of range.
+        std::fs::write(dir.join("ten.bin"), &bytes[..3073 * 2])?;
+        let msg = load_cifar100(&dir, &["ten.bin"], Cifar100Labels::Fine)
+            .expect_err("3073-byte records")
+            .to_string();
+        assert!(msg.contains("3074-byte CIFAR-100"), "{msg}");
+        bytes[3074 + 1] = 100;
+        std::fs::write(dir.join("bad.bin"), &bytes)?;
+        let msg = load_cifar100(&dir, &["bad.bin"], Cifar100Labels::Fine)
+            .expect_err("label 100")
+            .to_string();
+        assert!(
+            msg.contains("bad.bin") && msg.contains("record 1: label 100"),
+            "{msg}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     }

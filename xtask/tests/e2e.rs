@@ -283,6 +283,52 @@ fn a_cached_teacher_under_augmentation_is_an_explicit_mode_named_in_the_tables()
     Ok(())
 }
 
+/// `experiments/cifar100.toml` (RepDistiller's protocol) for one epoch on CIFAR-shaped
+/// synthetic data: every strategy at its reference weight trains on the zoo's pair.
+#[test]
+fn cifar100_protocol_runs_every_strategy_on_cifar_shaped_data() -> Result<()> {
+    let file = root().join("experiments/cifar100.toml");
+    let out = temp("cifar100");
+    let dataset = r#"datasets=[{ name = "vision.synthetic", config = { channels = 3, size = 32, classes = 100, train = 32, validation = 8, test = 8, augment = { crop_padding = 4, flip = true } } }]"#;
+    let args = [
+        "--set",
+        dataset,
+        "--set",
+        "seeds=[0]",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.batch_size=16",
+        "--set",
+        "train.eval_batch_size=16",
+        "--jobs",
+        "2",
+    ];
+    let run = run_experiment(&file, &out, &args)?;
+    assert!(run.status.success(), "{}", text(&run));
+    let runs = read(&out.join("runs.parquet"))?;
+    let mut strategies: Vec<String> = strings(&runs, "strategy")?.into_iter().flatten().collect();
+    strategies.sort();
+    assert_eq!(
+        strategies,
+        [
+            "at", "baseline", "crd", "dist", "dkd", "fitnets", "kd", "pkt", "rkd", "sp"
+        ]
+    );
+    for (status, mode) in strings(&runs, "status")?
+        .iter()
+        .zip(strings(&runs, "teacher_outputs")?)
+    {
+        assert_eq!(status.as_deref(), Some("ok"), "{runs}");
+        assert!(matches!(mode.as_deref(), Some("live" | "none")), "{runs}");
+    }
+    let params = runs.column("student_parameters")?.u64()?;
+    // resnet8x4 with a 100-class head, as RepDistiller counts it.
+    assert!(params.iter().all(|p| p == Some(1_233_540)), "{runs}");
+    let _ = std::fs::remove_dir_all(&out);
+    Ok(())
+}
+
 #[test]
 fn nlp_quick_experiment_runs_a_teacher_and_two_students() -> Result<()> {
     let file = root().join("experiments/nlp-quick.toml");

@@ -6,10 +6,13 @@
 //!   `(depth - 2) / 6` basic blocks, 1x1 projection shortcuts with batch norm);
 //! - `vision.wrn-16-2`, `vision.wrn-40-2`: wide ResNets (Zagoruyko & Komodakis 2016,
 //!   pre-activation blocks, dropout inside the blocks);
-//! - `vision.vgg8`, `vision.vgg13`: VGG with batch norm, five blocks, global average pooling.
+//! - `vision.vgg8`, `vision.vgg13`: VGG with batch norm, five blocks, global average pooling;
+//! - `vision.mobilenetv2`: RepDistiller's `mobile_half` (MobileNetV2, expansion 6, width 0.5);
+//! - `vision.shufflenetv1`: ShuffleNet V1 (3 groups, stages of 240, 480 and 960 channels;
+//!   PyTorch's default initialisation, as the reference).
 //!
 //! Features are those the reference strategies read (RepDistiller's `is_feat=True`): `stem`,
-//! `stage1`..`stage3` (`stage4` for VGG) and `penultimate`, the pooled vector. Parameter counts
+//! `stage1`..`stage3` (`stage4` for VGG and MobileNetV2) and `penultimate`, the pooled vector. Parameter counts
 //! equal the reference models' (the tests pin them for 100 classes). The one configuration key
 //! is `dropout`: inside each block for the wide ResNets (their `dropRate`), before the classifier
 //! for the others (0, the reference, by default).
@@ -17,7 +20,7 @@
 use distill_rt::candle::Tensor;
 use distill_rt::candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
 use distill_rt::candle_nn::{Init, VarBuilder};
-use distill_rt::kernels::{max_pool2d, relu};
+use distill_rt::kernels::{depthwise_conv, max_pool2d, relu};
 use distill_rt::model::PENULTIMATE;
 use distill_rt::nn::{BatchNorm, Dropout};
 use distill_rt::serde::Deserialize;
@@ -54,11 +57,15 @@ enum Arch {
     Wrn { depth: usize, widen: usize },
     /// VGG with batch norm: the widths of the convolutions of each of the five blocks.
     Vgg { blocks: [&'static [usize]; 5] },
+    /// MobileNetV2 with expansion 6 and width multiplier 1/2.
+    MobileNetV2,
+    /// ShuffleNet V1 with 3 groups.
+    ShuffleNetV1,
 }
 
 /// The zoo: registered name, architecture and the reference's parameter count for 100
 /// classes (PyTorch's `sum(p.numel() for p in model.parameters())`).
-pub const ZOO: [(&str, ZooFactory, u64); 9] = [
+pub const ZOO: [(&str, ZooFactory, u64); 11] = [
     (
         "vision.resnet8x4",
         ZooFactory(Arch::ResNet {
@@ -135,6 +142,12 @@ pub const ZOO: [(&str, ZooFactory, u64); 9] = [
         }),
         9_462_180,
     ),
+    ("vision.mobilenetv2", ZooFactory(Arch::MobileNetV2), 812_836),
+    (
+        "vision.shufflenetv1",
+        ZooFactory(Arch::ShuffleNetV1),
+        949_258,
+    ),
 ];
 
 #[derive(Deserialize, distill_rt::serde::Serialize, Default)]
@@ -159,6 +172,12 @@ impl ModelFactory for ZooFactory {
             }
             Arch::Vgg { .. } => {
                 "VGG with batch norm of RepDistiller (five blocks, global average pooling; features stem, stage1..4); `dropout` before the classifier"
+            }
+            Arch::MobileNetV2 => {
+                "MobileNetV2 of RepDistiller (mobile_half: expansion 6, width 0.5; features stem, stage1..4); `dropout` before the classifier"
+            }
+            Arch::ShuffleNetV1 => {
+                "ShuffleNet V1 of RepDistiller (3 groups; features stem, stage1..3); `dropout` before the classifier"
             }
         }
     }
@@ -199,6 +218,8 @@ impl ModelFactory for ZooFactory {
                 vb,
             )?),
             Arch::Vgg { blocks } => Net::Vgg(Vgg::new(blocks, channels, size, classes, vb)?),
+            Arch::MobileNetV2 => Net::Mobile(MobileNetV2::new(channels, size, classes, vb)?),
+            Arch::ShuffleNetV1 => Net::Shuffle(ShuffleNetV1::new(channels, size, classes, vb)?),
         };
         Ok(Box::new(ZooModel { net, dropout }))
     }
@@ -208,6 +229,8 @@ enum Net {
     ResNet(ResNet),
     Wrn(Wrn),
     Vgg(Vgg),
+    Mobile(MobileNetV2),
+    Shuffle(ShuffleNetV1),
 }
 
 struct ZooModel {
@@ -234,6 +257,14 @@ impl Model for ZooModel {
                 let (f, p) = n.features(x, train)?;
                 (f, self.dropout.forward(&p, train)?, &n.classifier)
             }
+            Net::Mobile(n) => {
+                let (f, p) = n.features(x, train)?;
+                (f, self.dropout.forward(&p, train)?, &n.classifier)
+            }
+            Net::Shuffle(n) => {
+                let (f, p) = n.features(x, train)?;
+                (f, self.dropout.forward(&p, train)?, &n.linear)
+            }
         };
         let logits = head.forward(&pooled)?;
         features.insert(PENULTIMATE.into(), pooled);
@@ -244,8 +275,34 @@ impl Model for ZooModel {
             Net::ResNet(n) => n.macs,
             Net::Wrn(n) => n.macs,
             Net::Vgg(n) => n.macs,
+            Net::Mobile(n) => n.macs,
+            Net::Shuffle(n) => n.macs,
         }
     }
+}
+
+/// A bias-free convolution of `(input, output, kernel, stride, groups)`, initialised with
+/// `init`, followed by batch norm; adds its multiply-accumulates to `macs` and moves `size` to
+/// its output's.
+fn conv_bn(
+    (input, output, kernel, stride, groups): (usize, usize, usize, usize, usize),
+    init: Init,
+    vb: (VarBuilder, VarBuilder),
+    size: &mut usize,
+    macs: &mut u64,
+) -> Result<ConvBn> {
+    let conv = Conv::with_init(
+        (input, output, kernel, stride, kernel / 2, groups),
+        init,
+        None,
+        vb.0,
+    )?;
+    *macs += conv.macs(*size);
+    *size = conv.out_size(*size);
+    Ok(ConvBn {
+        conv,
+        bn: BatchNorm::new(output, vb.1)?,
+    })
 }
 
 /// A convolution followed by batch norm, counting its multiply-accumulates.
@@ -590,6 +647,276 @@ impl Vgg {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+
+/// RepDistiller's `InvertedResidual`: 1x1 expansion, 3x3 depthwise, 1x1 projection, each with
+/// batch norm (ReLU after the first two), and the input added when the shape allows.
+struct Inverted {
+    expand: ConvBn,
+    depthwise: ConvBn,
+    project: ConvBn,
+    residual: bool,
+}
+
+struct MobileNetV2 {
+    stem: ConvBn,
+    /// The seven stages of inverted residual blocks.
+    stages: Vec<Vec<Inverted>>,
+    last: ConvBn,
+    classifier: Linear,
+    macs: u64,
+}
+
+impl MobileNetV2 {
+    /// `mobile_half`: expansion 6 and width multiplier 1/2 of `(t, c, n, s)` =
+    /// (1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+    /// (6, 320, 1, 1), a 1x1 convolution to 1280 channels, global average pooling.
+    fn new(channels: usize, mut size: usize, classes: usize, vb: &VarBuilder) -> Result<Self> {
+        const SETTING: [(usize, usize, usize, usize); 7] = [
+            (1, 16, 1, 1),
+            (6, 24, 2, 1),
+            (6, 32, 3, 2),
+            (6, 64, 4, 2),
+            (6, 96, 3, 1),
+            (6, 160, 3, 2),
+            (6, 320, 1, 1),
+        ];
+        let mut macs = 0;
+        let pair = |p: &str| (vb.pp(format!("{p}.0")), vb.pp(format!("{p}.1")));
+        let stem = conv_bn(
+            (channels, 16, 3, 2, 1),
+            KAIMING_FAN_OUT,
+            pair("conv1"),
+            &mut size,
+            &mut macs,
+        )?;
+        let mut input = 16;
+        let mut stages = Vec::new();
+        for (i, &(t, c, n, s)) in SETTING.iter().enumerate() {
+            let output = c / 2;
+            let mut blocks = Vec::new();
+            for b in 0..n {
+                let stride = if b == 0 { s } else { 1 };
+                let wide = input * t;
+                let at = |k: usize| {
+                    let p = format!("blocks.{i}.{b}.conv");
+                    (vb.pp(format!("{p}.{k}")), vb.pp(format!("{p}.{}", k + 1)))
+                };
+                blocks.push(Inverted {
+                    expand: conv_bn(
+                        (input, wide, 1, 1, 1),
+                        KAIMING_FAN_OUT,
+                        at(0),
+                        &mut size,
+                        &mut macs,
+                    )?,
+                    depthwise: conv_bn(
+                        (wide, wide, 3, stride, wide),
+                        KAIMING_FAN_OUT,
+                        at(3),
+                        &mut size,
+                        &mut macs,
+                    )?,
+                    project: conv_bn(
+                        (wide, output, 1, 1, 1),
+                        KAIMING_FAN_OUT,
+                        at(6),
+                        &mut size,
+                        &mut macs,
+                    )?,
+                    residual: stride == 1 && input == output,
+                });
+                input = output;
+            }
+            stages.push(blocks);
+        }
+        let last = conv_bn(
+            (input, 1280, 1, 1, 1),
+            KAIMING_FAN_OUT,
+            pair("conv2"),
+            &mut size,
+            &mut macs,
+        )?;
+        let classifier = Linear::with_init(
+            1280,
+            classes,
+            Init::Randn {
+                mean: 0.0,
+                stdev: 0.01,
+            },
+            Init::Const(0.0),
+            vb.pp("classifier.0"),
+        )?;
+        macs += classifier.macs();
+        Ok(Self {
+            stem,
+            stages,
+            last,
+            classifier,
+            macs,
+        })
+    }
+
+    fn features(&self, x: &Tensor, train: bool) -> Result<(TensorMap, Tensor)> {
+        let mut features = TensorMap::new();
+        let mut x = self.stem.forward_relu(x, train)?;
+        features.insert("stem".into(), x.clone());
+        for (i, stage) in self.stages.iter().enumerate() {
+            for block in stage {
+                let h = block.expand.forward_relu(&x, train)?;
+                let h = block.depthwise.forward_relu(&h, train)?;
+                let h = block.project.forward(&h, train)?;
+                x = if block.residual { (x + h)? } else { h };
+            }
+            // RepDistiller's f1..f4: after the second, third, fifth and seventh stage.
+            let feature = match i {
+                1 => Some("stage1"),
+                2 => Some("stage2"),
+                4 => Some("stage3"),
+                6 => Some("stage4"),
+                _ => None,
+            };
+            if let Some(name) = feature {
+                features.insert(name.into(), x.clone());
+            }
+        }
+        let x = self.last.forward_relu(&x, train)?;
+        Ok((features, global_avg_pool(&x)?))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// A ShuffleNet V1 unit: grouped 1x1 convolution, channel shuffle, 3x3 depthwise convolution,
+/// grouped 1x1 convolution; a stride-2 unit concatenates a 3x3 average pooling of its input,
+/// the others add the input.
+struct ShuffleUnit {
+    reduce: ConvBn,
+    /// Groups of the first convolution, which the shuffle interleaves.
+    shuffle: usize,
+    depthwise: ConvBn,
+    expand: ConvBn,
+    /// A 3x3 average pooling with stride 2 and zero padding counted (PyTorch's
+    /// `AvgPool2d(3, stride=2, padding=1)`), as a depthwise convolution with weights 1/9.
+    pool: Option<Tensor>,
+}
+
+struct ShuffleNetV1 {
+    stem: ConvBn,
+    stages: Vec<Vec<ShuffleUnit>>,
+    linear: Linear,
+    macs: u64,
+}
+
+impl ShuffleNetV1 {
+    /// Three groups; stages of 4, 8 and 4 units with 240, 480 and 960 output channels.
+    fn new(channels: usize, mut size: usize, classes: usize, vb: &VarBuilder) -> Result<Self> {
+        const GROUPS: usize = 3;
+        let init = |fan_in: usize| distill_rt::nn::fan_in_init(fan_in);
+        let mut macs = 0;
+        let stem = conv_bn(
+            (channels, 24, 1, 1, 1),
+            init(channels),
+            (vb.pp("conv1"), vb.pp("bn1")),
+            &mut size,
+            &mut macs,
+        )?;
+        let mut input = 24;
+        let mut stages = Vec::new();
+        for (l, (&planes, &units)) in [240usize, 480, 960].iter().zip(&[4usize, 8, 4]).enumerate() {
+            let mut blocks = Vec::new();
+            for u in 0..units {
+                let stride = if u == 0 { 2 } else { 1 };
+                let output = if u == 0 { planes - input } else { planes };
+                let mid = output / 4;
+                let g = if input == 24 { 1 } else { GROUPS };
+                let vb = vb.pp(format!("layer{}.{u}", l + 1));
+                let names = |c: &str, b: &str| (vb.pp(c), vb.pp(b));
+                let mut inner = size;
+                let reduce = conv_bn(
+                    (input, mid, 1, 1, g),
+                    init(input / g),
+                    names("conv1", "bn1"),
+                    &mut inner,
+                    &mut macs,
+                )?;
+                let depthwise = conv_bn(
+                    (mid, mid, 3, stride, mid),
+                    init(9),
+                    names("conv2", "bn2"),
+                    &mut inner,
+                    &mut macs,
+                )?;
+                let expand = conv_bn(
+                    (mid, output, 1, 1, GROUPS),
+                    init(mid / GROUPS),
+                    names("conv3", "bn3"),
+                    &mut inner,
+                    &mut macs,
+                )?;
+                let pool = if stride == 2 {
+                    Some(
+                        Tensor::full(1.0f32 / 9.0, (input, 1, 3, 3), vb.device())?
+                            .to_dtype(vb.dtype())?,
+                    )
+                } else {
+                    None
+                };
+                blocks.push(ShuffleUnit {
+                    reduce,
+                    shuffle: g,
+                    depthwise,
+                    expand,
+                    pool,
+                });
+                size = inner;
+                input = planes;
+            }
+            stages.push(blocks);
+        }
+        let linear = Linear::new(input, classes, vb.pp("linear"))?;
+        macs += linear.macs();
+        Ok(Self {
+            stem,
+            stages,
+            linear,
+            macs,
+        })
+    }
+
+    fn features(&self, x: &Tensor, train: bool) -> Result<(TensorMap, Tensor)> {
+        let mut features = TensorMap::new();
+        let mut x = self.stem.forward_relu(x, train)?;
+        features.insert("stem".into(), x.clone());
+        for (i, stage) in self.stages.iter().enumerate() {
+            for unit in stage {
+                let h = unit.reduce.forward_relu(&x, train)?;
+                let h = channel_shuffle(&h, unit.shuffle)?;
+                let h = unit.depthwise.forward_relu(&h, train)?;
+                let h = unit.expand.forward(&h, train)?;
+                x = match &unit.pool {
+                    Some(w) => relu(&Tensor::cat(&[h, depthwise_conv(&x, w, 1, 2)?], 1)?)?,
+                    None => relu(&(h + x)?)?,
+                };
+            }
+            features.insert(format!("stage{}", i + 1), x.clone());
+        }
+        Ok((features, global_avg_pool(&x)?))
+    }
+}
+
+/// ShuffleNet's channel shuffle: `[n, g * c, h, w] -> [n, g, c, h, w] -> [n, c, g, h, w]`, flat.
+fn channel_shuffle(x: &Tensor, groups: usize) -> Result<Tensor> {
+    if groups == 1 {
+        return Ok(x.clone());
+    }
+    let (n, c, h, w) = x.dims4()?;
+    Ok(x.reshape((n, groups, c / groups, h, w))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((n, c, h, w))?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -660,6 +987,21 @@ mod tests {
             match name {
                 "vision.resnet8x4" | "vision.resnet32x4" => res([32, 64, 128, 256]),
                 "vision.wrn-16-2" | "vision.wrn-40-2" => res([16, 32, 64, 128]),
+                "vision.mobilenetv2" => vec![
+                    ("stem", vec![16, 16, 16]),
+                    ("stage1", vec![12, 16, 16]),
+                    ("stage2", vec![16, 8, 8]),
+                    ("stage3", vec![48, 4, 4]),
+                    ("stage4", vec![160, 2, 2]),
+                    (PENULTIMATE, vec![1280]),
+                ],
+                "vision.shufflenetv1" => vec![
+                    ("stem", vec![24, 32, 32]),
+                    ("stage1", vec![240, 16, 16]),
+                    ("stage2", vec![480, 8, 8]),
+                    ("stage3", vec![960, 4, 4]),
+                    (PENULTIMATE, vec![960]),
+                ],
                 "vision.vgg8" | "vision.vgg13" => vec![
                     ("stem", vec![64, 32, 32]),
                     ("stage1", vec![128, 16, 16]),

@@ -325,6 +325,22 @@ fn cifar100_protocol_runs_every_strategy_on_cifar_shaped_data() -> Result<()> {
     let params = runs.column("student_parameters")?.u64()?;
     // resnet8x4 with a 100-class head, as RepDistiller counts it.
     assert!(params.iter().all(|p| p == Some(1_233_540)), "{runs}");
+    // The teacher's weights file holds every batch norm's running statistics, moved by
+    // training from their start (mean 0, variance 1).
+    let weights = read_safetensors(&teacher_folder(&out)?.join("weights.safetensors"))?;
+    let norms = weights
+        .keys()
+        .filter(|k| {
+            k.ends_with(".weight") && weights.contains_key(&k.replace(".weight", ".running_var"))
+        })
+        .count();
+    let means: Vec<&Vec<f64>> = weights
+        .iter()
+        .filter(|(k, _)| k.ends_with("running_mean"))
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(means.len(), norms, "a running mean per batch norm");
+    assert!(means.len() > 30 && means.iter().all(|m| m.iter().any(|v| *v != 0.0)));
     let _ = std::fs::remove_dir_all(&out);
     Ok(())
 }
@@ -559,11 +575,17 @@ fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Vec<f64>>> {
             info["data_offsets"][0].as_u64().unwrap_or(0) as usize,
             info["data_offsets"][1].as_u64().unwrap_or(0) as usize,
         );
-        assert_eq!(info["dtype"], "F64", "{name}");
-        let values = data[a..b]
-            .chunks(8)
-            .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect();
+        let values = match info["dtype"].as_str() {
+            Some("F64") => data[a..b]
+                .chunks(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect(),
+            Some("F32") => data[a..b]
+                .chunks(4)
+                .map(|c| f64::from(f32::from_le_bytes(c.try_into().unwrap_or([0; 4]))))
+                .collect(),
+            other => return Err(format!("{name}: dtype {other:?}").into()),
+        };
         out.insert(name.clone(), values);
     }
     Ok(out)

@@ -9,7 +9,7 @@ DIR holds the IDX files (`cargo xtask fetch fashion-mnist` puts them in
 script mirrors: `vision.idx` with `max_train`, `validation_fraction`, `split_seed` and `augment`
 crop and flip; `vision.resnet` and `vision.mlp`; `baseline` and `kd`; AdamW with a cosine
 schedule), so both frameworks run one configuration. The split is distillery's, computed by a
-port of its generator (xoshiro256++ seeded by SplitMix64, FNV-1a purposes), so both train on the
+port of its generator (`tests/fixtures/distill_rng.py`), so both train on the
 same images. Initialisation, shuffling and augmentation draw from PyTorch's generator seeded
 with the run's seed: the same distributions, other draws.
 
@@ -31,67 +31,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-MASK = (1 << 64) - 1
-
-
-# --- distillery's generator, for the split ------------------------------------------------------
-
-def splitmix(state):
-    state = (state + 0x9E3779B97F4A7C15) & MASK
-    z = state
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
-    return state, z ^ (z >> 31)
-
-
-def rotl(x, k):
-    return ((x << k) | (x >> (64 - k))) & MASK
-
-
-class Rng:
-    def __init__(self, seed):
-        self.s = []
-        for _ in range(4):
-            seed, v = splitmix(seed)
-            self.s.append(v)
-
-    @staticmethod
-    def derive(seed, purpose):
-        h = 0xCBF29CE484222325
-        for b in purpose.encode():
-            h = ((h ^ b) * 0x100000001B3) & MASK
-        return Rng(seed ^ rotl(h, 17))
-
-    def next_u64(self):
-        s0, s1, s2, s3 = self.s
-        result = (rotl((s0 + s3) & MASK, 23) + s0) & MASK
-        t = (s1 << 17) & MASK
-        s2 ^= s0
-        s3 ^= s1
-        s1 ^= s2
-        s0 ^= s3
-        s2 ^= t
-        s3 = rotl(s3, 45)
-        self.s = [s0, s1, s2, s3]
-        return result
-
-    def below(self, n):
-        return (self.next_u64() * n) >> 64
-
-    def shuffle(self, items):
-        for i in range(len(items) - 1, 0, -1):
-            j = self.below(i + 1)
-            items[i], items[j] = items[j], items[i]
-
-
-def check_port():
-    """The values `distill_core::rng`'s test `outputs_are_pinned_for_the_python_port` pins."""
-    r = Rng.derive(0, "split")
-    assert [r.next_u64() for _ in range(3)] == [
-        0x40CE5E85001BE5E4, 0xF9957FCB4A5C6D53, 0xA70619632D721035], "generator port"
-    order = list(range(10))
-    Rng.derive(7, "split").shuffle(order)
-    assert order == [0, 4, 2, 7, 9, 3, 8, 1, 5, 6], "shuffle port"
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                "tests", "fixtures"))
+from distill_rng import Rng, check as check_port  # noqa: E402  (the split's generator)
 
 
 # --- data -----------------------------------------------------------------------------------------

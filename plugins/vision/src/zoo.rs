@@ -1,8 +1,9 @@
 //! The CIFAR model zoo of RepDistiller and mdistiller, layer for layer, with batch norm and the
 //! reference initialisation (convolutions Kaiming-normal over fan-out, batch norm 1 and 0):
 //!
-//! - `vision.resnet8x4`, `vision.resnet32x4`, `vision.resnet20`, `vision.resnet56`,
-//!   `vision.resnet110`: the CIFAR ResNets (He et al. 2016; a 3x3 stem, three stages of
+//! - `vision.resnet8`, `vision.resnet14`, `vision.resnet20`, `vision.resnet32`,
+//!   `vision.resnet44`, `vision.resnet56`, `vision.resnet110`, `vision.resnet8x4`,
+//!   `vision.resnet32x4`: the CIFAR ResNets (He et al. 2016; a 3x3 stem, three stages of
 //!   `(depth - 2) / 6` basic blocks, 1x1 projection shortcuts with batch norm);
 //! - `vision.wrn-16-2`, `vision.wrn-40-2`: wide ResNets (Zagoruyko & Komodakis 2016,
 //!   pre-activation blocks, dropout inside the blocks);
@@ -65,7 +66,7 @@ enum Arch {
 
 /// The zoo: registered name, architecture and the reference's parameter count for 100
 /// classes (PyTorch's `sum(p.numel() for p in model.parameters())`).
-pub const ZOO: [(&str, ZooFactory, u64); 11] = [
+pub const ZOO: [(&str, ZooFactory, u64); 15] = [
     (
         "vision.resnet8x4",
         ZooFactory(Arch::ResNet {
@@ -83,12 +84,44 @@ pub const ZOO: [(&str, ZooFactory, u64); 11] = [
         7_433_860,
     ),
     (
+        "vision.resnet8",
+        ZooFactory(Arch::ResNet {
+            depth: 8,
+            widths: [16, 16, 32, 64],
+        }),
+        83_892,
+    ),
+    (
+        "vision.resnet14",
+        ZooFactory(Arch::ResNet {
+            depth: 14,
+            widths: [16, 16, 32, 64],
+        }),
+        181_108,
+    ),
+    (
         "vision.resnet20",
         ZooFactory(Arch::ResNet {
             depth: 20,
             widths: [16, 16, 32, 64],
         }),
         278_324,
+    ),
+    (
+        "vision.resnet32",
+        ZooFactory(Arch::ResNet {
+            depth: 32,
+            widths: [16, 16, 32, 64],
+        }),
+        472_756,
+    ),
+    (
+        "vision.resnet44",
+        ZooFactory(Arch::ResNet {
+            depth: 44,
+            widths: [16, 16, 32, 64],
+        }),
+        667_188,
     ),
     (
         "vision.resnet56",
@@ -952,6 +985,14 @@ mod tests {
         Ok((factory.build(&cfg, ctx)?, varmap))
     }
 
+    /// The zoo's factory of `name`.
+    fn zoo(name: &str) -> ZooFactory {
+        ZOO.iter()
+            .find(|(n, _, _)| *n == name)
+            .map(|(_, f, _)| *f)
+            .unwrap_or_else(|| panic!("{name} is not in the zoo"))
+    }
+
     #[test]
     fn parameter_counts_equal_the_reference_models() -> Result<()> {
         let cifar100 = info(3, 32, 100);
@@ -1013,11 +1054,15 @@ mod tests {
                 _ => res([16, 16, 32, 64]),
             }
         };
-        // The deep ResNets share their blocks with resnet20: one of them is enough here.
-        for (name, factory, _) in ZOO
-            .iter()
-            .filter(|(n, _, _)| !["vision.resnet56", "vision.resnet110"].contains(n))
-        {
+        // The deeper ResNets repeat resnet20's blocks: resnet8 and resnet20 stand for them here.
+        let deep = [
+            "vision.resnet14",
+            "vision.resnet32",
+            "vision.resnet44",
+            "vision.resnet56",
+            "vision.resnet110",
+        ];
+        for (name, factory, _) in ZOO.iter().filter(|(n, _, _)| !deep.contains(n)) {
             let (model, varmap) = build(factory, &data, Config::Null)?;
             let before = named_vars(&varmap)
                 .into_iter()
@@ -1058,7 +1103,7 @@ mod tests {
     #[test]
     fn evaluation_mode_is_deterministic_and_leaves_the_statistics_alone() -> Result<()> {
         let data = info(1, 28, 10);
-        let (model, varmap) = build(&ZOO[2].1, &data, Config::Null)?;
+        let (model, varmap) = build(&zoo("vision.resnet20"), &data, Config::Null)?;
         let x = Tensor::randn(0f32, 1.0, (3, 1, 28, 28), &Device::Cpu)?;
         let inputs = TensorMap::from([(crate::data::IMAGE.to_string(), x)]);
         let stats = || -> Result<Vec<f32>> {
@@ -1092,7 +1137,7 @@ mod tests {
     fn a_bad_dropout_names_the_key() {
         let data = info(3, 32, 10);
         let err = build(
-            &ZOO[5].1,
+            &zoo("vision.wrn-16-2"),
             &data,
             distill_rt::serde_json::json!({"dropout": 1.5}),
         )

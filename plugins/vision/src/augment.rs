@@ -55,6 +55,15 @@ pub struct Geometry {
     pub flip: bool,
 }
 
+impl Geometry {
+    /// The image as it is: no offset, no flip (with no padding).
+    pub const IDENTITY: Geometry = Geometry {
+        dx: 0,
+        dy: 0,
+        flip: false,
+    };
+}
+
 impl Augment {
     /// Checks the values; errors name the key under `owner`.
     pub fn validate(&self, owner: &str) -> Result<()> {

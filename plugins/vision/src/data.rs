@@ -17,7 +17,7 @@ use distill_rt::{
     TaskKind, assets, config,
 };
 
-use crate::augment::{Augment, Shape, crop_flip_normalise};
+use crate::augment::{Augment, Geometry, crop_flip_normalise};
 use crate::images::{Cifar100Labels, Images, load_cifar10, load_cifar100, load_idx};
 
 /// Name of the model input every vision dataset provides.
@@ -121,13 +121,17 @@ impl Dataset for VisionData {
 
     fn batch(&self, split: Split, indices: &[usize], device: &Device) -> Result<Batch> {
         let images = self.checked(split, indices)?;
-        let plane = images.height * images.width;
+        let shape = images.shape();
         let mut pixels = Vec::with_capacity(indices.len() * images.image_len());
         for &i in indices {
-            for (c, chunk) in images.image(i).chunks_exact(plane).enumerate() {
-                let (m, s) = (self.mean[c], self.std[c]);
-                pixels.extend(chunk.iter().map(|&p| (f32::from(p) / 255.0 - m) / s));
-            }
+            crop_flip_normalise(
+                images.image(i),
+                shape,
+                0,
+                Geometry::IDENTITY,
+                (&self.mean, &self.std),
+                &mut pixels,
+            );
         }
         let labels = indices.iter().map(|&i| images.labels[i]).collect();
         self.assemble(images, indices, pixels, labels, None, device)
@@ -146,11 +150,7 @@ impl Dataset for VisionData {
             return self.batch(Split::Train, indices, device);
         }
         let images = self.checked(Split::Train, indices)?;
-        let shape = Shape {
-            channels: images.channels,
-            height: images.height,
-            width: images.width,
-        };
+        let shape = images.shape();
         let mut rngs: Vec<Rng> = indices
             .iter()
             .map(|i| Rng::derive(seed, &format!("augment/{epoch}/{i}")))

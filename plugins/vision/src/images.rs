@@ -1,10 +1,12 @@
 //! Image sets in memory (8-bit pixels, `[n, c, h, w]`) and the files they come from: IDX
-//! (MNIST, Fashion-MNIST; raw or gzip) and the CIFAR-10 binary format.
+//! (MNIST, Fashion-MNIST; raw or gzip) and the CIFAR-10 and CIFAR-100 binary formats.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use distill_rt::{Error, Result};
+
+use crate::augment::Shape;
 
 /// Images with one label each, pixels row-major `[n, channels, height, width]`.
 #[derive(Clone, Debug, Default)]
@@ -25,6 +27,15 @@ impl Images {
     /// Number of images.
     pub fn len(&self) -> usize {
         self.labels.len()
+    }
+
+    /// Channels, height and width of every image.
+    pub fn shape(&self) -> Shape {
+        Shape {
+            channels: self.channels,
+            height: self.height,
+            width: self.width,
+        }
     }
 
     /// Pixels per image.

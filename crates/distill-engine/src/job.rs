@@ -780,10 +780,7 @@ fn run_job_inner(
             } else {
                 sources
                     .iter()
-                    .map(|source| match source {
-                        TeacherSource::Cached(_) if augments => "cache (unaugmented)",
-                        other => other.name(),
-                    })
+                    .map(|source| source.name(augments))
                     .collect::<Vec<_>>()
                     .join(" + ")
             });

@@ -156,9 +156,11 @@ pub enum TeacherSource<'a> {
 }
 
 impl TeacherSource<'_> {
-    /// `cache` or `live`, as job records name it.
-    pub fn name(&self) -> &'static str {
+    /// What job records call it: `live`, `cache`, or `cache (unaugmented)` for a cache read
+    /// while the training batches are augmented (its outputs describe other inputs).
+    pub fn name(&self, augments: bool) -> &'static str {
         match self {
+            TeacherSource::Cached(_) if augments => "cache (unaugmented)",
             TeacherSource::Cached(_) => "cache",
             TeacherSource::Live(_) => "live",
         }

@@ -23,11 +23,12 @@ import torch.nn.functional as F
 ALPHA, T = 0.1, 4.0
 
 
-def kd_loss(s, t, y):
+def kd_loss(s, t, y, alpha=ALPHA, temperature=T):
+    """Hinton's loss as distillery's `kd`: alpha CE + (1 - alpha) T^2 KL(teacher || student)."""
     ce = F.cross_entropy(s, y)
-    kl = F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True,
-                  reduction="batchmean")
-    return ALPHA * ce + (1 - ALPHA) * T * T * kl
+    kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
+                  log_target=True, reduction="batchmean")
+    return alpha * ce + (1 - alpha) * temperature * temperature * kl
 
 
 def ranking_kd_loss(s, t, rel):

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
                                 "tests", "fixtures"))
 from distill_rng import Rng, check as check_port  # noqa: E402  (the split's generator)
+from steps import ALPHA, T, kd_loss  # noqa: E402  (the bench's KD loss and distillery's defaults)
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -186,13 +187,6 @@ def accuracy(model, split, batch=500):
     return hits / len(y)
 
 
-def kd_loss(s, t, y, alpha, temperature):
-    ce = F.cross_entropy(s, y)
-    kl = F.kl_div(F.log_softmax(s / temperature, 1), F.log_softmax(t / temperature, 1),
-                  log_target=True, reduction="batchmean")
-    return alpha * ce + (1 - alpha) * temperature * temperature * kl
-
-
 def fit(model, data, train, seed, strategy=None, teacher=None):
     """AdamW with a cosine schedule per optimizer step; the metric of the best validation epoch
     (the first best) and of the last one."""
@@ -218,7 +212,7 @@ def fit(model, data, train, seed, strategy=None, teacher=None):
                 with torch.no_grad():
                     t = teacher(xb)  # live, in evaluation mode: the student's augmented view
                 c = strategy.get("config", {})
-                loss = kd_loss(logits, t, yb, c.get("alpha", 0.9), c.get("temperature", 4.0))
+                loss = kd_loss(logits, t, yb, c.get("alpha", ALPHA), c.get("temperature", T))
             else:
                 loss = F.cross_entropy(logits, yb)
             optimizer.zero_grad(set_to_none=True)

@@ -64,81 +64,28 @@ enum Arch {
     ShuffleNetV1,
 }
 
+/// The CIFAR ResNets' widths (stem, then the three stages).
+const RESNET: [usize; 4] = [16, 16, 32, 64];
+/// The widths of RepDistiller's four-times-wider `resnet8x4` and `resnet32x4`.
+const RESNET_X4: [usize; 4] = [32, 64, 128, 256];
+
+/// The zoo's CIFAR ResNet of `depth` with `widths`.
+const fn resnet(depth: usize, widths: [usize; 4]) -> ZooFactory {
+    ZooFactory(Arch::ResNet { depth, widths })
+}
+
 /// The zoo: registered name, architecture and the reference's parameter count for 100
 /// classes (PyTorch's `sum(p.numel() for p in model.parameters())`).
 pub const ZOO: [(&str, ZooFactory, u64); 15] = [
-    (
-        "vision.resnet8x4",
-        ZooFactory(Arch::ResNet {
-            depth: 8,
-            widths: [32, 64, 128, 256],
-        }),
-        1_233_540,
-    ),
-    (
-        "vision.resnet32x4",
-        ZooFactory(Arch::ResNet {
-            depth: 32,
-            widths: [32, 64, 128, 256],
-        }),
-        7_433_860,
-    ),
-    (
-        "vision.resnet8",
-        ZooFactory(Arch::ResNet {
-            depth: 8,
-            widths: [16, 16, 32, 64],
-        }),
-        83_892,
-    ),
-    (
-        "vision.resnet14",
-        ZooFactory(Arch::ResNet {
-            depth: 14,
-            widths: [16, 16, 32, 64],
-        }),
-        181_108,
-    ),
-    (
-        "vision.resnet20",
-        ZooFactory(Arch::ResNet {
-            depth: 20,
-            widths: [16, 16, 32, 64],
-        }),
-        278_324,
-    ),
-    (
-        "vision.resnet32",
-        ZooFactory(Arch::ResNet {
-            depth: 32,
-            widths: [16, 16, 32, 64],
-        }),
-        472_756,
-    ),
-    (
-        "vision.resnet44",
-        ZooFactory(Arch::ResNet {
-            depth: 44,
-            widths: [16, 16, 32, 64],
-        }),
-        667_188,
-    ),
-    (
-        "vision.resnet56",
-        ZooFactory(Arch::ResNet {
-            depth: 56,
-            widths: [16, 16, 32, 64],
-        }),
-        861_620,
-    ),
-    (
-        "vision.resnet110",
-        ZooFactory(Arch::ResNet {
-            depth: 110,
-            widths: [16, 16, 32, 64],
-        }),
-        1_736_564,
-    ),
+    ("vision.resnet8x4", resnet(8, RESNET_X4), 1_233_540),
+    ("vision.resnet32x4", resnet(32, RESNET_X4), 7_433_860),
+    ("vision.resnet8", resnet(8, RESNET), 83_892),
+    ("vision.resnet14", resnet(14, RESNET), 181_108),
+    ("vision.resnet20", resnet(20, RESNET), 278_324),
+    ("vision.resnet32", resnet(32, RESNET), 472_756),
+    ("vision.resnet44", resnet(44, RESNET), 667_188),
+    ("vision.resnet56", resnet(56, RESNET), 861_620),
+    ("vision.resnet110", resnet(110, RESNET), 1_736_564),
     (
         "vision.wrn-16-2",
         ZooFactory(Arch::Wrn {

@@ -7,10 +7,10 @@ independently of distillery's code. `experiments/vision.toml` is its subject:
 DIR holds the IDX files (`cargo xtask fetch fashion-mnist` puts them in
 `~/.cache/distillery/data/fashion-mnist`). It reads the file's settings itself (the subset this
 script mirrors: `vision.idx` with `max_train`, `validation_fraction`, `split_seed` and `augment`
-crop and flip; `vision.resnet` and `vision.mlp`; `baseline` and `kd`; AdamW with a cosine
-schedule), so both frameworks run one configuration. The split is distillery's, computed by a
-port of its generator (`tests/fixtures/distill_rng.py`), so both train on the
-same images. Initialisation, shuffling and augmentation draw from PyTorch's generator seeded
+crop and flip; a teacher's `dataset` overrides of them; `vision.resnet` and `vision.mlp`;
+`baseline` and `kd`; AdamW with a cosine schedule), so both frameworks run one
+configuration. The split is distillery's, computed by a port of its generator
+(`tests/fixtures/distill_rng.py`), so both train on the same images. Initialisation, shuffling and augmentation draw from PyTorch's generator seeded
 with the run's seed: the same distributions, other draws.
 
 Prints one JSON line per run and the summary (mean +- std over seeds, kd - baseline paired by
@@ -244,15 +244,19 @@ def main():
     torch.set_num_threads(args.threads)
     with open(args.experiment, "rb") as f:
         exp = tomllib.load(f)
-    data = Data(exp["datasets"][0]["config"], args.data)
+    dataset = exp["datasets"][0]["config"]
+    data = Data(dataset, args.data)
     teacher_entry, student_entry = exp["teachers"][0], exp["students"][0]
+    # The teacher trains on its own view of the dataset (for example more labelled images) and
+    # teaches live on the students' batches, as in distillery.
+    teacher_data = Data({**dataset, **teacher_entry.get("dataset", {})}, args.data)
     seeds = exp["seeds"]
     runs = []
     started = time.time()
     teacher_seed = exp.get("teacher_seed", 0)
-    teacher = build(teacher_entry, data)
+    teacher = build(teacher_entry, teacher_data)
     t0 = time.time()
-    result = fit(teacher, data, merged(exp["train"], teacher_entry), teacher_seed)
+    result = fit(teacher, teacher_data, merged(exp["train"], teacher_entry), teacher_seed)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

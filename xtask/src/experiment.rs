@@ -67,6 +67,11 @@ pub struct TeacherEntry {
     /// Overrides of the shared `train` table.
     #[serde(default)]
     pub train: Value,
+    /// Overrides of the dataset's configuration for this teacher's training, limited to
+    /// [`TEACHER_DATASET_KEYS`]: a teacher trained on more labelled samples, or with other
+    /// augmentation, than its students.
+    #[serde(default)]
+    pub dataset: Value,
     /// Pretrained weights (safetensors) to load instead of training.
     #[serde(default)]
     pub weights: Option<PathBuf>,
@@ -78,6 +83,11 @@ pub struct TeacherEntry {
     #[serde(default = "yes")]
     pub in_grid: bool,
 }
+
+/// The dataset keys a teacher may override: those that change which training samples it sees
+/// and how they are augmented, never the validation and test splits (a teacher trained on its
+/// students' validation or test samples would leak them into their results).
+pub const TEACHER_DATASET_KEYS: [&str; 2] = ["max_train", "augment"];
 
 fn yes() -> bool {
     true
@@ -305,6 +315,23 @@ fn validate(path: &Path, x: &Experiment) -> Result<()> {
         }
     }
     for (i, t) in x.teachers.iter().enumerate() {
+        let key = format!("{file}: key `teachers[{i}].dataset`");
+        match &t.dataset {
+            Value::Null => {}
+            Value::Object(overrides) => {
+                for k in overrides.keys() {
+                    if !TEACHER_DATASET_KEYS.contains(&k.as_str()) {
+                        problems.push(format!(
+                            "{key}: `{k}` cannot differ between a teacher and its students: a \
+                             teacher may override only {} (keys that keep the validation and \
+                             test splits)",
+                            TEACHER_DATASET_KEYS.map(|k| format!("`{k}`")).join(" and ")
+                        ));
+                    }
+                }
+            }
+            _ => problems.push(format!("{key}: must be a table")),
+        }
         if let Some(w) = &t.weights
             && !w.is_file()
         {
@@ -372,6 +399,28 @@ name = "baseline"
             e.contains("key `strategies[0].teachers`") && e.contains("no teacher 0"),
             "{e}"
         );
+        // A teacher may see more training samples than its students, never other splits.
+        let teacher = |overrides: &str| {
+            GOOD.replace(
+                "[[students]]",
+                &format!(
+                    "[[teachers]]\nmodel = \"vision.mlp\"\ndataset = {overrides}\n[[students]]"
+                ),
+            )
+        };
+        let e = err(&teacher("{ max_train = 10, validation_fraction = 0.5 }"));
+        assert!(
+            e.contains("key `teachers[0].dataset`")
+                && e.contains("`validation_fraction` cannot differ")
+                && !e.contains("`max_train` cannot"),
+            "{e}"
+        );
+        let e = err(&teacher("3"));
+        assert!(
+            e.contains("key `teachers[0].dataset`: must be a table"),
+            "{e}"
+        );
+        assert!(load(&write("teacher-data", &teacher("{ max_train = 10 }")), &[]).is_ok());
     }
 
     #[test]

@@ -322,8 +322,8 @@ pub fn plan(x: &Experiment, name: &str, out: &Path, inputs: &PlanInputs<'_>) -> 
     // (dataset index, teacher index) -> the teacher job
     let mut teachers: BTreeMap<(usize, usize), TeacherJob> = BTreeMap::new();
     for (di, d) in x.datasets.iter().enumerate() {
-        let dataset = json!({"name": d.name, "config": table(&d.config)});
         for (ti, t) in x.teachers.iter().enumerate() {
+            let dataset = json!({"name": d.name, "config": merge(&table(&d.config), &t.dataset)});
             let model = json!({"name": t.model, "config": table(&t.config)});
             let job = json!({
                 "kind": "teacher",
@@ -334,7 +334,7 @@ pub fn plan(x: &Experiment, name: &str, out: &Path, inputs: &PlanInputs<'_>) -> 
                 "cache_features": t.cache_features.clone().unwrap_or_else(|| vec!["penultimate".into()]),
                 "weights": t.weights,
             });
-            let origin = origins(&[
+            let mut origin = origins(&[
                 ("dataset", format!("datasets[{di}]")),
                 ("model", format!("teachers[{ti}]")),
                 (
@@ -342,6 +342,9 @@ pub fn plan(x: &Experiment, name: &str, out: &Path, inputs: &PlanInputs<'_>) -> 
                     train_origin(&t.train, &format!("teachers[{ti}].train")),
                 ),
             ]);
+            if t.dataset.as_object().is_some_and(|o| !o.is_empty()) {
+                origin.insert("dataset_override".into(), format!("teachers[{ti}].dataset"));
+            }
             let label = format!("teacher {} on {}", t.model, d.name);
             teachers.insert((di, ti), jobs.teacher(job, origin, label));
         }
@@ -569,6 +572,63 @@ teachers = [0, 1]
             assert_eq!(teachers, 2);
             assert_eq!(j.origin["teacher"], "strategies[1].teachers");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn a_teacher_trains_on_its_own_dataset_overrides_and_its_students_do_not() -> anyhow::Result<()>
+    {
+        let experiment = |overrides: &str| -> anyhow::Result<Vec<PlannedJob>> {
+            let path = std::env::temp_dir().join(format!(
+                "xtask-plan-data-{}-{}.toml",
+                std::process::id(),
+                overrides.len()
+            ));
+            std::fs::write(
+                &path,
+                format!(
+                    r#"
+seeds = [0]
+[[datasets]]
+name = "vision.idx"
+config = {{ data = "fashion-mnist", max_train = 1000, augment = {{ crop_padding = 2, flip = true }} }}
+[[teachers]]
+model = "vision.resnet"
+{overrides}
+[[students]]
+model = "vision.resnet"
+[[strategies]]
+name = "kd"
+"#
+                ),
+            )?;
+            let (x, name) = crate::experiment::load(&path, &[])?;
+            let _ = std::fs::remove_file(&path);
+            let code = CodeIndex::default();
+            let finished = Finished::default();
+            let inputs = PlanInputs {
+                code: &code,
+                finished: &finished,
+                reuse_stale: false,
+            };
+            Ok(plan(&x, &name, Path::new("/out"), &inputs))
+        };
+        let plain = experiment("")?;
+        let more = experiment("dataset = { max_train = 54000, augment = { crop_padding = 4 } }")?;
+        let config = |j: &PlannedJob| j.spec["job"]["dataset"]["config"].clone();
+        assert_eq!(
+            config(&more[0]),
+            json!({"data": "fashion-mnist", "max_train": 54000,
+                   "augment": {"crop_padding": 4, "flip": true}})
+        );
+        assert_eq!(more[0].origin["dataset_override"], "teachers[0].dataset");
+        assert!(!plain[0].origin.contains_key("dataset_override"));
+        // The student's data is the dataset entry's; only its teacher (and so its id) moved.
+        assert_eq!(config(&more[1]), config(&plain[1]));
+        assert_eq!(config(&plain[0]), config(&plain[1]));
+        assert_ne!(more[0].id, plain[0].id);
+        assert_ne!(more[1].id, plain[1].id);
+        assert_eq!(more[1].depends_on, [more[0].id.clone()]);
         Ok(())
     }
 

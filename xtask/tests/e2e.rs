@@ -885,6 +885,16 @@ fn malformed_experiments_fail_before_training_naming_file_and_key() -> Result<()
         ("bad-optimizer", format!("{}{baseline}", SMALL.replace("epochs = 1", "epochs = 1\noptimizer = { name = \"adam\", lr = 0.1 }")), "optimizer"),
         ("empty-sweep", format!("{SMALL}[[strategies]]\nname = \"kd\"\ngrid = {{ alpha = [] }}\n"), "grid.alpha"),
         ("kd-without-teacher", format!("{SMALL}[[strategies]]\nname = \"kd\"\n"), "needs a teacher"),
+        (
+            "teacher-dataset-override",
+            format!("{SMALL}[[strategies]]\nname = \"kd\"\n[[teachers]]\nmodel = \"vision.mlp\"\ndataset = {{ augment = {{ crop_padding = -1 }} }}\n"),
+            "teachers[0].dataset.augment",
+        ),
+        (
+            "teacher-dataset-split",
+            format!("{SMALL}[[strategies]]\nname = \"kd\"\n[[teachers]]\nmodel = \"vision.mlp\"\ndataset = {{ test = 64 }}\n"),
+            "teachers[0].dataset",
+        ),
         ("not-toml", "seeds = [0\n".to_string(), "seeds"),
     ];
     for (name, content, key) in &cases {

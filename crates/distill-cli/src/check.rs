@@ -28,7 +28,8 @@ pub struct Plan {
 pub struct PlanEntry {
     /// The job file's content.
     pub spec: serde_json::Value,
-    /// Part (`dataset`, `model`, `strategy`, `teacher`, `train`) -> key in the experiment file.
+    /// Part (`dataset`, `model`, `strategy`, `teacher`, `train`) -> key in the experiment file;
+    /// `dataset_override` names a teacher's overrides of its dataset's configuration.
     pub origin: BTreeMap<String, String>,
 }
 
@@ -40,6 +41,15 @@ fn locate(file: &str, origin: &BTreeMap<String, String>, part: &str, e: &Error) 
         .unwrap_or_else(|| part.to_string());
     match e {
         Error::Config { key, .. } if part == "train" => format!("{file}: key `{base}.{key}`: {e}"),
+        Error::Config { key, .. }
+            if part == "dataset" && origin.contains_key("dataset_override") =>
+        {
+            format!(
+                "{file}: key `{base}.config.{key}` (or `{}.{key}`, which overrides it for this \
+                 teacher): {e}",
+                origin["dataset_override"]
+            )
+        }
         Error::Config { key, .. } => format!("{file}: key `{base}.config.{key}`: {e}"),
         Error::Unknown { .. } => format!("{file}: key `{base}`: {e}"),
         _ => format!("{file}: `{base}`: {e}"),

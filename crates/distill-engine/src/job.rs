@@ -505,16 +505,21 @@ fn load_teacher(
 }
 
 /// The teacher job's cache in `dir` when it holds `features` for all `n_train` training samples
-/// (a student that teaches the next born-again generation leaves weights and no cache).
+/// of `dataset` (a student that teaches the next born-again generation leaves weights and no
+/// cache; a teacher trained on another configuration of the dataset, more labelled samples for
+/// example, cached the outputs of its own training samples).
 fn usable_cache(
     record: &JobRecord,
     dir: &Path,
+    dataset: &Component,
     features: &[String],
     n_train: usize,
     device: &Device,
 ) -> Result<Option<TeacherCache>> {
     let path = dir.join(CACHE_FILE);
-    if !path.is_file() {
+    let same_samples =
+        record.dataset == dataset.name && record.params.get("dataset") == Some(&dataset.config);
+    if !same_samples || !path.is_file() {
         return Ok(None);
     }
     verify_file(record, dir, CACHE_FILE)?;
@@ -745,6 +750,7 @@ fn run_job_inner(
                     let cache = usable_cache(
                         &teacher_models[i].1,
                         &t.dir,
+                        dataset,
                         &needs.of_teacher(i, teachers.len()),
                         n_train,
                         device,
@@ -754,8 +760,9 @@ fn run_job_inner(
                             "train",
                             "teacher_outputs",
                             format!(
-                                "is `cache`, and teacher job {} has no cache with the outputs \
-                                 strategy `{}` reads",
+                                "is `cache`, and teacher job {} has no cache of this job's \
+                                 training samples with the outputs strategy `{}` reads (a \
+                                 teacher trained on other dataset settings runs live)",
                                 teacher_models[i].1.id, strategy.name
                             ),
                         ));
@@ -941,6 +948,41 @@ mod tests {
         assert_ne!(
             s2.epochs, s.epochs,
             "the second teacher changes the matched logits"
+        );
+
+        // A teacher trained on other settings of the dataset (as many samples: the toy ignores
+        // the key) cached its own training samples' outputs: its students run it live, and
+        // asking for the cache is an error that says why.
+        let mut other = teacher_spec.clone();
+        other.id = "t3".into();
+        other.out_dir = root.join("t3");
+        if let Job::Teacher { dataset, .. } = &mut other.job {
+            dataset.config = serde_json::json!({"max_train": 400});
+        }
+        let t3 = run_job(&r, &other, &Device::Cpu);
+        assert_eq!((t3.status, t3.error.as_deref()), (Status::Ok, None));
+        write_json_atomic(&root.join("t3").join(RECORD_FILE), &t3)?;
+        let mut taught = student_spec.clone();
+        taught.out_dir = root.join("s3");
+        if let Job::Student { teachers, .. } = &mut taught.job {
+            teachers[0].dir = root.join("t3");
+        }
+        let s3 = run_job(&r, &taught, &Device::Cpu);
+        assert_eq!((s3.status, s3.error.as_deref()), (Status::Ok, None));
+        assert_eq!(s3.teacher_outputs.as_deref(), Some("live"));
+        if let Job::Student { train, .. } = &mut taught.job {
+            train.teacher_outputs = TeacherOutputs::Cache;
+        }
+        let refused = run_job(&r, &taught, &Device::Cpu);
+        assert_eq!(refused.status, Status::Failed);
+        assert!(
+            refused
+                .error
+                .as_deref()
+                .unwrap_or("")
+                .contains("a teacher trained on other dataset settings runs live"),
+            "{:?}",
+            refused.error
         );
         let _ = std::fs::remove_dir_all(&root);
         Ok(())

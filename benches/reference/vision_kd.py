@@ -8,7 +8,7 @@ DIR holds the IDX files (`cargo xtask fetch fashion-mnist` puts them in
 `~/.cache/distillery/data/fashion-mnist`). It reads the file's settings itself (the subset this
 script mirrors: `vision.idx` with `max_train`, `validation_fraction`, `split_seed` and `augment`
 crop and flip; a teacher's `dataset` overrides of them; `vision.resnet` and `vision.mlp`;
-`baseline` and `kd`; AdamW with a cosine schedule), so both frameworks run one
+`baseline` and `kd`; AdamW with a cosine schedule; `eval_every`), so both frameworks run one
 configuration. The split is distillery's, computed by a port of its generator
 (`tests/fixtures/distill_rng.py`), so both train on the same images. Initialisation, shuffling and augmentation draw from PyTorch's generator seeded
 with the run's seed: the same distributions, other draws.
@@ -189,7 +189,7 @@ def accuracy(model, split, batch=500):
 
 def fit(model, data, train, seed, strategy=None, teacher=None):
     """AdamW with a cosine schedule per optimizer step; the metric of the best validation epoch
-    (the first best) and of the last one."""
+    (the first best among those evaluated, every `eval_every` and the last) and of the last one."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 1)
     opt = train["optimizer"]
@@ -219,6 +219,8 @@ def fit(model, data, train, seed, strategy=None, teacher=None):
             loss.backward()
             optimizer.step()
             step += 1
+        if (epoch + 1) % train.get("eval_every", 1) and epoch + 1 != train["epochs"]:
+            continue  # distillery's `eval_every`: not evaluated
         val = accuracy(model, data.val)
         test = accuracy(model, data.test)
         if val > best[0]:

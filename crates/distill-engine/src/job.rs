@@ -560,8 +560,9 @@ fn record_outcome(record: &mut JobRecord, outcome: crate::train::Outcome) {
     }
     record.final_metric = outcome
         .epochs
-        .last()
-        .and_then(|e| metric(&e.test, &primary));
+        .iter()
+        .rev()
+        .find_map(|e| metric(&e.test, &primary));
     record.epochs_run = outcome.epochs.len();
     record.epochs = outcome.epochs;
     record.stop = Some(outcome.stop);

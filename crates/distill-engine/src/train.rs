@@ -1,6 +1,6 @@
 //! The training loop shared by every task and strategy: seeded shuffling, one optimizer step per
-//! batch, NaN/inf detection, evaluation after every epoch, early stopping by patience and by the
-//! student-teacher gap.
+//! batch, NaN/inf detection, evaluation after every epoch (or every `eval_every`), early stopping
+//! by patience and by the student-teacher gap.
 
 use std::time::Instant;
 
@@ -27,6 +27,9 @@ pub struct TrainConfig {
     pub batch_size: usize,
     /// Samples per evaluation batch.
     pub eval_batch_size: usize,
+    /// Evaluate on the validation and test splits every this many epochs and after the last
+    /// (1: every epoch); the other epochs record their training losses only.
+    pub eval_every: usize,
     /// Optimizer and its hyper-parameters.
     pub optimizer: OptimizerConfig,
     /// Learning-rate schedule.
@@ -64,6 +67,7 @@ impl Default for TrainConfig {
             epochs: 10,
             batch_size: 64,
             eval_batch_size: 256,
+            eval_every: 1,
             optimizer: OptimizerConfig::default(),
             schedule: Schedule::default(),
             patience: None,
@@ -81,6 +85,7 @@ impl TrainConfig {
             ("epochs", self.epochs),
             ("batch_size", self.batch_size),
             ("eval_batch_size", self.eval_batch_size),
+            ("eval_every", self.eval_every),
         ] {
             if v == 0 {
                 return Err(Error::config("train", key, "must be > 0"));
@@ -373,6 +378,22 @@ pub fn fit(inputs: FitInputs<'_>, config: &TrainConfig) -> Result<Outcome> {
             .into_iter()
             .map(|(k, s)| (k, s / n_train as f64))
             .collect();
+        if (epoch + 1) % config.eval_every != 0 && epoch + 1 != config.epochs {
+            tracing::info!(
+                epoch,
+                lr,
+                seconds = started.elapsed().as_secs_f64(),
+                "epoch done (not evaluated)"
+            );
+            epochs.push(EpochRecord {
+                epoch,
+                lr,
+                train,
+                validation: Metrics::new(),
+                test: Metrics::new(),
+            });
+            continue;
+        }
         let validation = evaluate(
             dataset,
             model,
@@ -596,6 +617,44 @@ mod tests {
         gap.gap_tolerance = Some(0.05);
         let out = run(1, &mut Supervised, &gap, Some(0.5))?;
         assert_eq!((out.stop, out.epochs.len()), (StopReason::GapReached, 1));
+        Ok(())
+    }
+
+    #[test]
+    fn eval_every_evaluates_those_epochs_and_the_last_and_changes_no_training() -> Result<()> {
+        let every = run(1, &mut Supervised, &config(5), None)?;
+        let mut sparse = config(5);
+        sparse.eval_every = 2;
+        let out = run(1, &mut Supervised, &sparse, None)?;
+        let evaluated: Vec<usize> = out
+            .epochs
+            .iter()
+            .filter(|e| !e.validation.is_empty() && !e.test.is_empty())
+            .map(|e| e.epoch)
+            .collect();
+        assert_eq!(evaluated, [1, 3, 4]);
+        for (a, b) in every.epochs.iter().zip(&out.epochs) {
+            assert_eq!((a.epoch, a.lr, &a.train), (b.epoch, b.lr, &b.train));
+            if evaluated.contains(&b.epoch) {
+                assert_eq!((&a.validation, &a.test), (&b.validation, &b.test));
+            }
+        }
+        // The best epoch is the best of the evaluated ones.
+        let best = |o: &Outcome, among: &[usize]| {
+            among.iter().copied().max_by(|x, y| {
+                let v = |e: usize| metric(&o.epochs[e].validation, "accuracy").unwrap_or(0.0);
+                v(*x).total_cmp(&v(*y)).then(y.cmp(x))
+            })
+        };
+        assert_eq!(out.best_epoch, best(&every, &evaluated));
+        assert!(
+            TrainConfig {
+                eval_every: 0,
+                ..Default::default()
+            }
+            .validate()
+            .is_err()
+        );
         Ok(())
     }
 

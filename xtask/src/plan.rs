@@ -520,11 +520,29 @@ mod tests {
         assert_eq!(grid_points(&BTreeMap::new()), vec![json!({})]);
     }
 
+    /// The plan of experiment file `text` (written as `<name>.toml` in the temporary folder)
+    /// with no finished jobs and default code versions.
+    fn plan_text(name: &str, text: &str) -> anyhow::Result<Vec<PlannedJob>> {
+        let path =
+            std::env::temp_dir().join(format!("xtask-plan-{name}-{}.toml", std::process::id()));
+        std::fs::write(&path, text)?;
+        let loaded = crate::experiment::load(&path, &[]);
+        let _ = std::fs::remove_file(&path);
+        let (x, name) = loaded?;
+        let code = CodeIndex::default();
+        let finished = Finished::default();
+        let inputs = PlanInputs {
+            code: &code,
+            finished: &finished,
+            reuse_stale: false,
+        };
+        Ok(plan(&x, &name, Path::new("/out"), &inputs))
+    }
+
     #[test]
     fn teachers_named_on_an_entry_teach_together() -> anyhow::Result<()> {
-        let path = std::env::temp_dir().join(format!("xtask-plan-{}.toml", std::process::id()));
-        std::fs::write(
-            &path,
+        let jobs = plan_text(
+            "together",
             r#"
 seeds = [0, 1]
 [[datasets]]
@@ -543,16 +561,6 @@ name = "multi-teacher"
 teachers = [0, 1]
 "#,
         )?;
-        let (x, name) = crate::experiment::load(&path, &[])?;
-        let code = CodeIndex::default();
-        let finished = Finished::default();
-        let inputs = PlanInputs {
-            code: &code,
-            finished: &finished,
-            reuse_stale: false,
-        };
-        let jobs = plan(&x, &name, Path::new("/out"), &inputs);
-        let _ = std::fs::remove_file(&path);
         let (t0, t1) = (&jobs[0].id, &jobs[1].id);
         // The second teacher only teaches the entry that names it.
         let kd: Vec<&PlannedJob> = jobs
@@ -579,14 +587,9 @@ teachers = [0, 1]
     fn a_teacher_trains_on_its_own_dataset_overrides_and_its_students_do_not() -> anyhow::Result<()>
     {
         let experiment = |overrides: &str| -> anyhow::Result<Vec<PlannedJob>> {
-            let path = std::env::temp_dir().join(format!(
-                "xtask-plan-data-{}-{}.toml",
-                std::process::id(),
-                overrides.len()
-            ));
-            std::fs::write(
-                &path,
-                format!(
+            plan_text(
+                "teacher-data",
+                &format!(
                     r#"
 seeds = [0]
 [[datasets]]
@@ -601,17 +604,7 @@ model = "vision.resnet"
 name = "kd"
 "#
                 ),
-            )?;
-            let (x, name) = crate::experiment::load(&path, &[])?;
-            let _ = std::fs::remove_file(&path);
-            let code = CodeIndex::default();
-            let finished = Finished::default();
-            let inputs = PlanInputs {
-                code: &code,
-                finished: &finished,
-                reuse_stale: false,
-            };
-            Ok(plan(&x, &name, Path::new("/out"), &inputs))
+            )
         };
         let plain = experiment("")?;
         let more = experiment("dataset = { max_train = 54000, augment = { crop_padding = 4 } }")?;

@@ -378,35 +378,30 @@ pub fn fit(inputs: FitInputs<'_>, config: &TrainConfig) -> Result<Outcome> {
             .into_iter()
             .map(|(k, s)| (k, s / n_train as f64))
             .collect();
-        if (epoch + 1) % config.eval_every != 0 && epoch + 1 != config.epochs {
-            tracing::info!(
-                epoch,
-                lr,
-                seconds = started.elapsed().as_secs_f64(),
-                "epoch done (not evaluated)"
-            );
-            epochs.push(EpochRecord {
-                epoch,
-                lr,
-                train,
-                validation: Metrics::new(),
-                test: Metrics::new(),
-            });
-            continue;
-        }
-        let validation = evaluate(
-            dataset,
-            model,
-            Split::Validation,
-            config.eval_batch_size,
-            device,
-        )?;
-        let test = evaluate(dataset, model, Split::Test, config.eval_batch_size, device)?;
-        let val = metric(&validation, &primary).ok_or_else(|| {
-            Error::Invalid(format!(
-                "the dataset's metrics lack its primary metric `{primary}`"
-            ))
-        })?;
+        let evaluated = (epoch + 1) % config.eval_every == 0 || epoch + 1 == config.epochs;
+        let (validation, test) = if evaluated {
+            (
+                evaluate(
+                    dataset,
+                    model,
+                    Split::Validation,
+                    config.eval_batch_size,
+                    device,
+                )?,
+                evaluate(dataset, model, Split::Test, config.eval_batch_size, device)?,
+            )
+        } else {
+            (Metrics::new(), Metrics::new())
+        };
+        let val = if evaluated {
+            Some(metric(&validation, &primary).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "the dataset's metrics lack its primary metric `{primary}`"
+                ))
+            })?)
+        } else {
+            None
+        };
         tracing::info!(
             epoch,
             lr,
@@ -421,6 +416,9 @@ pub fn fit(inputs: FitInputs<'_>, config: &TrainConfig) -> Result<Outcome> {
             validation,
             test,
         });
+        let Some(val) = val else {
+            continue; // not evaluated: nothing to compare or stop on
+        };
         if val > best_value {
             (best_epoch, best_value) = (Some(epoch), val);
         }

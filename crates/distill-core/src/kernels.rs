@@ -1534,6 +1534,43 @@ mod tests {
         Ok(())
     }
 
+    /// The kernels that add partial sums (a convolution's weight gradient over the batch, the
+    /// KL divergence over rows) give the same bits on pools of 1, 2, 3 and 8 threads: a job
+    /// computes the same numbers whichever executor runs it with however many threads.
+    #[test]
+    fn parallel_sums_do_not_depend_on_the_pool_size() -> Result<()> {
+        let run = |threads: usize| -> Result<Vec<Vec<f32>>> {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .map_err(|e| Error::Invalid(e.to_string()))?;
+            pool.install(|| {
+                let f32s = |t: Tensor| t.to_dtype(candle_core::DType::F32);
+                let x = Var::from_tensor(&f32s(seq(&[37, 3, 9, 9], 1.0)?)?)?;
+                let w = Var::from_tensor(&f32s(seq(&[8, 3, 3, 3], 0.5)?)?)?;
+                let b = Var::from_tensor(&f32s(seq(&[8], 0.3)?)?)?;
+                let y = conv2d(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1, 1)?;
+                let grads = y.sqr()?.sum_all()?.backward()?;
+                let s = f32s(seq(&[300, 97], 3.0)?)?;
+                let t = f32s(seq(&[300, 97], 2.0)?.sqr()?)?;
+                let kl = kl_batchmean(&s, &t, 4.0)?;
+                let mut out = vec![kl.flatten_all()?.to_vec1::<f32>()?];
+                for v in [&x, &w, &b] {
+                    let g = grads
+                        .get(v.as_tensor())
+                        .ok_or_else(|| Error::Invalid("no gradient".into()))?;
+                    out.push(g.flatten_all()?.to_vec1::<f32>()?);
+                }
+                Ok(out)
+            })
+        };
+        let one = run(1)?;
+        for threads in [2, 3, 8] {
+            assert!(run(threads)? == one, "{threads} threads differ from 1");
+        }
+        Ok(())
+    }
+
     /// Rectangular kernels (a 1 x k convolution over time, as TextCNN's) equal candle's too.
     #[test]
     fn conv2d_with_a_rectangular_kernel_equals_candle() -> Result<()> {

@@ -12,6 +12,10 @@ use super::matmul::{Threads, matmul_into};
 use super::{Real, add_vectors, contiguous, same_float};
 use crate::{Error, Result};
 
+/// Runs of images the backward pass splits a batch into, whatever the pool's size: enough to
+/// keep 16 threads busy, few enough that each run's scratch buffers are allocated once.
+const GRAD_TASKS: usize = 16;
+
 /// A `kh x kw` convolution with zero `padding` and `stride` on `(x, weight, bias)`.
 #[derive(Clone, Copy)]
 struct Conv2d {
@@ -244,10 +248,11 @@ impl Conv2d {
             }
             (acc, cols, dcols)
         };
-        // A few tasks per thread: each task's buffers are allocated once. Tasks are fixed
-        // runs of images and their partial sums are added in task order, so the gradient does
-        // not depend on how the pool happened to schedule them.
-        let per_task = d.b.div_ceil(4 * rayon::current_num_threads()).max(1);
+        // Tasks are fixed runs of images (each task's buffers are allocated once) whose
+        // partial sums are added in task order, and their number does not depend on the
+        // pool's size: the gradient is the same however many threads run it, and however the
+        // pool schedules them.
+        let per_task = d.b.div_ceil(GRAD_TASKS).max(1);
         let tasks: Vec<Vec<T>> = if input_grad {
             dx.par_chunks_mut(d.image() * per_task)
                 .enumerate()

@@ -50,6 +50,9 @@ impl KlBatchMean {
                 }
                 acc
             })
+            .collect::<Vec<f64>>()
+            // Added in chunk order: the same sum whatever the pool's size.
+            .into_iter()
             .sum();
         T::from_f64(total / (s.len() / classes.max(1)).max(1) as f64)
     }

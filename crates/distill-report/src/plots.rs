@@ -619,6 +619,10 @@ pub fn write_plots(dir: &Path, records: &[JobRecord], metric: &str) -> Result<Ve
                 teacher: false,
             });
         }
+        // Nothing finished with a metric (every run failed): no axes to draw.
+        if points.is_empty() {
+            continue;
+        }
         let pareto = Pareto {
             title: format!("{dataset}: test {metric} against parameters"),
             metric: metric.to_string(),
@@ -760,6 +764,29 @@ mod tests {
             .map(|p| p.label.as_str())
             .collect();
         assert_eq!(front, ["c", "b", "e"]);
+    }
+
+    /// A grid in which nothing finished with a metric (a diverged teacher, its students
+    /// skipped) draws no Pareto plot instead of an axis from infinity (where plotters' log
+    /// scale never ends its ticks).
+    #[test]
+    fn a_grid_without_any_metric_has_no_pareto_plot() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("distill-plots-none-{}", std::process::id()));
+        let mut failed = records(0.7);
+        for r in &mut failed {
+            r.status = Status::Failed;
+            r.best_metric = None;
+            r.epochs.clear();
+        }
+        let plots = write_plots(&dir, &failed, "accuracy")?;
+        assert!(
+            plots
+                .iter()
+                .all(|p| !p.svg.to_string_lossy().contains("pareto")),
+            "{plots:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
     }
 
     #[test]

@@ -1317,7 +1317,8 @@ fn a_full_disk_fails_the_job_with_a_message_and_keeps_earlier_results() -> Resul
     };
     // Room for the weights and the record, not for the teacher cache.
     let (done, job_dir) = limited(24, "cache-full")?;
-    assert!(done.status.success(), "{}", text(&done));
+    // The worker wrote its failed record: exit code 1.
+    assert_eq!(done.status.code(), Some(1), "{}", text(&done));
     let record: serde_json::Value =
         serde_json::from_slice(&std::fs::read(job_dir.join("record.json"))?)?;
     let error = record["error"].as_str().unwrap_or_default();

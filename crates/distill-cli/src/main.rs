@@ -6,11 +6,12 @@ mod check;
 mod loss;
 
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use distill_engine::job::{
-    CodeVersions, ENGINE_VERSION, Job, JobSpec, RECORD_FILE, empty_record, run_job,
+    CodeVersions, ENGINE_VERSION, Job, JobSpec, RECORD_FILE, Status, empty_record, run_job,
     write_json_atomic,
 };
 use distill_host::{PluginHost, load_cblas_from_env, workspace_plugins};
@@ -99,7 +100,9 @@ enum Command {
     /// Prints, as JSON, the code version of the engine and of the plugin behind every
     /// registered dataset, model and strategy (what job identities include).
     CodeVersions,
-    /// Runs one planned job (a JSON job file) and writes `record.json` in its output folder.
+    /// Runs one planned job (a JSON job file) and writes `record.json` in its output folder;
+    /// exits 0 when the record says `ok`, 1 when `failed`, 2 when `diverged` (so that a scheduler
+    /// such as Slurm sees the job fail, and does not start the jobs it taught).
     RunJob {
         /// The job file.
         job: PathBuf,
@@ -124,7 +127,7 @@ enum Command {
     },
 }
 
-fn main() -> Result<()> {
+fn main() -> Result<ExitCode> {
     let cli = Cli::parse();
     // A job's spec is read before anything else, so that its log goes into its folder.
     let job = match &cli.command {
@@ -168,13 +171,20 @@ fn main() -> Result<()> {
         Command::Plugins { json } => list(&host, json),
         Command::CodeVersions => code_versions(&host),
         Command::RunJob { .. } => match job {
-            Some(spec) => run(&host, &spec),
+            Some(spec) => {
+                return Ok(match run(&host, &spec)? {
+                    Status::Ok => ExitCode::SUCCESS,
+                    Status::Failed => ExitCode::from(1),
+                    Status::Diverged => ExitCode::from(2),
+                });
+            }
             None => bail!("run-job without its job spec"),
         },
         Command::Check { plan } => check_plan(&host, &plan),
         Command::Report { dir, git_revision } => report(&dir, &git_revision),
         Command::Loss(args) => loss::run(host.registrar(), &args),
-    }
+    }?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn check_plan(host: &PluginHost, plan: &Path) -> Result<()> {
@@ -231,6 +241,8 @@ fn report(dir: &Path, git_revision: &str) -> Result<()> {
         .with_context(|| format!("collecting {}", dir.display()))?;
     let mut context = distill_report::TableContext {
         git_revision: git_revision.into(),
+        slurm: distill_report::collect_slurm(&dir.join("jobs"))
+            .with_context(|| format!("collecting {}", dir.display()))?,
         ..Default::default()
     };
     // Jobs left from an earlier version of the experiment, or computed by other code, stay on
@@ -426,7 +438,8 @@ fn current_code(host: &PluginHost, job: &Job) -> Option<CodeVersions> {
     })
 }
 
-fn run(host: &PluginHost, spec: &JobSpec) -> Result<()> {
+/// Runs the job and writes its record; returns how it ended.
+fn run(host: &PluginHost, spec: &JobSpec) -> Result<Status> {
     let code = current_code(host, &spec.job);
     let record = match (&spec.code, &code) {
         (Some(planned), Some(built)) if planned != built => {
@@ -446,5 +459,5 @@ fn run(host: &PluginHost, spec: &JobSpec) -> Result<()> {
     };
     let path = spec.out_dir.join(RECORD_FILE);
     write_json_atomic(&path, &record).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    Ok(record.status)
 }

@@ -125,14 +125,17 @@ fn run_job_refuses_a_job_planned_for_other_code() -> Result<(), Box<dyn std::err
         let job = dir.join(format!("{name}.json"));
         std::fs::write(&job, serde_json::to_vec(&spec)?)?;
         let done = distill().arg("run-job").arg(&job).output()?;
-        assert!(
-            done.status.success(),
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out_dir.join("record.json"))?)?;
+        // The exit code follows the record: 0 for ok, 1 for failed (what a scheduler reads).
+        let want = if record["status"] == "ok" { 0 } else { 1 };
+        assert_eq!(
+            done.status.code(),
+            Some(want),
             "{}",
             String::from_utf8_lossy(&done.stderr)
         );
-        Ok(serde_json::from_slice(&std::fs::read(
-            out_dir.join("record.json"),
-        )?)?)
+        Ok(record)
     };
     let mut other = code.clone();
     other["strategy"] = "strategies:0000000000000000".into();

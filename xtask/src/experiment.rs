@@ -26,9 +26,16 @@ pub struct Experiment {
     /// Workers run at the same time (`--jobs` overrides).
     #[serde(default)]
     pub jobs: Option<usize>,
-    /// A worker running longer than this is stopped and its job marked failed.
+    /// A worker running longer than this is stopped and its job marked failed (under Slurm:
+    /// the jobs' time limit, unless `slurm.time` sets one).
     #[serde(default)]
     pub timeout_minutes: Option<f64>,
+    /// Where the jobs run: `local` (the default) or `slurm` (`--executor` overrides).
+    #[serde(default)]
+    pub executor: Option<Executor>,
+    /// What every `sbatch` asks for when the jobs run on Slurm.
+    #[serde(default)]
+    pub slurm: crate::slurm::SlurmConfig,
     /// Training settings shared by teachers and students (a `train` table in an entry overrides
     /// keys of it).
     #[serde(default)]
@@ -42,6 +49,16 @@ pub struct Experiment {
     pub students: Vec<StudentEntry>,
     /// The strategies of the grid.
     pub strategies: Vec<StrategyEntry>,
+}
+
+/// Where the jobs of a run execute.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Executor {
+    /// Worker processes on this machine, `jobs` at a time.
+    Local,
+    /// Job arrays submitted to Slurm with `sbatch` (`[slurm]` table; docs/cluster.md).
+    Slurm,
 }
 
 /// `[[datasets]]`.
@@ -243,6 +260,7 @@ fn validate(path: &Path, x: &Experiment) -> Result<()> {
             ));
         }
     }
+    problems.extend(x.slurm.problems(&file.to_string()));
     if x.jobs == Some(0) {
         problems.push(format!("{file}: key `jobs`: must be at least 1"));
     }

@@ -10,6 +10,7 @@ mod record;
 mod results;
 mod runner;
 mod scaffold;
+mod slurm;
 mod testenv;
 
 use std::path::{Path, PathBuf};
@@ -62,6 +63,30 @@ enum Task {
         /// `stale` and the summary counts them.
         #[arg(long)]
         reuse_stale: bool,
+        /// Where the jobs run: `local` worker processes (default), or `slurm` job arrays
+        /// submitted with sbatch (the file's `[slurm]` table; docs/cluster.md). Default: the
+        /// file's `executor`, else local.
+        #[arg(long, value_enum)]
+        executor: Option<experiment::Executor>,
+        /// With the Slurm executor: submit, then return without waiting (`cargo xtask status
+        /// FILE` watches, `cargo xtask report` writes the tables).
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Shows where every job of an experiment stands: finished, running or pending in Slurm
+    /// (with its Slurm job id and state), failed, or not submitted.
+    Status {
+        /// The experiment file (TOML).
+        experiment: PathBuf,
+        /// Overrides a key of the file, as for `run`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Folder of the results (default: `reports/<name>`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Skip `cargo build` (the workspace is already built).
+        #[arg(long)]
+        no_build: bool,
     },
     /// Times one training step of every model family (`tests/src/steps.rs`), each in its own
     /// process; with `--compare`, alternately with the PyTorch reference
@@ -152,6 +177,8 @@ fn main() -> Result<()> {
             dry_run,
             log_format,
             reuse_stale,
+            executor,
+            detach,
         } => {
             let opts = RunFlags {
                 jobs,
@@ -160,8 +187,33 @@ fn main() -> Result<()> {
                 dry_run,
                 log_format,
                 reuse_stale,
+                executor,
+                detach,
             };
             run_experiment(&experiment, &sets, opts)
+        }
+        Task::Status {
+            experiment,
+            sets,
+            out,
+            no_build,
+        } => {
+            let (x, name) = experiment::load(&experiment, &sets)?;
+            let out = results_folder(out, &name)?;
+            if !no_build {
+                build_workspace()?;
+            }
+            let distill = distill()?;
+            let code = code_versions(&distill)?;
+            let finished = plan::Finished::scan(&out.join("jobs"));
+            let inputs = plan::PlanInputs {
+                code: &code,
+                finished: &finished,
+                reuse_stale: false,
+            };
+            let planned = plan::plan(&x, &name, &out, &inputs);
+            println!("{name}: {}", slurm::status(&planned, &out)?);
+            Ok(())
         }
         Task::NewPlugin { kind, name } => {
             let root = workspace_root()?;
@@ -232,6 +284,10 @@ fn main() -> Result<()> {
         Task::Report { dir } => {
             build_workspace()?;
             let _lock = results::lock(&dir)?;
+            // Jobs a detached Slurm run left: record how Slurm ended them.
+            if let Err(e) = slurm::settle_all(&dir) {
+                eprintln!("warning: could not ask Slurm how its jobs ended: {e:#}");
+            }
             report(&distill()?, &dir)
         }
     }
@@ -245,6 +301,8 @@ struct RunFlags {
     dry_run: bool,
     log_format: String,
     reuse_stale: bool,
+    executor: Option<experiment::Executor>,
+    detach: bool,
 }
 
 fn run_experiment(file: &Path, sets: &[String], flags: RunFlags) -> Result<()> {
@@ -255,12 +313,17 @@ fn run_experiment(file: &Path, sets: &[String], flags: RunFlags) -> Result<()> {
         dry_run,
         log_format,
         reuse_stale,
+        executor,
+        detach,
     } = flags;
     let (x, name) = experiment::load(file, sets)?;
-    let out = match out {
-        Some(out) => results::folder(&out)?,
-        None => results::named(Path::new("reports"), &name)?,
-    };
+    let executor = executor
+        .or(x.executor)
+        .unwrap_or(experiment::Executor::Local);
+    if detach && executor != experiment::Executor::Slurm {
+        bail!("--detach needs the Slurm executor (--executor slurm): local jobs end with the run");
+    }
+    let out = results_folder(out, &name)?;
     let _lock = results::lock(&out)?;
     if !no_build {
         build_workspace()?;
@@ -282,10 +345,17 @@ fn run_experiment(file: &Path, sets: &[String], flags: RunFlags) -> Result<()> {
         .iter()
         .filter(|j| j.spec["job"]["kind"] == "teacher")
         .count();
-    eprintln!(
-        "{name}: {} jobs ({teachers} teachers), {workers} at a time sharing {cores} cores",
-        planned.len()
-    );
+    match executor {
+        experiment::Executor::Local => eprintln!(
+            "{name}: {} jobs ({teachers} teachers), {workers} at a time sharing {cores} cores",
+            planned.len()
+        ),
+        experiment::Executor::Slurm => eprintln!(
+            "{name}: {} jobs ({teachers} teachers) for Slurm, {} CPUs each",
+            planned.len(),
+            x.slurm.cpus_per_task
+        ),
+    }
     let stale = planned.iter().filter(|j| j.stale).count();
     let outdated = planned
         .iter()
@@ -331,19 +401,47 @@ fn run_experiment(file: &Path, sets: &[String], flags: RunFlags) -> Result<()> {
         );
         return Ok(());
     }
-    let opts = runner::RunOptions {
-        jobs: workers,
-        timeout: x.timeout_minutes.map(|m| Duration::from_secs_f64(m * 60.0)),
-        distill: distill.clone(),
-        cores,
-        log_format,
+    let counts = match executor {
+        experiment::Executor::Local => {
+            let opts = runner::RunOptions {
+                jobs: workers,
+                timeout: x.timeout_minutes.map(|m| Duration::from_secs_f64(m * 60.0)),
+                distill: distill.clone(),
+                cores,
+                log_format,
+            };
+            runner::run(&planned, &opts)?
+        }
+        experiment::Executor::Slurm => {
+            let opts = slurm::SlurmOptions {
+                config: &x.slurm,
+                experiment: &name,
+                out: &out,
+                distill: &distill,
+                log_format: &log_format,
+                timeout_minutes: x.timeout_minutes,
+                detach,
+            };
+            let counts = slurm::run(&planned, &opts)?;
+            if detach {
+                return Ok(());
+            }
+            counts
+        }
     };
-    let counts = runner::run(&planned, &opts)?;
     eprintln!(
         "ran {} jobs, skipped {} finished, {} failed",
         counts.ran, counts.skipped, counts.failed
     );
     report(&distill, &out)
+}
+
+/// The results folder: `--out`, else `reports/<name>`.
+fn results_folder(out: Option<PathBuf>, name: &str) -> Result<PathBuf> {
+    match out {
+        Some(out) => results::folder(&out),
+        None => results::named(Path::new("reports"), name),
+    }
 }
 
 /// The code versions of the build (`distill code-versions`).

@@ -64,6 +64,25 @@ pub fn worker_env(command: &mut Command, threads: &str) {
         .env("OPENBLAS_NUM_THREADS", "1");
 }
 
+/// The worker's log (its stdout and stderr) in its job folder.
+pub const WORKER_LOG: &str = "worker.log";
+
+/// The command that runs one job, whichever executor starts it: `distill --log-format FORMAT
+/// run-job JOB` with [`worker_env`] for `threads` threads, and `DISTILL_LOG` at `info` unless the
+/// user set it.
+pub fn worker_command(distill: &Path, log_format: &str, job_file: &Path, threads: &str) -> Command {
+    let mut command = Command::new(distill);
+    worker_env(&mut command, threads);
+    command
+        .args(["--log-format", log_format, "run-job"])
+        .arg(job_file)
+        .env(
+            "DISTILL_LOG",
+            std::env::var("DISTILL_LOG").unwrap_or_else(|_| "info".into()),
+        );
+    command
+}
+
 /// glibc settings for the workers: candle allocates and frees tensors of megabytes each step;
 /// with glibc's defaults every one is a fresh `mmap` whose pages the kernel zeroes, which cost a
 /// ResNet step on 2 cores 30% of its time (1.17 s -> 0.82 s, measured with the criterion bench of the time). Keeping freed
@@ -82,13 +101,14 @@ pub fn malloc_tunables() -> String {
 
 /// Writes `bytes` to `path` through a temporary file and a rename: a reader sees the old file
 /// or the whole new one.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
-fn write_failed(dir: &Path, reason: &str) -> Result<()> {
+/// Marks the job of folder `dir` failed without a record, with `reason` (`failed.json`).
+pub fn write_failed(dir: &Path, reason: &str) -> Result<()> {
     crate::results::job_folder(dir)?;
     write_atomic(
         &dir.join("failed.json"),
@@ -113,7 +133,8 @@ fn describe_exit(status: ExitStatus) -> String {
     }
 }
 
-fn log_tail(path: &Path) -> String {
+/// The last lines of a log file (empty when it cannot be read).
+pub fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().rev().take(6).collect();
     lines.into_iter().rev().collect::<Vec<_>>().join("\n")
@@ -226,17 +247,8 @@ pub fn run(plan: &[PlannedJob], opts: &RunOptions) -> Result<RunCounts> {
             crate::results::job_folder(&job.dir)?;
             let job_file = job.dir.join("job.json");
             write_atomic(&job_file, &serde_json::to_vec_pretty(&job.spec)?)?;
-            let log =
-                File::create(job.dir.join("worker.log")).context("creating the worker log")?;
-            let mut command = Command::new(&opts.distill);
-            worker_env(&mut command, &threads);
-            let child = command
-                .args(["--log-format", &opts.log_format, "run-job"])
-                .arg(&job_file)
-                .env(
-                    "DISTILL_LOG",
-                    std::env::var("DISTILL_LOG").unwrap_or_else(|_| "info".into()),
-                )
+            let log = File::create(job.dir.join(WORKER_LOG)).context("creating the worker log")?;
+            let child = worker_command(&opts.distill, &opts.log_format, &job_file, &threads)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().context("worker log")?)
                 .stderr(log)
@@ -297,7 +309,7 @@ pub fn run(plan: &[PlannedJob], opts: &RunOptions) -> Result<RunCounts> {
             let status = match finished_status(&job.dir) {
                 Some(s) if exited.is_some() => s,
                 _ => {
-                    let tail = log_tail(&job.dir.join("worker.log"));
+                    let tail = log_tail(&job.dir.join(WORKER_LOG));
                     write_failed(
                         &job.dir,
                         &format!("worker ended without a record: {reason}\n{tail}"),

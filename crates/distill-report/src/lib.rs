@@ -49,6 +49,38 @@ pub type Result<T> = std::result::Result<T, ReportError>;
 /// The file the orchestrator leaves in a job folder when the worker ended without a record.
 pub const FAILED_FILE: &str = "failed.json";
 
+/// The file the Slurm executor leaves in a job folder once Slurm ended the job: its Slurm job id
+/// and final state.
+pub const SLURM_FILE: &str = "slurm.json";
+
+/// Where Slurm ran a job and how Slurm ended it (`slurm.json`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SlurmJob {
+    /// `<array job id>_<task>`.
+    pub job_id: String,
+    /// The final state: `COMPLETED`, `FAILED`, `CANCELLED`, `TIMEOUT`, `OUT_OF_MEMORY`, ...
+    pub state: String,
+}
+
+/// The Slurm placement of every job folder under `jobs_dir` that has a `slurm.json`, by run id
+/// (the folder's name).
+pub fn collect_slurm(jobs_dir: &Path) -> Result<BTreeMap<String, SlurmJob>> {
+    let io = |source| ReportError::Io {
+        path: jobs_dir.to_path_buf(),
+        source,
+    };
+    let mut found = BTreeMap::new();
+    for entry in std::fs::read_dir(jobs_dir).map_err(io)? {
+        let entry = entry.map_err(io)?;
+        let file = entry.path().join(SLURM_FILE);
+        if file.is_file() {
+            let id = entry.file_name().to_string_lossy().into_owned();
+            found.insert(id, read_json::<SlurmJob>(&file)?);
+        }
+    }
+    Ok(found)
+}
+
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|source| ReportError::Io {
         path: path.to_path_buf(),
@@ -167,6 +199,8 @@ pub struct TableContext {
     pub git_revision: String,
     /// Ids of the stale runs.
     pub stale: std::collections::BTreeSet<String>,
+    /// The Slurm job of each run the Slurm executor ran, by run id.
+    pub slurm: BTreeMap<String, SlurmJob>,
 }
 
 /// One row per student run.
@@ -234,6 +268,12 @@ pub fn runs_frame(records: &[JobRecord], context: &TableContext) -> Result<DataF
         }),
         opt_str("teacher_outputs", &|r| r.teacher_outputs.clone()),
         f64_col("wall_seconds", &|r| Some(r.wall_seconds)),
+        opt_str("slurm_job_id", &|r| {
+            context.slurm.get(&r.id).map(|j| j.job_id.clone())
+        }),
+        opt_str("slurm_state", &|r| {
+            context.slurm.get(&r.id).map(|j| j.state.clone())
+        }),
         str_col("config_hash", &|r| r.id.clone()),
         str_col("git_revision", &|_| git_revision.to_string()),
         Column::new(
@@ -688,6 +728,13 @@ mod tests {
             ..TableContext::default()
         };
         context.stale.insert("b".into());
+        context.slurm.insert(
+            "c".into(),
+            SlurmJob {
+                job_id: "12_3".into(),
+                state: "TIMEOUT".into(),
+            },
+        );
         let mut records = records;
         records[0].code = Some(distill_engine::job::CodeVersions {
             engine: "engine:1".into(),
@@ -715,6 +762,12 @@ mod tests {
             (strategy_code.get(0), strategy_code.get(1)),
             (Some("strategies:3"), None)
         );
+        let slurm_state = runs.column("slurm_state")?.str()?;
+        assert_eq!(
+            (slurm_state.get(0), slurm_state.get(2)),
+            (None, Some("TIMEOUT"))
+        );
+        assert_eq!(runs.column("slurm_job_id")?.str()?.get(2), Some("12_3"));
         let metrics = read_parquet(&metrics)?;
         // Per run: total, ce, lr (train), accuracy (validation), accuracy (test).
         assert_eq!(metrics.height(), 3 * 5);

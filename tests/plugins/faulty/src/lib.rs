@@ -2,7 +2,9 @@
 //! `loss`, `test.panic-build` panics while being built, `test.abort` aborts the process,
 //! `test.traced` emits a tracing event from inside the plugin and computes a plain
 //! cross-entropy; `test.nan` computes cross-entropy at optimizer step 0 and NaN from then on;
-//! the model `test.panic-model` panics in `forward`.
+//! `test.wait` computes cross-entropy after waiting, at its first step, while the file named by
+//! the environment variable `TEST_WAIT_WHILE_EXISTS` exists (a job a test can hold running and
+//! then release, with the same job identity); the model `test.panic-model` panics in `forward`.
 
 use distill_rt::strategy::StepInfo;
 use distill_rt::{
@@ -28,6 +30,7 @@ fn register(r: &mut Registrar) -> Result<()> {
     r.strategy("test.abort", Aborting)?;
     r.strategy("test.traced", Traced)?;
     r.strategy("test.nan", NanFromStep1)?;
+    r.strategy("test.wait", Waiting)?;
     r.model("test.panic-model", PanickingModelFactory)?;
     Ok(())
 }
@@ -169,6 +172,40 @@ impl Strategy for NanFromStep1 {
     ) -> Result<LossTerms> {
         let ce = ops::cross_entropy(&s.logits, &b.targets)?;
         let ce = if step.step >= 1 { (ce * f64::NAN)? } else { ce };
+        LossTerms::sum([("ce", ce)])
+    }
+}
+
+struct Waiting;
+
+impl StrategyFactory for Waiting {
+    fn summary(&self) -> &str {
+        "test strategy that waits while the file named by TEST_WAIT_WHILE_EXISTS exists, then computes cross-entropy"
+    }
+    fn build(&self, _c: &Config, _ctx: StrategyContext<'_>) -> Result<Box<dyn Strategy>> {
+        Ok(Box::new(Waiting))
+    }
+}
+
+impl Strategy for Waiting {
+    fn teacher_needs(&self) -> TeacherNeeds {
+        TeacherNeeds::default()
+    }
+    fn loss(
+        &self,
+        s: &ModelOutput,
+        _t: Option<&ModelOutput>,
+        b: &Batch,
+        step: &StepInfo,
+    ) -> Result<LossTerms> {
+        if step.step == 0
+            && let Some(path) = std::env::var_os("TEST_WAIT_WHILE_EXISTS")
+        {
+            while std::path::Path::new(&path).exists() {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+        let ce = ops::cross_entropy(&s.logits, &b.targets)?;
         LossTerms::sum([("ce", ce)])
     }
 }

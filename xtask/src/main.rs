@@ -200,19 +200,8 @@ fn main() -> Result<()> {
         } => {
             let (x, name) = experiment::load(&experiment, &sets)?;
             let out = results_folder(out, &name)?;
-            if !no_build {
-                build_workspace()?;
-            }
-            let distill = distill()?;
-            let code = code_versions(&distill)?;
-            let finished = plan::Finished::scan(&out.join("jobs"));
-            let inputs = plan::PlanInputs {
-                code: &code,
-                finished: &finished,
-                reuse_stale: false,
-            };
-            let planned = plan::plan(&x, &name, &out, &inputs);
-            println!("{name}: {}", slurm::status(&planned, &out)?);
+            let planned = plan_with_build(&x, &name, &out, no_build, false)?;
+            println!("{name}: {}", slurm::status(&planned.jobs, &out)?);
             Ok(())
         }
         Task::NewPlugin { kind, name } => {
@@ -325,18 +314,12 @@ fn run_experiment(file: &Path, sets: &[String], flags: RunFlags) -> Result<()> {
     }
     let out = results_folder(out, &name)?;
     let _lock = results::lock(&out)?;
-    if !no_build {
-        build_workspace()?;
-    }
-    let distill = distill()?;
-    let code = code_versions(&distill)?;
-    let finished = plan::Finished::scan(&out.join("jobs"));
-    let inputs = plan::PlanInputs {
-        code: &code,
-        finished: &finished,
-        reuse_stale,
-    };
-    let planned = plan::plan(&x, &name, &out, &inputs);
+    let Planned {
+        distill,
+        code,
+        finished,
+        jobs: planned,
+    } = plan_with_build(&x, &name, &out, no_build, reuse_stale)?;
     let workers = jobs.or(x.jobs).unwrap_or(1).max(1);
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -434,6 +417,46 @@ fn run_experiment(file: &Path, sets: &[String], flags: RunFlags) -> Result<()> {
         counts.ran, counts.skipped, counts.failed
     );
     report(&distill, &out)
+}
+
+/// An experiment planned against the build that will run it.
+struct Planned {
+    /// The build's `distill` binary.
+    distill: PathBuf,
+    /// The build's code versions.
+    code: plan::CodeIndex,
+    /// The jobs already finished in the results folder.
+    finished: plan::Finished,
+    /// The plan.
+    jobs: Vec<plan::PlannedJob>,
+}
+
+/// Builds the workspace (unless `no_build`) and plans `x` into the results folder `out`.
+fn plan_with_build(
+    x: &experiment::Experiment,
+    name: &str,
+    out: &Path,
+    no_build: bool,
+    reuse_stale: bool,
+) -> Result<Planned> {
+    if !no_build {
+        build_workspace()?;
+    }
+    let distill = distill()?;
+    let code = code_versions(&distill)?;
+    let finished = plan::Finished::scan(&out.join("jobs"));
+    let inputs = plan::PlanInputs {
+        code: &code,
+        finished: &finished,
+        reuse_stale,
+    };
+    let jobs = plan::plan(x, name, out, &inputs);
+    Ok(Planned {
+        distill,
+        code,
+        finished,
+        jobs,
+    })
 }
 
 /// The results folder: `--out`, else `reports/<name>`.

@@ -75,3 +75,14 @@ pub fn checked_record(dir: &Path) -> std::result::Result<Option<Finished>, Strin
 pub fn finished_status(dir: &Path) -> Option<String> {
     checked_record(dir).ok().flatten().map(|r| r.status)
 }
+
+/// The status of the job of folder `dir` when its trusted record says it finished (`ok` or
+/// `diverged`): then it is not run again. A record that cannot be trusted is reported under
+/// `label` and the job runs again, as one that failed or has no record.
+pub fn resumable(dir: &Path, label: &str) -> Option<String> {
+    let record = checked_record(dir).unwrap_or_else(|reason| {
+        eprintln!("{label}: {reason}; running it again");
+        None
+    });
+    record.map(|r| r.status).filter(|s| s != "failed")
+}

@@ -16,7 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use crate::plan::PlannedJob;
-use crate::record::{checked_record, finished_status};
+use crate::record::{finished_status, resumable};
 
 /// How to run the plan.
 pub struct RunOptions {
@@ -181,16 +181,12 @@ pub fn run(plan: &[PlannedJob], opts: &RunOptions) -> Result<RunCounts> {
     let mut counts = RunCounts::default();
     let mut state: BTreeMap<&str, Option<String>> = BTreeMap::new(); // id -> final status
     for job in plan {
-        let record = checked_record(&job.dir).unwrap_or_else(|reason| {
-            eprintln!("{}: {reason}; running it again", job.label);
-            None
-        });
-        match record {
-            Some(r) if r.status != "failed" => {
+        match resumable(&job.dir, &job.label) {
+            Some(status) => {
                 counts.skipped += 1;
-                state.insert(&job.id, Some(r.status));
+                state.insert(&job.id, Some(status));
             }
-            _ => {
+            None => {
                 let _ = std::fs::remove_file(job.dir.join("failed.json"));
                 let _ = std::fs::remove_file(job.dir.join("record.json"));
                 state.insert(&job.id, None);

@@ -21,7 +21,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use crate::plan::PlannedJob;
-use crate::record::{checked_record, finished_status};
+use crate::record::{checked_record, finished_status, resumable};
 use crate::runner::{RunCounts, WORKER_LOG, log_tail, worker_command, write_atomic, write_failed};
 
 /// The `[slurm]` table of an experiment file: what every `sbatch` asks for.
@@ -237,6 +237,8 @@ pub fn query(tasks: &BTreeSet<String>) -> Result<BTreeMap<String, TaskState>> {
     if tasks.is_empty() {
         return Ok(states);
     }
+    // Without Slurm's commands nothing can be said of any job: an error, never `UNKNOWN`.
+    output("squeue", &["--version".into()])?;
     let arrays: BTreeSet<&str> = tasks
         .iter()
         .map(|t| t.split('_').next().unwrap_or(t))
@@ -414,16 +416,12 @@ pub fn run(plan: &[PlannedJob], opts: &SlurmOptions) -> Result<RunCounts> {
             // It ended while nobody watched: say how, before deciding what to do with it.
             settle(&job.dir, task, state)?;
         }
-        let record = checked_record(&job.dir).unwrap_or_else(|reason| {
-            eprintln!("{}: {reason}; running it again", job.label);
-            None
-        });
-        match record {
-            Some(r) if r.status != "failed" => {
+        match resumable(&job.dir, &job.label) {
+            Some(status) => {
                 counts.skipped += 1;
-                standing.insert(&job.id, Standing::Done(r.status));
+                standing.insert(&job.id, Standing::Done(status));
             }
-            _ => {
+            None => {
                 standing.insert(&job.id, Standing::Todo);
             }
         }
@@ -733,10 +731,20 @@ fn wait(tracked: &[Tracked], opts: &SlurmOptions, counts: &mut RunCounts) -> Res
     let poll = Duration::from_secs_f64(opts.config.poll_seconds);
     while !open.is_empty() {
         let tasks: BTreeSet<String> = open.iter().map(|t| t.task.clone()).collect();
-        let states = query(&tasks)?;
+        // A controller that does not answer for a moment (restarting, busy) is asked again.
+        let states = match query(&tasks) {
+            Ok(states) => states,
+            Err(e) => {
+                bar.suspend(|| eprintln!("warning: asking Slurm failed, asking again: {e:#}"));
+                BTreeMap::new()
+            }
+        };
         let mut still = Vec::new();
         for t in open {
-            let state = &states[&t.task];
+            let Some(state) = states.get(&t.task) else {
+                still.push(t);
+                continue;
+            };
             if state.in_flight() && state.reason == DEPENDENCY_NEVER {
                 // Slurm keeps such a job pending unless told otherwise: end it.
                 let _ = output("scancel", std::slice::from_ref(&t.task));
@@ -763,7 +771,7 @@ fn wait(tracked: &[Tracked], opts: &SlurmOptions, counts: &mut RunCounts) -> Res
         open = still;
         let running = open
             .iter()
-            .filter(|t| states[&t.task].state == "RUNNING")
+            .filter(|t| states.get(&t.task).is_some_and(|s| s.state == "RUNNING"))
             .count();
         bar.set_message(format!(
             "{running} running, {} queued",

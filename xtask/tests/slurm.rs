@@ -185,33 +185,27 @@ name = "test.wait"
     };
     // Both `test.wait` jobs hold; cancel the first one seen running, the other meets its
     // one-minute limit.
-    let mut child: Child = run("1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let started = Instant::now();
-    let cancelled = loop {
-        if child.try_wait()?.is_some() || started.elapsed() > Duration::from_secs(180) {
-            let _ = child.kill();
-            let out = child.wait_with_output()?;
-            panic!("no test.wait job ran: {}", text(&out));
-        }
-        if let Ok(jobs) = ledger(&out) {
-            let running = queued("slurm-faults")?;
-            let wait = jobs.iter().find(|(id, task)| {
-                let spec = std::fs::read_to_string(out.join("jobs").join(id).join("job.json"))
-                    .unwrap_or_default();
-                spec.contains("test.wait")
-                    && running.iter().any(|r| r == &format!("{task} RUNNING"))
-            });
-            if let Some((id, task)) = wait {
-                let done = Command::new("scancel").arg(task).status()?;
-                assert!(done.success());
-                break id.clone();
-            }
-        }
-        std::thread::sleep(Duration::from_millis(300));
+    let wait_running = |task: &str| -> Result<bool> {
+        let jobs = ledger(&out)?;
+        let id = jobs
+            .iter()
+            .find(|(_, t)| t.as_str() == task)
+            .map(|(id, _)| id);
+        let spec = id
+            .map(|id| std::fs::read_to_string(out.join("jobs").join(id).join("job.json")))
+            .transpose()?
+            .unwrap_or_default();
+        Ok(spec.contains("test.wait")
+            && queued("slurm-faults")?.contains(&format!("{task} RUNNING")))
     };
+    let (child, task) = spawn_until(run("1"), &out, 6, &wait_running)?;
+    let done = Command::new("scancel").arg(&task).status()?;
+    assert!(done.success());
+    let cancelled = ledger(&out)?
+        .into_iter()
+        .find(|(_, t)| t == &task)
+        .map(|(id, _)| id)
+        .unwrap_or_default();
     let first = child.wait_with_output()?;
     assert!(first.status.success(), "{}", text(&first));
     let runs = read(&out.join("runs.parquet"))?;
@@ -477,6 +471,152 @@ name = "kd"
         assert_eq!(state, "CANCELLED", "{error}");
     }
     assert!(queued("slurm-skipped")?.is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Spawns `command` with its output captured, then waits until the ledger of `out` lists
+/// `jobs` Slurm tasks and `ready` holds for one of them; returns the process and that task.
+fn spawn_until(
+    mut command: Command,
+    out: &Path,
+    jobs: usize,
+    ready: &dyn Fn(&str) -> Result<bool>,
+) -> Result<(Child, String)> {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let started = Instant::now();
+    loop {
+        if child.try_wait()?.is_some() || started.elapsed() > Duration::from_secs(180) {
+            let _ = child.kill();
+            let out = child.wait_with_output()?;
+            panic!("the Slurm tasks never became ready: {}", text(&out));
+        }
+        if let Ok(ledger) = ledger(out)
+            && ledger.len() == jobs
+        {
+            for task in ledger.values() {
+                if ready(task)? {
+                    return Ok((child, task.clone()));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// A job requeued while it runs (as after a preemption) runs again from its start and
+/// finishes; the waiting xtask waits for it, and its record is whole.
+#[test]
+#[ignore = "needs a Slurm cluster: sudo bash tests/slurm/local-cluster.sh, then cargo xtask test --test slurm -- --ignored"]
+fn a_job_requeued_while_running_runs_again_and_finishes() -> Result<()> {
+    cluster()?;
+    let dir = temp("slurm-requeue");
+    let file = write(
+        &dir,
+        "slurm-requeue",
+        r#"seeds = [0]
+[train]
+epochs = 1
+batch_size = 32
+[[datasets]]
+name = "vision.synthetic"
+config = { train = 64, validation = 32, test = 32, size = 8 }
+[[students]]
+model = "vision.mlp"
+config = { hidden = [8] }
+[[strategies]]
+name = "test.wait"
+"#,
+    )?;
+    let hold = dir.join("hold");
+    std::fs::write(&hold, "")?;
+    let faulty = PathBuf::from(env!("CARGO_BIN_EXE_xtask"))
+        .with_file_name("deps")
+        .join("libdistill_test_faulty.so");
+    let out = dir.join("out");
+    let mut command = slurm_run(&file, &out, &[]);
+    command
+        .env("DISTILL_EXTRA_PLUGINS", &faulty)
+        .env("TEST_WAIT_WHILE_EXISTS", &hold);
+    let running = |task: &str| -> Result<bool> {
+        Ok(queued("slurm-requeue")?.contains(&format!("{task} RUNNING")))
+    };
+    let (child, task) = spawn_until(command, &out, 1, &running)?;
+    // Let the worker start its job, then requeue it: Slurm kills it and queues it again.
+    std::thread::sleep(Duration::from_secs(2));
+    let requeue = Command::new("scontrol").args(["requeue", &task]).status()?;
+    assert!(requeue.success());
+    std::thread::sleep(Duration::from_secs(2));
+    std::fs::remove_file(&hold)?;
+    let done = child.wait_with_output()?;
+    assert!(done.status.success(), "{}", text(&done));
+    let runs = read(&out.join("runs.parquet"))?;
+    assert_eq!(strings(&runs, "status")?, [Some("ok".to_string())]);
+    assert_eq!(
+        strings(&runs, "slurm_state")?,
+        [Some("COMPLETED".to_string())]
+    );
+    let shown = Command::new("scontrol")
+        .args(["--oneliner", "show", "job", &task])
+        .output()?;
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("Restarts=1"), "{shown}");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Ctrl-C (SIGINT) while waiting, with no terminal to ask on: the jobs are left queued, never
+/// cancelled silently, and the message says so and how to cancel them.
+#[test]
+#[ignore = "needs a Slurm cluster: sudo bash tests/slurm/local-cluster.sh, then cargo xtask test --test slurm -- --ignored"]
+fn an_interrupt_without_a_terminal_leaves_the_jobs_queued_and_says_so() -> Result<()> {
+    cluster()?;
+    let dir = temp("slurm-interrupt");
+    let file = write(
+        &dir,
+        "slurm-interrupt",
+        r#"seeds = [0, 1]
+[train]
+epochs = 1
+batch_size = 32
+[[datasets]]
+name = "vision.synthetic"
+config = { train = 64, validation = 32, test = 32, size = 8 }
+[[students]]
+model = "vision.mlp"
+config = { hidden = [8] }
+[[strategies]]
+name = "baseline"
+[slurm]
+options = ["--hold"]
+"#,
+    )?;
+    let out = dir.join("out");
+    let (child, _) = spawn_until(slurm_run(&file, &out, &[]), &out, 2, &|_| Ok(true))?;
+    let pid = child.id().to_string();
+    let sent = Command::new("kill").args(["-INT", &pid]).status()?;
+    assert!(sent.success());
+    let done = child.wait_with_output()?;
+    assert!(!done.status.success());
+    assert!(
+        text(&done).contains("left 2 jobs queued or running"),
+        "{}",
+        text(&done)
+    );
+    assert!(
+        text(&done).contains("scancel --name=distill-slurm-interrupt"),
+        "{}",
+        text(&done)
+    );
+    assert_eq!(queued("slurm-interrupt")?.len(), 2);
+    let cancel = Command::new("scancel")
+        .arg("--name=distill-slurm-interrupt")
+        .status()?;
+    assert!(cancel.success());
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

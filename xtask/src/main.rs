@@ -29,6 +29,22 @@ struct Cli {
     command: Task,
 }
 
+/// The experiment a command works on, as `run` and `status` take it.
+#[derive(clap::Args)]
+struct ExperimentArgs {
+    /// The experiment file (TOML).
+    experiment: PathBuf,
+    /// Overrides a key of the file, e.g. `--set train.epochs=2` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Folder for the results (default: `reports/<name>`).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Skip `cargo build` (the workspace is already built).
+    #[arg(long)]
+    no_build: bool,
+}
+
 #[derive(Subcommand)]
 enum Task {
     /// Builds the workspace, then lists every registered dataset, model and strategy.
@@ -36,20 +52,11 @@ enum Task {
     /// Runs an experiment file: validate, plan, build, run the jobs (resuming finished ones),
     /// then write reports/<name>/runs.parquet and metrics.parquet and print the summary.
     Run {
-        /// The experiment file (TOML).
-        experiment: PathBuf,
+        #[command(flatten)]
+        file: ExperimentArgs,
         /// Workers at the same time (default: the file's `jobs`, else 1).
         #[arg(long)]
         jobs: Option<usize>,
-        /// Overrides a key of the file, e.g. `--set train.epochs=2` (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        sets: Vec<String>,
-        /// Folder for the results (default: `reports/<name>`).
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Skip `cargo build` (the workspace is already built).
-        #[arg(long)]
-        no_build: bool,
         /// Validate the whole plan (`distill check`, which also fetches the named data and
         /// models) and stop before anything trains.
         #[arg(long)]
@@ -76,17 +83,8 @@ enum Task {
     /// Shows where every job of an experiment stands: finished, running or pending in Slurm
     /// (with its Slurm job id and state), failed, or not submitted.
     Status {
-        /// The experiment file (TOML).
-        experiment: PathBuf,
-        /// Overrides a key of the file, as for `run`.
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        sets: Vec<String>,
-        /// Folder of the results (default: `reports/<name>`).
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Skip `cargo build` (the workspace is already built).
-        #[arg(long)]
-        no_build: bool,
+        #[command(flatten)]
+        file: ExperimentArgs,
     },
     /// Times one training step of every model family (`tests/src/steps.rs`), each in its own
     /// process; with `--compare`, alternately with the PyTorch reference
@@ -169,11 +167,8 @@ fn main() -> Result<()> {
             run(Command::new(distill()?).arg("plugins"))
         }
         Task::Run {
-            experiment,
+            file,
             jobs,
-            sets,
-            out,
-            no_build,
             dry_run,
             log_format,
             reuse_stale,
@@ -182,25 +177,18 @@ fn main() -> Result<()> {
         } => {
             let opts = RunFlags {
                 jobs,
-                out,
-                no_build,
                 dry_run,
                 log_format,
                 reuse_stale,
                 executor,
                 detach,
             };
-            run_experiment(&experiment, &sets, opts)
+            run_experiment(&file, opts)
         }
-        Task::Status {
-            experiment,
-            sets,
-            out,
-            no_build,
-        } => {
-            let (x, name) = experiment::load(&experiment, &sets)?;
-            let out = results_folder(out, &name)?;
-            let planned = plan_with_build(&x, &name, &out, no_build, false)?;
+        Task::Status { file } => {
+            let (x, name) = experiment::load(&file.experiment, &file.sets)?;
+            let out = results_folder(file.out, &name)?;
+            let planned = plan_with_build(&x, &name, &out, file.no_build, false)?;
             println!("{name}: {}", slurm::status(&planned.jobs, &out)?);
             Ok(())
         }
@@ -282,11 +270,9 @@ fn main() -> Result<()> {
     }
 }
 
-/// The options of `cargo xtask run` besides the file and its `--set` pairs.
+/// The options of `cargo xtask run` besides the experiment ([`ExperimentArgs`]).
 struct RunFlags {
     jobs: Option<usize>,
-    out: Option<PathBuf>,
-    no_build: bool,
     dry_run: bool,
     log_format: String,
     reuse_stale: bool,
@@ -294,11 +280,16 @@ struct RunFlags {
     detach: bool,
 }
 
-fn run_experiment(file: &Path, sets: &[String], flags: RunFlags) -> Result<()> {
-    let RunFlags {
-        jobs,
+fn run_experiment(args: &ExperimentArgs, flags: RunFlags) -> Result<()> {
+    let ExperimentArgs {
+        experiment: file,
+        sets,
         out,
         no_build,
+    } = args;
+    let (file, no_build) = (file.as_path(), *no_build);
+    let RunFlags {
+        jobs,
         dry_run,
         log_format,
         reuse_stale,
@@ -312,7 +303,7 @@ fn run_experiment(file: &Path, sets: &[String], flags: RunFlags) -> Result<()> {
     if detach && executor != experiment::Executor::Slurm {
         bail!("--detach needs the Slurm executor (--executor slurm): local jobs end with the run");
     }
-    let out = results_folder(out, &name)?;
+    let out = results_folder(out.clone(), &name)?;
     let _lock = results::lock(&out)?;
     let Planned {
         distill,

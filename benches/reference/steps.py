@@ -2,13 +2,16 @@
 backward, AdamW update) on the same shapes, for `cargo xtask bench --compare`.
 
     python3 benches/reference/steps.py <step> [--seconds S] [--threads N]
+    python3 benches/reference/steps.py minilm-<...> --batch FILE --weights FILE [...]
     python3 benches/reference/steps.py --list
 
 Prints one JSON line like `bench-step`: steps per second, steps and seconds timed, peak resident
 memory (ru_maxrss) and the last loss. The models mirror ours layer for layer (PyTorch's own
 modules where one exists: nn.LSTM, nn.TransformerEncoderLayer, nn.GroupNorm); NeuMF's first
 MLP layer is split into its user and item halves as ours is (the same arithmetic). Inputs are
-random with the same shapes, vocabulary and label counts.
+random with the same shapes, vocabulary and label counts, except the MiniLM steps': the real SST-2
+batch `bench-step <step> --write-batch FILE` wrote (`--batch`) and the pretrained weights
+(`--weights`, all-MiniLM-L6-v2's model.safetensors), as `cargo xtask bench` passes them.
 """
 import argparse
 import json
@@ -152,6 +155,61 @@ class Bert(nn.Module):
         return self.head((x * m).sum(1) / m.sum(1).clamp(min=1e-9))
 
 
+def minilm(weights):
+    """all-MiniLM-L6-v2 as `Bert` (no dropout, as ours), its encoder loaded from `weights`."""
+    from safetensors.torch import load_file
+    model = Bert(vocab=30522, d=384, layers=6, heads=12, ff=1536)
+    theirs = load_file(weights)
+    with torch.no_grad():
+        # `our_names` gives views of the parameters (the fused attention projections by rows).
+        for name, value in our_names(model).items():
+            if not name.startswith("classifier."):
+                value.copy_(theirs[name])
+    return model
+
+
+class ZooResNet(nn.Module):
+    """RepDistiller's CIFAR ResNet (`resnet20` for depth 20): 3x3 stem, three stages of basic
+    blocks with batch norm and 1x1 projection shortcuts, global average pooling, `fc`."""
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                             nn.BatchNorm2d(cout))
+                               if stride != 1 or cin != cout else None)
+
+        def forward(self, x):
+            h = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+            return F.relu(h + (x if self.downsample is None else self.downsample(x)))
+
+    def __init__(self, depth=20, widths=(16, 16, 32, 64), channels=3, classes=10):
+        super().__init__()
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        cin = widths[0]
+        for stage, width in enumerate(widths[1:]):
+            blocks = []
+            for b in range(n):
+                blocks.append(self.Block(cin, width, 2 if stage > 0 and b == 0 else 1))
+                cin = width
+            setattr(self, f"layer{stage + 1}", nn.Sequential(*blocks))
+        self.fc = nn.Linear(cin, classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(x.mean((2, 3)))
+
+
 class BiLSTM(nn.Module):
     def __init__(self, vocab=5000, embedding=128, hidden=150, mlp=200, classes=2):
         super().__init__()
@@ -213,8 +271,8 @@ class NeuMF(nn.Module):
         return self.out(joint).squeeze(-1)
 
 
-def images(batch):
-    return (torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,)))
+def images(batch, channels=1, size=28):
+    return (torch.rand(batch, channels, size, size), torch.randint(0, 10, (batch,)))
 
 
 def sentences(batch, length=64, vocab=5000):
@@ -242,7 +300,16 @@ STEPS = {
     "textcnn-kd-cached": "TextCNN (128; 3, 4, 5; 100), seq 64, batch 64",
     "neumf-mf-kd": "NeuMF (16; 32-16) live -> MF (8), 1024 users x 2000 items, batch 128",
     "resnet-alone": "ResNet (width 16, one block per stage, group norm) on labels, batch 128",
+    "resnet20-alone": "RepDistiller's resnet20 (batch norm) on labels, 3x32x32, batch 64",
+    "minilm-forward": "all-MiniLM-L6-v2 forward pass, no grad, eval, a real SST-2 batch of 32",
+    "minilm-finetune": "all-MiniLM-L6-v2 fine-tuning step (all layers, CE, AdamW 5e-5), batch 32",
 }
+
+
+# Steps whose 10-step check runs in f64 on both sides: with batch norm and AdamW, f32 rounding
+# alone moves the 10th loss by 7e-4 relative (PyTorch in f32 against PyTorch in f64), more than
+# the check allows; in f64 the two frameworks' arithmetic is compared, not their rounding.
+CHECK_IN_F64 = {"resnet20-alone"}
 
 
 def our_names(module):
@@ -251,8 +318,8 @@ def our_names(module):
     if isinstance(module, MLP):
         return {(f"hidden{int(k.split('.')[1]) + 1}.{k.split('.')[2]}" if k.startswith("hidden.")
                  else k): v for k, v in sd.items()}
-    if isinstance(module, LeNet):
-        return sd
+    if isinstance(module, (LeNet, ZooResNet)):
+        return {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
     if isinstance(module, TextCNN):
         out = {"embedding.weight": sd["embedding.weight"],
                "classifier.weight": sd["head.weight"], "classifier.bias": sd["head.bias"]}
@@ -287,13 +354,27 @@ def our_names(module):
     raise SystemExit(f"no weight export for {type(module).__name__}")
 
 
-def build(name, export=None):
+def build(name, export=None, batch_file=None, weights=None):
     """The step `name`: a function that trains once and returns the loss. With `export` (a
     folder), first writes `inputs.safetensors` there: the student's and a live teacher's weights
     under our names (`student.<name>`, `teacher.<name>`), the batch (`input.<name>`, `targets`)
-    and cached teacher logits (`teacher_logits`)."""
-    teacher, cached = None, None
-    if name in ("mlp-kd", "mlp-kd-cached", "mlp-alone", "cnn-kd", "mobilenet-kd-cached",
+    and cached teacher logits (`teacher_logits`). The MiniLM steps read their batch from
+    `batch_file` and the pretrained weights from `weights`."""
+    teacher, cached, inputs = None, None, None
+    lr, frozen = 1e-3, False
+    if name.startswith("minilm-"):
+        from safetensors.torch import load_file
+        if batch_file is None or weights is None:
+            sys.exit(f"{name} needs --batch and --weights (cargo xtask bench passes them)")
+        inputs = load_file(batch_file)
+        student = minilm(weights)
+        args = (inputs["input.pieces"].long(), inputs["input.pieces_mask"])
+        y, loss, live = inputs["targets"].long(), None, False
+        lr, frozen = 5e-5, name == "minilm-forward"
+    elif name == "resnet20-alone":
+        x, y = images(64, 3, 32)
+        student, args, loss, live = ZooResNet(), (x,), None, False
+    elif name in ("mlp-kd", "mlp-kd-cached", "mlp-alone", "cnn-kd", "mobilenet-kd-cached",
                 "resnet-alone"):
         x, y = images(128)
         student = {"cnn-kd": lambda: LeNet(), "mobilenet-kd-cached": lambda: MobileNet(),
@@ -318,6 +399,9 @@ def build(name, export=None):
         args, loss, live = (u,), ranking_kd_loss, True
     else:
         sys.exit(f"no step {name}; the steps: {', '.join(STEPS)}")
+    if export is not None and name in CHECK_IN_F64:
+        student = student.double()
+        args = tuple(a.double() if a.is_floating_point() else a for a in args)
     if teacher is not None:
         teacher.eval()
         if not live:
@@ -332,12 +416,24 @@ def build(name, export=None):
             tensors.update({f"teacher.{k}": v for k, v in our_names(teacher).items()})
         if cached is not None:
             tensors["teacher_logits"] = cached.contiguous()
-        names = ("image",) if len(args) == 1 else ("words", "words_mask")
-        tensors.update({f"input.{n}": a.contiguous() for n, a in zip(names, args)})
-        tensors["targets"] = y.contiguous()
+        if inputs is not None:
+            tensors.update(inputs)
+        else:
+            names = ("image",) if len(args) == 1 else ("words", "words_mask")
+            tensors.update({f"input.{n}": a.contiguous() for n, a in zip(names, args)})
+            tensors["targets"] = y.contiguous()
         Path(export).mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(Path(export) / "inputs.safetensors"))
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2 if name == "neumf-mf-kd" else 1e-3,
+    if frozen:
+        # The teacher cache's forward pass: evaluation mode, no autograd.
+        student.eval()
+
+        def forward():
+            with torch.no_grad():
+                return F.cross_entropy(student(*args), y).item()
+
+        return forward
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2 if name == "neumf-mf-kd" else lr,
                                   weight_decay=0.0)
 
     def step():
@@ -365,6 +461,9 @@ def main():
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--batch", metavar="FILE",
+                        help="the MiniLM steps' batch (`bench-step <step> --write-batch FILE`)")
+    parser.add_argument("--weights", metavar="FILE", help="all-MiniLM-L6-v2's model.safetensors")
     parser.add_argument("--export", metavar="DIR",
                         help="write the weights and inputs to DIR/inputs.safetensors, then print "
                              "the losses of 10 steps as JSON (for `cargo xtask bench --check`)")
@@ -377,7 +476,7 @@ def main():
         torch.set_num_threads(a.threads)
         torch.set_num_interop_threads(1)
     torch.manual_seed(0)
-    step = build(a.step, a.export)
+    step = build(a.step, a.export, a.batch, a.weights)
     if a.export:
         print(json.dumps({"step": a.step, "losses": [step() for _ in range(10)]}))
         return

@@ -1,6 +1,8 @@
 //! One training step of every model family we ship (`distill_tests::steps`: vision MLP, CNN and
-//! MobileNet students with a live or a cached teacher, the ResNet teacher's own step, the
-//! transformer, BiLSTM and TextCNN students, NeuMF -> MF) on synthetic inputs of fixed shapes.
+//! MobileNet students with a live or a cached teacher, the ResNet teachers' own steps, the
+//! transformer, BiLSTM and TextCNN students, NeuMF -> MF) on synthetic inputs of fixed shapes,
+//! and the MiniLM teacher's on a real SST-2 batch (through the data cache). The matrix products
+//! run where workers run them (`install_matrix_products`).
 //!
 //! `cargo bench -p distill-tests --profile dev --bench steps` (the workspace's one profile:
 //! candle at opt-level 3). `cargo xtask bench --compare` times the same steps against the
@@ -12,6 +14,10 @@ use distill_tests::plugin_path;
 use distill_tests::steps::{PLUGINS, STEPS, build};
 
 fn bench(c: &mut Criterion) {
+    if let Err(e) = distill_host::install_matrix_products() {
+        panic!("{e}");
+    }
+    distill_host::install_data_resolver();
     let mut host = PluginHost::new();
     for plugin in PLUGINS {
         if let Err(e) = host.load(&plugin_path(plugin)) {

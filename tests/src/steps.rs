@@ -1,11 +1,14 @@
 //! One training step of every model family we ship, on synthetic inputs of fixed shapes: the
 //! student's forward pass, the strategy's loss (with the teacher run live, read from a cache, or
-//! absent), backward, and an AdamW update. The criterion bench `steps` and the `bench-step`
-//! binary (behind `cargo xtask bench --compare`) time these; `benches/reference/steps.py` runs
-//! the same steps in PyTorch on the same shapes.
+//! absent), backward, and an AdamW update; and the pretrained MiniLM teacher's side on a real
+//! SST-2 batch (its forward pass as the teacher cache runs it, and a fine-tuning step). The
+//! criterion bench `steps` and the `bench-step` binary (behind `cargo xtask bench --compare`)
+//! time these; `benches/reference/steps.py` runs the same steps in PyTorch on the same shapes
+//! (and, for the MiniLM steps, the same weights and batch: [`write_batch`]).
 
 use std::collections::BTreeMap;
 
+use distill_engine::batching::training_batches;
 use distill_engine::optim::{Optimizer, OptimizerConfig};
 use distill_rt::candle::{DType, Device, Tensor};
 use distill_rt::candle_nn::VarMap;
@@ -15,12 +18,12 @@ use distill_rt::serde_json::json;
 use distill_rt::strategy::StepInfo;
 use distill_rt::testing::named_vars;
 use distill_rt::{
-    Batch, Config, DatasetInfo, Error, Model, ModelContext, ModelOutput, Registrar, Result,
-    StrategyContext, TaskKind, TensorMap,
+    Batch, Config, DatasetInfo, Error, Model, ModelContext, ModelOutput, Registrar, Result, Split,
+    StrategyContext, TaskKind, TensorMap, ops,
 };
 
 /// Every step: its name and what it runs.
-pub const STEPS: [(&str, &str); 10] = [
+pub const STEPS: [(&str, &str); 13] = [
     (
         "mlp-kd",
         "MLP KD: teacher 784-1200-1200-10 live, student 784-256-256-10, batch 128",
@@ -61,7 +64,24 @@ pub const STEPS: [(&str, &str); 10] = [
         "resnet-alone",
         "ResNet teacher (width 16, one block per stage, group norm) on labels alone, 1x28x28, batch 128: a teacher epoch's step",
     ),
+    (
+        "resnet20-alone",
+        "the model zoo's resnet20 (batch norm) on labels alone, 3x32x32, batch 64: a CIFAR teacher's step",
+    ),
+    (
+        "minilm-forward",
+        "all-MiniLM-L6-v2 forward pass (frozen, as the teacher cache runs it), a real SST-2 batch of 32 (WordPiece, length-bucketed)",
+    ),
+    (
+        "minilm-finetune",
+        "all-MiniLM-L6-v2 fine-tuning step (all layers, CE, AdamW lr 5e-5), the same SST-2 batch of 32: nlp.toml's teacher",
+    ),
 ];
+
+/// The pretrained teacher of the MiniLM steps, and its settings there.
+pub const MINILM: &str = "all-MiniLM-L6-v2";
+/// The MiniLM steps' batch size: nlp.toml's teacher batch.
+const MINILM_BATCH: usize = 32;
 
 /// Where a step's teacher outputs come from.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -86,10 +106,12 @@ impl Step {
     }
 }
 
-/// Synthetic inputs of one task with the dataset description models are built for.
+/// Synthetic inputs of one task with the dataset description models are built for, and the
+/// precision the step computes in: f32, or f64 where the reference exported f64 weights.
 struct Inputs {
     info: DatasetInfo,
     batch: Batch,
+    dtype: DType,
 }
 
 fn classification(
@@ -117,14 +139,16 @@ fn indices(batch: usize, dev: &Device) -> Result<Tensor> {
     Ok(Tensor::arange(0u32, batch as u32, dev)?)
 }
 
-/// `batch` grey 28x28 images with pixels uniform in [0, 1] and 10 classes.
-fn images(batch: usize, dev: &Device) -> Result<Inputs> {
+/// `batch` images of `channels x size x size`, pixels uniform in [0, 1], and 10 classes.
+fn images(batch: usize, (channels, size): (usize, usize), dev: &Device) -> Result<Inputs> {
     let mut rng = Rng::derive(1, "bench/images");
-    let pixels: Vec<f32> = (0..batch * 28 * 28).map(|_| rng.uniform() as f32).collect();
-    let image = Tensor::from_vec(pixels, (batch, 1, 28, 28), dev)?;
+    let pixels: Vec<f32> = (0..batch * channels * size * size)
+        .map(|_| rng.uniform() as f32)
+        .collect();
+    let image = Tensor::from_vec(pixels, (batch, channels, size, size), dev)?;
     Ok(Inputs {
         info: classification(
-            [("image".to_string(), vec![1, 28, 28])].into(),
+            [("image".to_string(), vec![channels, size, size])].into(),
             BTreeMap::new(),
             10,
             batch,
@@ -135,6 +159,7 @@ fn images(batch: usize, dev: &Device) -> Result<Inputs> {
             soft_targets: None,
             indices: indices(batch, dev)?,
         },
+        dtype: DType::F32,
     })
 }
 
@@ -173,6 +198,7 @@ fn sentences(batch: usize, len: usize, dev: &Device) -> Result<Inputs> {
             soft_targets: None,
             indices: indices(batch, dev)?,
         },
+        dtype: DType::F32,
     })
 }
 
@@ -202,21 +228,94 @@ fn interactions(users: usize, items: usize, batch: usize, dev: &Device) -> Resul
             soft_targets: None,
             indices: indices(batch, dev)?,
         },
+        dtype: DType::F32,
+    })
+}
+
+/// The first training batch of `batch` SST-2 sentences as a seeded run draws it (length-bucketed
+/// WordPiece ids of MiniLM's tokenizer, at most 64 long, and the words), from the first 4,096
+/// training sentences; data and tokenizer through the data cache.
+fn sst2(r: &Registrar, batch: usize, dev: &Device) -> Result<Inputs> {
+    let data = r.get_dataset("nlp.sst2")?.build(&json!({
+        "wordpiece": MINILM, "max_len": 64, "max_train": 4096
+    }))?;
+    let n = data.info().len(Split::Train);
+    let lengths = data.lengths(Split::Train);
+    let batches = training_batches(n, lengths.as_deref(), batch, &mut Rng::new(7));
+    Ok(Inputs {
+        info: data.info().clone(),
+        batch: data.batch(Split::Train, &batches[0], dev)?,
+        dtype: DType::F32,
+    })
+}
+
+/// Writes the batch of the MiniLM step `name` to `file` (safetensors: `input.<name>`,
+/// `targets`), for the PyTorch reference to run the same batch; an error for other steps.
+pub fn write_batch(r: &Registrar, name: &str, file: &std::path::Path) -> Result<()> {
+    if !name.starts_with("minilm-") {
+        return Err(Error::Invalid(format!(
+            "the step `{name}` draws its own synthetic batch"
+        )));
+    }
+    let batch = sst2(r, MINILM_BATCH, &Device::Cpu)?.batch;
+    let mut tensors: std::collections::HashMap<String, Tensor> = batch
+        .inputs
+        .into_iter()
+        .map(|(k, v)| (format!("input.{k}"), v))
+        .collect();
+    tensors.insert("targets".into(), batch.targets);
+    Ok(distill_rt::candle::safetensors::save(&tensors, file)?)
+}
+
+/// The frozen teacher's forward pass (its trained weights as constants, evaluation mode, as the
+/// teacher cache runs it); each call returns the cross-entropy of its logits, which changes
+/// nothing.
+fn forward_step(
+    r: &Registrar,
+    inputs: Inputs,
+    (name, config): (&str, Config),
+    import: Option<&TensorMap>,
+) -> Result<Step> {
+    let inputs = match import {
+        Some(tensors) => import_batch(inputs, tensors)?,
+        None => inputs,
+    };
+    let (_, vars) = build_model(r, &inputs, name, config.clone(), 1)?;
+    if let Some(tensors) = import {
+        import_vars(&vars, tensors, "student.")?;
+    }
+    let weights = named_vars(&vars)
+        .into_iter()
+        .map(|(name, var)| (name, var.as_tensor().clone()))
+        .collect();
+    let frozen = ModelContext {
+        dataset: &inputs.info,
+        seed: 0,
+        vb: frozen_var_builder(weights, inputs.dtype, &Device::Cpu),
+    };
+    let model = r.get_model(name)?.build(&config, frozen)?;
+    let batch = inputs.batch;
+    Ok(Step {
+        run: Box::new(move || {
+            let logits = model.forward(&batch.inputs, false)?.logits;
+            let loss = ops::cross_entropy(&logits, &batch.targets)?;
+            Ok(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?)
+        }),
     })
 }
 
 fn build_model(
     r: &Registrar,
-    info: &DatasetInfo,
+    inputs: &Inputs,
     name: &str,
     config: Config,
     seed: u64,
 ) -> Result<(Box<dyn Model>, VarMap)> {
     let varmap = VarMap::new();
     let ctx = ModelContext {
-        dataset: info,
+        dataset: &inputs.info,
         seed: 0,
-        vb: seeded_var_builder(&varmap, seed, DType::F32, &Device::Cpu),
+        vb: seeded_var_builder(&varmap, seed, inputs.dtype, &Device::Cpu),
     };
     Ok((r.get_model(name)?.build(&config, ctx)?, varmap))
 }
@@ -240,14 +339,24 @@ fn import_vars(varmap: &VarMap, tensors: &TensorMap, prefix: &str) -> Result<()>
     Ok(())
 }
 
-/// `inputs` with the batch replaced by imported tensors (`input.<name>`, `targets`).
+/// `inputs` with the batch replaced by imported tensors (`input.<name>`, `targets`), in the
+/// precision of the imported weights (f64 where the reference exported f64: a step whose f32
+/// rounding alone moves its losses by more than the check allows).
 fn import_batch(mut inputs: Inputs, tensors: &TensorMap) -> Result<Inputs> {
+    if let Some(w) = tensors.iter().find(|(k, _)| k.starts_with("student.")) {
+        inputs.dtype = w.1.dtype();
+    }
     for (name, value) in inputs.batch.inputs.iter_mut() {
         let key = format!("input.{name}");
         let imported = tensors
             .get(&key)
             .ok_or_else(|| Error::Invalid(format!("the imported tensors lack `{key}`")))?;
-        *value = imported.to_dtype(value.dtype())?;
+        let dtype = if value.dtype().is_float() {
+            inputs.dtype
+        } else {
+            value.dtype()
+        };
+        *value = imported.to_dtype(dtype)?;
     }
     let targets = tensors
         .get("targets")
@@ -271,10 +380,10 @@ fn step(
         Some(tensors) => import_batch(inputs, tensors)?,
         None => inputs,
     };
-    let (model, varmap) = build_model(r, &inputs.info, student.0, student.1, 1)?;
+    let (model, varmap) = build_model(r, &inputs, student.0, student.1, 1)?;
     let teacher = match teacher {
         Some((name, config)) => {
-            let (t, vars) = build_model(r, &inputs.info, name, config.clone(), 0)?;
+            let (t, vars) = build_model(r, &inputs, name, config.clone(), 0)?;
             if let (Some(tensors), Teacher::Live) = (import, mode) {
                 import_vars(&vars, tensors, "teacher.")?;
             }
@@ -287,7 +396,7 @@ fn step(
             let frozen = ModelContext {
                 dataset: &inputs.info,
                 seed: 0,
-                vb: frozen_var_builder(weights, DType::F32, &Device::Cpu),
+                vb: frozen_var_builder(weights, inputs.dtype, &Device::Cpu),
             };
             match mode {
                 Teacher::Live => Some(r.get_model(name)?.build(&config, frozen)?),
@@ -301,7 +410,7 @@ fn step(
     }
     let cached = match (&teacher, mode, import.and_then(|t| t.get("teacher_logits"))) {
         (Some(_), Teacher::Cached, Some(logits)) => Some(ModelOutput {
-            logits: logits.to_dtype(DType::F32)?,
+            logits: logits.to_dtype(inputs.dtype)?,
             features: BTreeMap::new(),
         }),
         (Some(t), Teacher::Cached, None) => Some(ModelOutput {
@@ -317,7 +426,7 @@ fn step(
         teacher_features: &empty,
         train_samples: inputs.info.split_sizes[0],
         seed: 0,
-        vb: seeded_var_builder(&VarMap::new(), 2, DType::F32, &Device::Cpu),
+        vb: seeded_var_builder(&VarMap::new(), 2, inputs.dtype, &Device::Cpu),
     };
     let (strategy, config) = match mode {
         Teacher::None => ("baseline", json!({})),
@@ -372,7 +481,7 @@ pub fn build_with(r: &Registrar, name: &str, import: Option<&TensorMap>) -> Resu
             let teacher = (mode != Teacher::None).then(|| ("vision.mlp", mlp(&[1200, 1200])));
             step(
                 r,
-                images(128, &dev)?,
+                images(128, (1, 28), &dev)?,
                 ("vision.mlp", mlp(&[256, 256])),
                 teacher,
                 mode,
@@ -382,7 +491,7 @@ pub fn build_with(r: &Registrar, name: &str, import: Option<&TensorMap>) -> Resu
         }
         "cnn-kd" => step(
             r,
-            images(128, &dev)?,
+            images(128, (1, 28), &dev)?,
             ("vision.lenet5", json!({})),
             Some((
                 "vision.lenet5",
@@ -394,7 +503,7 @@ pub fn build_with(r: &Registrar, name: &str, import: Option<&TensorMap>) -> Resu
         ),
         "mobilenet-kd-cached" => step(
             r,
-            images(128, &dev)?,
+            images(128, (1, 28), &dev)?,
             ("vision.mobilenet", json!({})),
             Some(("vision.mlp", mlp(&[64]))),
             Teacher::Cached,
@@ -403,11 +512,35 @@ pub fn build_with(r: &Registrar, name: &str, import: Option<&TensorMap>) -> Resu
         ),
         "resnet-alone" => step(
             r,
-            images(128, &dev)?,
+            images(128, (1, 28), &dev)?,
             ("vision.resnet", json!({"width": 16, "blocks": 1})),
             None,
             Teacher::None,
             1e-3,
+            import,
+        ),
+        "resnet20-alone" => step(
+            r,
+            images(64, (3, 32), &dev)?,
+            ("vision.resnet20", json!({})),
+            None,
+            Teacher::None,
+            1e-3,
+            import,
+        ),
+        "minilm-forward" => forward_step(
+            r,
+            sst2(r, MINILM_BATCH, &dev)?,
+            ("nlp.bert", json!({"pretrained": MINILM})),
+            import,
+        ),
+        "minilm-finetune" => step(
+            r,
+            sst2(r, MINILM_BATCH, &dev)?,
+            ("nlp.bert", json!({"pretrained": MINILM, "finetune": "all"})),
+            None,
+            Teacher::None,
+            5e-5,
             import,
         ),
         "transformer-kd-cached" | "bilstm-kd-cached" | "textcnn-kd-cached" => {

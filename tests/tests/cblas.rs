@@ -1,38 +1,16 @@
-//! The f32 products on a CBLAS library (`DISTILL_CBLAS`, else the OpenBLAS of `pip install
-//! scipy-openblas32`) equal the gemm crate's, for every way `kernels::matmul` splits a product:
-//! column bands, row bands, one band, transposed operands. In its own binary: installing a
-//! CBLAS library is for the whole process.
+//! The f32 products on a CBLAS library equal the gemm crate's, for every way `kernels::matmul`
+//! splits a product: column bands, row bands, one band, transposed operands. The library is the
+//! one workers install by default (`install_matrix_products`: the project's OpenBLAS from the
+//! data cache, fetched on first use; `DISTILL_CBLAS` where the user names another). In its own
+//! binary: installing a CBLAS library is for the whole process.
 
-use std::path::PathBuf;
-use std::process::Command;
-
-use distill_host::{CblasError, load_cblas};
+use distill_host::{
+    CBLAS_ENV, CblasError, OPENBLAS, Products, install_matrix_products, load_cblas,
+};
 use distill_rt::candle::{DType, Tensor, Var};
 use distill_rt::kernels::{cblas_sgemm_installed, conv2d, linear};
 use distill_rt::testing::max_relative_error;
 use distill_tests::{fixed_tensor, plugin_path};
-
-/// `DISTILL_CBLAS`, else the `scipy-openblas32` wheel's OpenBLAS.
-fn cblas_library() -> PathBuf {
-    if let Some(path) = std::env::var_os("DISTILL_CBLAS").filter(|p| !p.is_empty()) {
-        return PathBuf::from(path);
-    }
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import scipy_openblas32; print(scipy_openblas32.get_lib_dir())",
-        ])
-        .output()
-        .unwrap_or_else(|e| panic!("python3: {e}"));
-    let path =
-        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("libscipy_openblas.so");
-    assert!(
-        out.status.success() && path.is_file(),
-        "no OpenBLAS: `python3 -m pip install scipy-openblas32` (or set DISTILL_CBLAS): {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    path
-}
 
 /// Values and the gradients of every input of a fixed weighting, for the given computation.
 fn run(
@@ -101,10 +79,15 @@ fn products_on_cblas_equal_the_gemm_crate() -> Result<(), Box<dyn std::error::Er
     let conv_reference = run(&conv, &conv_inputs)?;
 
     assert!(!cblas_sgemm_installed());
-    assert!(
-        load_cblas(&cblas_library())?,
-        "a CBLAS library was installed before"
-    );
+    let Products::Cblas { path, core } = install_matrix_products()? else {
+        panic!("the matrix products are not on a CBLAS library (the log says why)");
+    };
+    if std::env::var_os(CBLAS_ENV).is_none() {
+        // The project's OpenBLAS, from the data cache, with the kernels it chose for this CPU.
+        let folder = distill_host::data_folder(OPENBLAS)?;
+        assert_eq!(path.parent(), Some(folder.as_path()));
+        assert!(core.is_some(), "OpenBLAS did not name its kernels");
+    }
     assert!(cblas_sgemm_installed());
     for ((what, inputs), want) in cases.iter().zip(&reference) {
         for (got, want) in run(&lin, inputs)?.iter().zip(want) {
@@ -118,7 +101,7 @@ fn products_on_cblas_equal_the_gemm_crate() -> Result<(), Box<dyn std::error::Er
     }
 
     // A second library does not replace the first; what is not a CBLAS library is refused.
-    assert!(!load_cblas(&cblas_library())?);
+    assert_eq!(load_cblas(&path)?, None);
     let not_cblas = plugin_path("distill_plugin_vision");
     assert!(matches!(
         load_cblas(&not_cblas),

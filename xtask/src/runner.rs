@@ -44,24 +44,11 @@ pub struct RunCounts {
     pub failed: usize,
 }
 
-/// Threads of candle's own element-wise pool in every worker and bench process: none beside
-/// the calling thread. Its workers spin 25,000 rounds between ops, and on the cores where rayon
-/// runs the matrix products and our kernels that spinning took 35% of the cycles of an MLP
-/// step; the heavy element-wise work runs in `distill_core::kernels` on rayon instead. With 2
-/// threads against 1 (steps/s, `bench-step`, 2 cores): mlp-kd-cached 330 -> 460, cnn-kd 18.8
-/// -> 23.0, bilstm-kd-cached 5.9 -> 6.6, neumf-mf-kd 35.9 -> 42.4, textcnn-kd-cached 9.0 ->
-/// 8.5, transformer, MobileNet and ResNet within 2%.
-pub const CANDLE_THREADS: &str = "1";
-
-/// Sets the environment every worker and bench process shares: the threads of both pools, the
-/// allocator's settings, and no thread pool for OpenBLAS (`DISTILL_CBLAS`): the kernels call it
-/// from their own threads, and the pool it starts on loading would spin beside them.
+/// Sets the environment every worker and bench process gets from the xtask: its share of the
+/// cores for rayon. The rest of their settings (candle's and OpenBLAS's pools, the allocator)
+/// the processes give themselves (`distill_host::apply_worker_settings`), run by hand as here.
 pub fn worker_env(command: &mut Command, threads: &str) {
-    command
-        .env("RAYON_NUM_THREADS", threads)
-        .env("CANDLE_NUM_THREADS", CANDLE_THREADS)
-        .env("GLIBC_TUNABLES", malloc_tunables())
-        .env("OPENBLAS_NUM_THREADS", "1");
+    command.env("RAYON_NUM_THREADS", threads);
 }
 
 /// The worker's log (its stdout and stderr) in its job folder.
@@ -81,22 +68,6 @@ pub fn worker_command(distill: &Path, log_format: &str, job_file: &Path, threads
             std::env::var("DISTILL_LOG").unwrap_or_else(|_| "info".into()),
         );
     command
-}
-
-/// glibc settings for the workers: candle allocates and frees tensors of megabytes each step;
-/// with glibc's defaults every one is a fresh `mmap` whose pages the kernel zeroes, which cost a
-/// ResNet step on 2 cores 30% of its time (1.17 s -> 0.82 s, measured with the criterion bench of the time). Keeping freed
-/// memory in the heap instead costs only a higher resident high-water mark. One arena for all
-/// threads: a job runs on a rayon thread (`kernels::on_pool`) and its tensors are freed on
-/// others, and with an arena per thread freed blocks waited in the wrong one (BiLSTM step 187
-/// -> 146 MiB and 7.7 -> 9.8 steps/s, NeuMF 180 -> 118 MiB and 37 -> 51). A user's own
-/// `GLIBC_TUNABLES` comes first.
-pub fn malloc_tunables() -> String {
-    const KEEP: &str = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296:glibc.malloc.arena_max=1";
-    match std::env::var("GLIBC_TUNABLES") {
-        Ok(own) if !own.is_empty() => format!("{KEEP}:{own}"),
-        _ => KEEP.to_string(),
-    }
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename: a reader sees the old file

@@ -14,7 +14,7 @@ use distill_engine::job::{
     CodeVersions, ENGINE_VERSION, Job, JobSpec, RECORD_FILE, Status, empty_record, run_job,
     write_json_atomic,
 };
-use distill_host::{PluginHost, load_cblas_from_env, workspace_plugins};
+use distill_host::{PluginHost, workspace_plugins};
 use distill_rt::candle::Device;
 use distill_rt::tracing_subscriber;
 
@@ -128,6 +128,8 @@ enum Command {
 }
 
 fn main() -> Result<ExitCode> {
+    // Before anything else: this may run the binary again with the worker settings.
+    let settings_error = distill_host::apply_worker_settings().err();
     let cli = Cli::parse();
     // A job's spec is read before anything else, so that its log goes into its folder.
     let job = match &cli.command {
@@ -140,8 +142,22 @@ fn main() -> Result<ExitCode> {
             .map(|spec| spec.out_dir.join(JOB_LOG_FILE))
             .as_deref(),
     )?;
-    load_cblas_from_env()?;
+    if let Some(e) = settings_error {
+        distill_rt::tracing::warn!(
+            "running without the worker settings (could not run again with them: {e})"
+        );
+    }
     distill_host::install_data_resolver();
+    if matches!(
+        cli.command,
+        Command::RunJob { .. } | Command::Check { .. } | Command::Loss(_)
+    ) {
+        // `check` fetches the library for the workers that follow, as it fetches their data.
+        let products = distill_host::install_matrix_products()?;
+        if job.is_some() {
+            log_worker_settings(&products);
+        }
+    }
     let mut host = PluginHost::new();
     let dir = match cli.plugins {
         Some(dir) => {
@@ -185,6 +201,25 @@ fn main() -> Result<ExitCode> {
         Command::Loss(args) => loss::run(host.registrar(), &args),
     }?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// One log line with what a job's speed depends on: its threads, the allocator's settings and
+/// where the matrix products run.
+fn log_worker_settings(products: &distill_host::Products) {
+    let var = |name: &str| std::env::var(name).unwrap_or_default();
+    let threads = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|t| t.parse::<usize>().ok())
+        .filter(|&t| t > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    distill_rt::tracing::info!(
+        threads,
+        candle_threads = var("CANDLE_NUM_THREADS"),
+        openblas_threads = var("OPENBLAS_NUM_THREADS"),
+        glibc_tunables = var("GLIBC_TUNABLES"),
+        products = %products,
+        "worker settings"
+    );
 }
 
 fn check_plan(host: &PluginHost, plan: &Path) -> Result<()> {

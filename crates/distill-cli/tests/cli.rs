@@ -152,3 +152,66 @@ fn run_job_refuses_a_job_planned_for_other_code() -> Result<(), Box<dyn std::err
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+/// `distill run-job` started by hand, without the environment `cargo xtask run` gives its
+/// workers, gives itself the same settings (it runs itself again with them): candle's and
+/// OpenBLAS's pools of one thread, glibc's allocator settings before the user's own, and the
+/// project's OpenBLAS for the matrix products. Its log says so.
+#[test]
+fn a_job_run_by_hand_gives_itself_the_worker_settings() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = std::env::temp_dir().join(format!("distill-cli-settings-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let out_dir = dir.join("job");
+    let spec = serde_json::json!({
+        "id": "by-hand", "spec_id": "by-hand", "experiment": "cli", "out_dir": out_dir,
+        "job": {"kind": "student",
+                "dataset": {"name": "vision.synthetic", "config": {"train": 64, "validation": 32, "test": 32, "size": 8}},
+                "model": {"name": "vision.mlp", "config": {"hidden": [8]}},
+                "strategy": {"name": "baseline", "config": {}},
+                "teachers": [], "train": {"epochs": 1, "batch_size": 32}, "seed": 0}
+    });
+    let job = dir.join("job.json");
+    std::fs::write(&job, serde_json::to_vec(&spec)?)?;
+    let own = "glibc.malloc.tcache_count=0";
+    let done = distill()
+        .arg("run-job")
+        .arg(&job)
+        .env_remove("RAYON_NUM_THREADS")
+        .env_remove("CANDLE_NUM_THREADS")
+        .env_remove("OPENBLAS_NUM_THREADS")
+        .env_remove("DISTILL_CBLAS")
+        .env("GLIBC_TUNABLES", own)
+        .output()?;
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let log = std::fs::read_to_string(out_dir.join("log.jsonl"))?;
+    let settings: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["fields"]["message"] == "worker settings")
+        .collect();
+    assert_eq!(settings.len(), 1, "{log}");
+    let f = &settings[0]["fields"];
+    assert_eq!(f["candle_threads"], "1");
+    assert_eq!(f["openblas_threads"], "1");
+    let tunables = f["glibc_tunables"].as_str().unwrap_or_default();
+    assert!(
+        tunables.starts_with("glibc.malloc.mmap_threshold=")
+            && tunables.contains("glibc.malloc.arena_max=1")
+            && tunables.ends_with(own),
+        "{tunables}"
+    );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(f["threads"], cores);
+    let products = f["products"].as_str().unwrap_or_default();
+    assert!(
+        products.starts_with("CBLAS ") && products.contains("openblas"),
+        "{products}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

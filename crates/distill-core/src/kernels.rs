@@ -1182,7 +1182,7 @@ pub use kl::{cross_entropy, kl_batchmean};
 pub use layer_norm::layer_norm;
 pub use linear::linear;
 pub use lstm::bilstm_final_states;
-pub use matmul::{CblasSgemm, cblas_sgemm_installed, use_cblas_sgemm};
+pub use matmul::{CblasSgemm, cblas_sgemm_installed, matmul_flops, use_cblas_sgemm};
 pub use pairwise::{pairwise_add, pairwise_mul};
 pub use pool::max_pool2d;
 pub use softmax::softmax_last;

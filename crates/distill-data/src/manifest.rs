@@ -55,6 +55,8 @@ pub enum Kind {
     Dataset,
     /// A pretrained model.
     Model,
+    /// A native library the project loads (OpenBLAS).
+    Library,
 }
 
 impl std::fmt::Display for Kind {
@@ -62,6 +64,7 @@ impl std::fmt::Display for Kind {
         f.write_str(match self {
             Kind::Dataset => "dataset",
             Kind::Model => "model",
+            Kind::Library => "library",
         })
     }
 }
@@ -85,6 +88,10 @@ pub struct FileSpec {
     /// Unpack this archive into the folder once it is verified.
     #[serde(default)]
     pub unpack: Option<ArchiveFormat>,
+    /// The machines it is for, `<arch>-<os>` as Rust names them (`x86_64-linux`); other
+    /// machines ignore the file. Every machine when absent.
+    #[serde(default)]
+    pub platform: Option<String>,
 }
 
 impl FileSpec {
@@ -159,9 +166,10 @@ pub enum ArchiveFormat {
 }
 
 impl Manifest {
-    /// Parses one manifest; `origin` names it in errors.
+    /// Parses one manifest; `origin` names it in errors. Files for other platforms are left
+    /// out.
     pub fn parse(text: &str, origin: &str) -> Result<Self, DataError> {
-        let m: Manifest = toml::from_str(text).map_err(|e| DataError::Manifest {
+        let mut m: Manifest = toml::from_str(text).map_err(|e| DataError::Manifest {
             file: origin.to_string(),
             message: e.to_string(),
         })?;
@@ -192,8 +200,16 @@ impl Manifest {
                 )));
             }
         }
+        let here = platform();
+        m.files
+            .retain(|f| f.platform.as_deref().is_none_or(|p| p == here));
         Ok(m)
     }
+}
+
+/// This machine as manifests name platforms: `<arch>-<os>` (`x86_64-linux`).
+pub fn platform() -> String {
+    format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS)
 }
 
 /// Every manifest of the build's `datasets/` folder, parsed once.
@@ -225,4 +241,36 @@ pub fn find(name: &str) -> Result<&'static Manifest, DataError> {
         name: name.to_string(),
         known: known.join(", "),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file marked for a platform is kept on that machine only; unmarked files everywhere.
+    #[test]
+    fn files_of_other_platforms_are_left_out() -> Result<(), DataError> {
+        let file = |name: &str, platform: &str, sha: char| {
+            format!(
+                "[[files]]\nname = \"{name}\"\n{platform}size = 1\nsha256 = \"{}\"\n",
+                sha.to_string().repeat(64)
+            )
+        };
+        let here = platform();
+        let text = format!(
+            "name = \"lib\"\nkind = \"library\"\ntitle = \"t\"\nlicence = \"l\"\ncitation = \"c\"\nhomepage = \"h\"\n{}{}{}",
+            file("lib.so", &format!("platform = \"{here}\"\n"), 'a'),
+            file("lib.so", "platform = \"sparc-plan9\"\n", 'b'),
+            file("README", "", 'c'),
+        );
+        let m = Manifest::parse(&text, "test")?;
+        assert_eq!(m.kind, Kind::Library);
+        let kept: Vec<(&str, &str)> = m
+            .files
+            .iter()
+            .map(|f| (f.name.as_str(), &f.sha256[..1]))
+            .collect();
+        assert_eq!(kept, [("lib.so", "a"), ("README", "c")]);
+        Ok(())
+    }
 }

@@ -8,8 +8,10 @@
 //! closures may point into them.
 
 mod cblas;
+mod worker;
 
-pub use cblas::{CBLAS_ENV, CblasError, load_cblas, load_cblas_from_env};
+pub use cblas::{CBLAS_ENV, CblasError, OPENBLAS, Products, install_matrix_products, load_cblas};
+pub use worker::{apply_worker_settings, missing_settings};
 
 use std::ffi::{CStr, c_char};
 use std::path::{Path, PathBuf};

@@ -2,10 +2,12 @@
 //! process and prints one JSON line: steps per second, the steps and seconds timed, peak resident
 //! memory (VmHWM) and the last loss. `bench-step --list` lists the steps. `bench-step <step>
 //! --check DIR` trains 10 steps from the weights and batch the PyTorch reference exported to
-//! `DIR/inputs.safetensors` and prints their losses. Threads come from
-//! `RAYON_NUM_THREADS` and `CANDLE_NUM_THREADS`; `cargo xtask bench` sets them, and the
-//! allocator thresholds, as it does for workers (candle's pool: 1, `runner::CANDLE_THREADS`).
-//! `DISTILL_CBLAS` names a CBLAS library for the f32 products, as for workers.
+//! `DIR/inputs.safetensors` and prints their losses. `bench-step <step> --write-batch FILE`
+//! writes a MiniLM step's real SST-2 batch for the reference and prints, as JSON, where the
+//! pretrained weights are. Threads come from
+//! `RAYON_NUM_THREADS` (`cargo xtask bench` sets it); the other settings of a worker, and its
+//! matrix products (the project's OpenBLAS unless `DISTILL_CBLAS` says otherwise), it gives
+//! itself as `distill` does (`distill_host::apply_worker_settings`, `install_matrix_products`).
 
 use std::time::Instant;
 
@@ -22,6 +24,7 @@ fn peak_rss_mib() -> Option<f64> {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    distill_host::apply_worker_settings()?;
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("--list") {
         for (name, what) in STEPS {
@@ -29,9 +32,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         return Ok(());
     }
-    let usage = "usage: bench-step <step> [--seconds S | --check DIR] | --list";
+    let usage =
+        "usage: bench-step <step> [--seconds S | --check DIR | --write-batch FILE] | --list";
     let name = args.first().ok_or(usage)?;
-    distill_host::load_cblas_from_env()?;
+    let products = distill_host::install_matrix_products()?;
+    distill_host::install_data_resolver();
     let mut host = PluginHost::new();
     for plugin in PLUGINS {
         host.load(&plugin_path(plugin))?;
@@ -51,15 +56,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             println!("{}", serde_json::json!({"step": name, "losses": losses}));
             return Ok(());
         }
+        Some("--write-batch") => {
+            let file = std::path::Path::new(args.get(2).ok_or(usage)?);
+            distill_tests::steps::write_batch(host.registrar(), name, file)?;
+            let weights =
+                distill_host::data_folder(distill_tests::steps::MINILM)?.join("model.safetensors");
+            println!("{}", serde_json::json!({"step": name, "weights": weights}));
+            return Ok(());
+        }
         Some(other) => return Err(format!("unknown argument {other}; {usage}").into()),
         None => 5.0,
     };
     let mut step = build_with(host.registrar(), name, None)?;
     // On a thread of rayon's pool, as workers run their jobs (`kernels::on_pool`).
-    let timed = distill_rt::kernels::on_pool(|| -> distill_rt::Result<(u64, f32, f64)> {
+    let timed = distill_rt::kernels::on_pool(|| -> distill_rt::Result<(u64, f32, f64, f64)> {
         for _ in 0..3 {
             step.run()?;
         }
+        let flops = distill_rt::kernels::matmul_flops();
         let started = Instant::now();
         let mut steps = 0u64;
         let mut loss = f32::NAN;
@@ -67,9 +81,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             loss = step.run()?;
             steps += 1;
         }
-        Ok((steps, loss, started.elapsed().as_secs_f64()))
+        let elapsed = started.elapsed().as_secs_f64();
+        let flops = (distill_rt::kernels::matmul_flops() - flops) as f64 / steps as f64;
+        Ok((steps, loss, elapsed, flops))
     });
-    let (steps, loss, elapsed) = timed?;
+    let (steps, loss, elapsed, flops) = timed?;
     println!(
         "{}",
         serde_json::json!({
@@ -79,6 +95,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "seconds": elapsed,
             "peak_rss_mib": peak_rss_mib(),
             "loss": loss,
+            "matmul_flops_per_step": flops,
+            "products": products.to_string(),
         })
     );
     Ok(())

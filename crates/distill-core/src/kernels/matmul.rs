@@ -11,6 +11,7 @@
 
 use std::any::TypeId;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
@@ -72,6 +73,15 @@ pub fn cblas_sgemm_installed() -> bool {
     SGEMM.get().is_some()
 }
 
+/// Floating-point operations of the products so far.
+static FLOPS: AtomicU64 = AtomicU64::new(0);
+
+/// The floating-point operations of every product the kernels ran in this process so far
+/// (`2 m n k` each; candle's own `matmul` is not counted), for the benches' GFLOP/s.
+pub fn matmul_flops() -> u64 {
+    FLOPS.load(Ordering::Relaxed)
+}
+
 /// CBLAS's row-major layout and transpose flags.
 const ROW_MAJOR: i32 = 101;
 const NO_TRANS: i32 = 111;
@@ -104,6 +114,7 @@ pub(super) fn matmul_into<T: Real>(
         rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < s.len()
     };
     assert!(dst.len() >= m * n && reach(lhs, m, k) && reach(rhs, k, n));
+    FLOPS.fetch_add(2 * (m * n * k) as u64, Ordering::Relaxed);
     if n == 1 || k == 1 {
         return rows_loop((m, n, k), &mut dst[..m * n], alpha, lhs, rhs, threads);
     }

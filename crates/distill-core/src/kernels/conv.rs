@@ -195,16 +195,16 @@ impl Conv2d {
         y
     }
 
-    /// The convolution whose forward pass is this one's input gradient, for stride 1 and a square
-    /// kernel: the output gradient convolved with the weights turned 180 degrees, their input and
-    /// output channels swapped, padded `k - 1 - padding`. Its im2col matrix has `out * k * k`
-    /// rows, so the input gradient is one well-shaped product per image (the direct form,
-    /// `weight^T x g` then adding the columns back onto the pixels, is a product over only `out`
-    /// and a scatter `k * k` times over the image: a third of a resnet20 step). Its dims and
-    /// weights (`[c, out, k, k]`).
+    /// The convolution whose forward pass is this one's input gradient, for stride 1, a square
+    /// kernel and "same" padding (`2 * padding = k - 1`, so no more arithmetic than the direct
+    /// form): the output gradient convolved with the weights turned 180 degrees, their input
+    /// and output channels swapped. Its im2col matrix has `out * k * k` rows, so the input
+    /// gradient is one well-shaped product per image (the direct form, `weight^T x g` then adding
+    /// the columns back onto the pixels, is a product over only `out` and a scatter `k * k` times
+    /// over the image: a sixth of a resnet20 step). Its dims and weights (`[c, out, k, k]`).
     fn transposed<T: Real>(&self, d: &Dims, w: &[T]) -> Option<(Conv2d, Dims, Vec<T>)> {
         let k = self.kh;
-        if self.stride != 1 || self.kw != k || self.padding > k - 1 {
+        if self.stride != 1 || self.kw != k || 2 * self.padding + 1 != k {
             return None;
         }
         let op = Conv2d {

@@ -2,7 +2,8 @@
 //! process and prints one JSON line: steps per second, the steps and seconds timed, peak resident
 //! memory (VmHWM) and the last loss. `bench-step --list` lists the steps. `bench-step <step>
 //! --check DIR` trains 10 steps from the weights and batch the PyTorch reference exported to
-//! `DIR/inputs.safetensors` and prints their losses. `bench-step <step> --write-batch FILE`
+//! `DIR/inputs.safetensors` and prints their losses; `--losses N` prints the losses of `N` steps
+//! from the step's own weights and batch. `bench-step <step> --write-batch FILE`
 //! writes a MiniLM step's real SST-2 batch for the reference and prints, as JSON, where the
 //! pretrained weights are. Threads come from
 //! `RAYON_NUM_THREADS` (`cargo xtask bench` sets it); the other settings of a worker, and its
@@ -32,8 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         return Ok(());
     }
-    let usage =
-        "usage: bench-step <step> [--seconds S | --check DIR | --write-batch FILE] | --list";
+    let usage = "usage: bench-step <step> [--seconds S | --check DIR | --losses N | --write-batch FILE] | --list";
     let name = args.first().ok_or(usage)?;
     let products = distill_host::install_matrix_products()?;
     distill_host::install_data_resolver();
@@ -53,6 +53,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let losses = (0..10)
                 .map(|_| step.run())
                 .collect::<distill_rt::Result<Vec<f32>>>()?;
+            println!("{}", serde_json::json!({"step": name, "losses": losses}));
+            return Ok(());
+        }
+        Some("--losses") => {
+            let n: usize = args.get(2).ok_or(usage)?.parse()?;
+            let mut step = build_with(host.registrar(), name, None)?;
+            let losses = distill_rt::kernels::on_pool(|| {
+                (0..n)
+                    .map(|_| step.run())
+                    .collect::<distill_rt::Result<Vec<f32>>>()
+            })?;
             println!("{}", serde_json::json!({"step": name, "losses": losses}));
             return Ok(());
         }

@@ -30,11 +30,14 @@ pub(super) enum Threads {
 /// An `m x n` operand: its slice and its (row, column) strides.
 pub(super) type Operand<'a, T> = (&'a [T], usize, usize);
 
-/// Output columns per thread below which a product is not split into column bands.
+/// Output columns per band, at least, when a product is split into column bands.
 const MIN_BAND: usize = 128;
 
-/// Rows per band, at least, when a narrow product is split into bands of rows.
-const MIN_ROWS: usize = 16;
+/// Rows per band, at least, when a narrow product is split into bands of rows (CBLAS only).
+const MIN_ROWS: usize = 64;
+
+/// Bands of one product, at most: enough for 16 threads.
+const MAX_BANDS: usize = 16;
 
 /// A row-major CBLAS `sgemm` (`cblas_sgemm` of MKL, OpenBLAS, BLIS).
 pub type CblasSgemm = unsafe extern "C" fn(
@@ -124,20 +127,23 @@ pub(super) fn matmul_into<T: Real>(
         .zip(cblas_operand(lhs.1, lhs.2, m, k))
         .zip(cblas_operand(rhs.1, rhs.2, k, n))
         .filter(|_| [m, n, k].iter().all(|&d| i32::try_from(d).is_ok()));
-    // Bands of output columns, one per thread; a product too narrow for that is split into bands
-    // of rows for CBLAS (which runs on the calling thread only) and left to gemm's own rayon
-    // split otherwise.
+    // Bands of output columns; a product too narrow for that is split into bands of rows for
+    // CBLAS (which runs on the calling thread only) and left to gemm's own rayon split
+    // otherwise. How many depends on the product's shape alone, never on the pool's size: a CBLAS
+    // library picks its kernels by the shape of each call (OpenBLAS's small-matrix kernels sum
+    // in another order than its blocked ones), so a split by thread count gave a job other bits
+    // on 1 thread than on 2.
     let pool = if threads == Threads::Pool {
         rayon::current_num_threads()
     } else {
         1
     };
-    let by_columns = n >= MIN_BAND * pool;
-    let bands = match (pool, by_columns, cblas.is_some()) {
-        (1, _, _) => 1,
-        (_, true, _) => pool,
-        (_, false, true) => pool.min(m.div_ceil(MIN_ROWS)),
-        (_, false, false) => 1,
+    let column_bands = (n / MIN_BAND).clamp(1, MAX_BANDS);
+    let by_columns = column_bands > 1;
+    let bands = match (by_columns, cblas.is_some()) {
+        (true, _) => column_bands,
+        (false, true) => (m / MIN_ROWS).clamp(1, MAX_BANDS),
+        (false, false) => 1,
     };
     let parallelism = if pool > 1 && bands == 1 {
         Parallelism::Rayon(pool)
@@ -208,6 +214,9 @@ pub(super) fn matmul_into<T: Real>(
     };
     if bands == 1 {
         band(0);
+    } else if pool == 1 {
+        // The same bands in order on this thread: the same calls, so the same bits.
+        (0..bands).for_each(band);
     } else {
         rayon::scope(|s| {
             for b in 1..bands {

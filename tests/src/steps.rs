@@ -284,16 +284,7 @@ fn forward_step(
     if let Some(tensors) = import {
         import_vars(&vars, tensors, "student.")?;
     }
-    let weights = named_vars(&vars)
-        .into_iter()
-        .map(|(name, var)| (name, var.as_tensor().clone()))
-        .collect();
-    let frozen = ModelContext {
-        dataset: &inputs.info,
-        seed: 0,
-        vb: frozen_var_builder(weights, inputs.dtype, &Device::Cpu),
-    };
-    let model = r.get_model(name)?.build(&config, frozen)?;
+    let model = frozen_model(r, &inputs, (name, &config), &vars)?;
     let batch = inputs.batch;
     Ok(Step {
         run: Box::new(move || {
@@ -302,6 +293,26 @@ fn forward_step(
             Ok(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?)
         }),
     })
+}
+
+/// The model `name` rebuilt on the weights of `vars` as constants, as the engine loads a live
+/// teacher and the teacher cache runs one: its forward pass records no backward graph.
+fn frozen_model(
+    r: &Registrar,
+    inputs: &Inputs,
+    (name, config): (&str, &Config),
+    vars: &VarMap,
+) -> Result<Box<dyn Model>> {
+    let weights = named_vars(vars)
+        .into_iter()
+        .map(|(name, var)| (name, var.as_tensor().clone()))
+        .collect();
+    let frozen = ModelContext {
+        dataset: &inputs.info,
+        seed: 0,
+        vb: frozen_var_builder(weights, inputs.dtype, &Device::Cpu),
+    };
+    r.get_model(name)?.build(config, frozen)
 }
 
 fn build_model(
@@ -387,19 +398,8 @@ fn step(
             if let (Some(tensors), Teacher::Live) = (import, mode) {
                 import_vars(&vars, tensors, "teacher.")?;
             }
-            // As the engine loads a live teacher: its weights as constants, so that its forward
-            // pass records no backward graph.
-            let weights = named_vars(&vars)
-                .into_iter()
-                .map(|(name, var)| (name, var.as_tensor().clone()))
-                .collect();
-            let frozen = ModelContext {
-                dataset: &inputs.info,
-                seed: 0,
-                vb: frozen_var_builder(weights, inputs.dtype, &Device::Cpu),
-            };
             match mode {
-                Teacher::Live => Some(r.get_model(name)?.build(&config, frozen)?),
+                Teacher::Live => Some(frozen_model(r, &inputs, (name, &config), &vars)?),
                 _ => Some(t),
             }
         }

@@ -328,8 +328,8 @@ pub fn run(root: &Path, opts: &BenchOptions<'_>) -> Result<()> {
             if let Some(p) = &sample.products {
                 products
                     .entry(p.clone())
-                    .or_insert_with(Vec::new)
-                    .push(step.clone());
+                    .or_insert_with(std::collections::BTreeSet::new)
+                    .insert(step.clone());
             }
             samples.entry("ours").or_default().push(sample);
             if compare {
@@ -387,7 +387,6 @@ pub fn run(root: &Path, opts: &BenchOptions<'_>) -> Result<()> {
         );
     }
     for (p, steps) in &products {
-        let steps: std::collections::BTreeSet<&String> = steps.iter().collect();
         println!("our matrix products: {p} ({} steps)", steps.len());
     }
     Ok(())

@@ -1603,6 +1603,21 @@ mod tests {
                 &format!("{kh}x{kw} padding {padding}"),
             )?;
         }
+        // One channel, the kernel as wide as the input (TextCNN's windows): one product over
+        // the batch; the last case has a single window per image.
+        for (b, h, w, kh) in [(2, 7, 5, 3), (3, 6, 4, 6), (1, 9, 8, 1)] {
+            let inputs = [
+                seq(&[b, 1, h, w], 1.0)?,
+                seq(&[4, 1, kh, w], 0.5)?,
+                seq(&[4], 0.3)?,
+            ];
+            let ours = |t: &[Tensor]| conv2d(&t[0], &t[1], &t[2], 0, 1);
+            let theirs = |t: &[Tensor]| {
+                let y = t[0].conv2d(&t[1], 0, 1, 1, 1)?;
+                Ok(y.broadcast_add(&t[2].reshape((1, 4, 1, 1))?)?)
+            };
+            assert_same(&ours, &theirs, &inputs, &format!("windows {kh}x{w} of {h}"))?;
+        }
         Ok(())
     }
 

@@ -795,12 +795,22 @@ trait Real:
 {
     /// The multiplicative identity.
     const ONE: Self;
+    /// `self * a + b` rounded once (one instruction on CPUs with FMA, a library call on others).
+    fn fma(self, a: Self, b: Self) -> Self;
 }
 impl Real for f32 {
     const ONE: Self = 1.0;
+    #[inline(always)]
+    fn fma(self, a: Self, b: Self) -> Self {
+        self.mul_add(a, b)
+    }
 }
 impl Real for f64 {
     const ONE: Self = 1.0;
+    #[inline(always)]
+    fn fma(self, a: Self, b: Self) -> Self {
+        self.mul_add(a, b)
+    }
 }
 
 /// The floats the transcendental kernels (LSTM cell, softmax) run in.
@@ -1177,6 +1187,7 @@ pub fn depthwise_conv(
 
 mod attention;
 mod conv;
+mod direct;
 mod gelu;
 mod kl;
 mod layer_norm;
@@ -1541,6 +1552,62 @@ mod tests {
             };
             let what = format!("batch {b} k {k} padding {padding} stride {stride}");
             assert_same(&ours, &theirs, &inputs, &what)?;
+        }
+        Ok(())
+    }
+
+    /// The direct 3x3 kernel (16 to 64 channels in and out, on CPUs with AVX-512; the im2col
+    /// path elsewhere) equals candle's `conv2d` plus a bias, values and gradients, in f64 and
+    /// in f32: every padding it takes, channel counts that fill no whole block of 8 or 16,
+    /// rectangular images and batches smaller than the pool.
+    #[test]
+    fn conv2d_on_many_channels_equals_candle() -> Result<()> {
+        for (b, c, out, (h, w), padding) in [
+            (2, 16, 16, (6, 6), 1),
+            (3, 17, 19, (5, 9), 1),
+            (1, 24, 33, (7, 4), 0),
+            (2, 16, 20, (3, 5), 2),
+        ] {
+            let inputs = [
+                seq(&[b, c, h, w], 1.0)?,
+                seq(&[out, c, 3, 3], 0.5)?,
+                seq(&[out], 0.3)?,
+            ];
+            let ours = |t: &[Tensor]| conv2d(&t[0], &t[1], &t[2], padding, 1);
+            let theirs = |t: &[Tensor]| {
+                let y = t[0].conv2d(&t[1], padding, 1, 1, 1)?;
+                Ok(y.broadcast_add(&t[2].reshape((1, out, 1, 1))?)?)
+            };
+            let what = format!("{c} -> {out} channels, {h}x{w}, padding {padding}");
+            assert_same(&ours, &theirs, &inputs, &what)?;
+            let f32s = inputs
+                .iter()
+                .map(|t| t.to_dtype(DType::F32))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let x = Var::from_tensor(&f32s[0])?;
+            let (a, b) = (
+                ours(&[x.as_tensor().clone(), f32s[1].clone(), f32s[2].clone()])?,
+                theirs(&f32s)?,
+            );
+            assert!(
+                max_relative_error(&a, &b, 1.0)? < 1e-5,
+                "{what}: f32 values"
+            );
+            let probe = seq(a.dims(), 0.9)?.to_dtype(DType::F32)?;
+            let ga = (&a * &probe)?.sum_all()?.backward()?;
+            let dx = ga
+                .get(x.as_tensor())
+                .ok_or_else(|| Error::Invalid("no dx".into()))?;
+            let xt = Var::from_tensor(&f32s[0])?;
+            let bt = theirs(&[xt.as_tensor().clone(), f32s[1].clone(), f32s[2].clone()])?;
+            let gb = (&bt * &probe)?.sum_all()?.backward()?;
+            let dxt = gb
+                .get(xt.as_tensor())
+                .ok_or_else(|| Error::Invalid("no dx".into()))?;
+            assert!(
+                max_relative_error(dx, dxt, 1.0)? < 1e-5,
+                "{what}: f32 input gradient"
+            );
         }
         Ok(())
     }

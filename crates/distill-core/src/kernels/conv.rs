@@ -13,13 +13,20 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::matmul::{Threads, matmul_into};
+use super::direct::{Direct, fits_cpu};
+use super::matmul::{Threads, count_flops, matmul_into};
 use super::{Real, add_vectors, contiguous, same_float};
 use crate::{Error, Result};
 
 /// Runs of images the backward pass splits a batch into, whatever the pool's size: enough to
 /// keep 16 threads busy, few enough that each run's scratch buffers are allocated once.
 const GRAD_TASKS: usize = 16;
+
+/// Channels (in and out) of the convolutions the direct kernel runs. Above, the im2col matrix
+/// costs little beside the product it feeds; below, the padded copies and the transposed
+/// gradient cost more than the im2col matrix (a 1-channel stem made mobilenet-kd-cached 15%
+/// slower).
+const DIRECT_CHANNELS: std::ops::RangeInclusive<usize> = 16..=64;
 
 /// A `kh x kw` convolution with zero `padding` and `stride` on `(x, weight, bias)`.
 #[derive(Clone, Copy)]
@@ -284,9 +291,53 @@ impl Conv2d {
         packed
     }
 
+    /// The direct kernel's geometry, when it runs this convolution: stride 1, 3x3 with padding
+    /// 0 to 2, [`DIRECT_CHANNELS`] channels in and out, on a CPU with AVX-512.
+    fn direct(&self, d: &Dims) -> Option<Direct> {
+        let fits = self.stride == 1
+            && (self.kh, self.kw) == (3, 3)
+            && self.padding < 3
+            && DIRECT_CHANNELS.contains(&d.c)
+            && DIRECT_CHANNELS.contains(&d.out);
+        (fits && fits_cpu()).then_some(Direct {
+            c: d.c,
+            h: d.h,
+            w: d.w,
+            out: d.out,
+            padding: self.padding,
+        })
+    }
+
+    /// [`Self::forward`] on the direct kernel: per image, the padded copy and one pass.
+    fn forward_direct<T: Real>(
+        &self,
+        d: &Dims,
+        direct: &Direct,
+        x: &[T],
+        w: &[T],
+        bias: &[T],
+    ) -> Vec<T> {
+        let packed = direct.pack(w);
+        let mut y = vec![T::default(); d.b * d.out * d.plane()];
+        y.par_chunks_mut(d.out * d.plane())
+            .enumerate()
+            .for_each_init(
+                || (vec![T::default(); direct.padded_len()], direct.scratch()),
+                |(xp, scratch), (n, y_n)| {
+                    direct.pad(&x[n * d.image()..(n + 1) * d.image()], xp);
+                    direct.forward(xp, &packed, Some(bias), y_n, scratch);
+                },
+            );
+        count_flops(d.b as u64 * direct.flops());
+        y
+    }
+
     fn forward<T: Real>(&self, d: &Dims, x: &[T], w: &[T], bias: &[T]) -> Vec<T> {
         if self.windows(d) {
             return self.forward_windows(d, x, w, bias);
+        }
+        if let Some(direct) = self.direct(d) {
+            return self.forward_direct(d, &direct, x, w, bias);
         }
         let (rows, plane) = (d.rows((self.kh, self.kw)), d.plane());
         let mut y = vec![T::default(); d.b * d.out * plane];
@@ -364,6 +415,9 @@ impl Conv2d {
         if self.windows(d) {
             return self.backward_windows(d, x, w, g, input_grad);
         }
+        if let Some(direct) = self.direct(d) {
+            return self.backward_direct(d, &direct, x, w, g, input_grad);
+        }
         let (rows, plane) = (d.rows((self.kh, self.kw)), d.plane());
         let (nw, nb) = (d.out * rows, d.out);
         let scratch = if self.pointwise() { 0 } else { rows * plane };
@@ -377,16 +431,14 @@ impl Conv2d {
             Some((op, td, _)) => td.rows((op.kh, op.kw)) * td.plane(),
             None => rows * plane,
         };
-        let mut dx = vec![T::default(); if input_grad { d.b * d.image() } else { 0 }];
         // Per task: partial weight and bias gradients, and the im2col scratch buffers.
         let start = || {
             (
                 vec![T::default(); nw + nb],
-                vec![T::default(); scratch],
-                vec![T::default(); dscratch],
+                (vec![T::default(); scratch], vec![T::default(); dscratch]),
             )
         };
-        let image = |(mut acc, mut cols, mut dcols): (Vec<T>, Vec<T>, Vec<T>),
+        let image = |(mut acc, (mut cols, mut dcols)): (Vec<T>, (Vec<T>, Vec<T>)),
                      n: usize,
                      dx_n: Option<&mut [T]>| {
             let x_n = &x[n * d.image()..(n + 1) * d.image()];
@@ -443,41 +495,110 @@ impl Conv2d {
                 }
                 (None, _) => {}
             }
-            (acc, cols, dcols)
+            (acc, (cols, dcols))
         };
-        // Tasks are fixed runs of images (each task's buffers are allocated once) whose
-        // partial sums are added in task order, and their number does not depend on the
-        // pool's size: the gradient is the same however many threads run it, and however the
-        // pool schedules them.
-        let per_task = d.b.div_ceil(GRAD_TASKS).max(1);
-        let tasks: Vec<Vec<T>> = if input_grad {
-            dx.par_chunks_mut(d.image() * per_task)
-                .enumerate()
-                .map(|(t, dxs)| {
-                    let first = t * per_task;
-                    dxs.chunks_mut(d.image())
-                        .enumerate()
-                        .fold(start(), |state, (i, dx_n)| {
-                            image(state, first + i, Some(dx_n))
-                        })
-                        .0
-                })
-                .collect()
-        } else {
-            (0..d.b.div_ceil(per_task))
-                .into_par_iter()
-                .map(|t| {
-                    (t * per_task..((t + 1) * per_task).min(d.b))
-                        .fold(start(), |state, n| image(state, n, None))
-                        .0
-                })
-                .collect()
-        };
-        let partials = tasks.into_iter().reduce(add_vectors);
-        let mut packed = partials.unwrap_or_else(|| vec![T::default(); nw + nb]);
-        packed.append(&mut dx);
-        packed
+        over_images(d, input_grad, nw + nb, start, image)
     }
+
+    /// [`Self::backward`] on the direct kernel: per image, the weight gradient from the padded
+    /// image, and the input gradient as the transposed convolution's forward pass on the padded
+    /// output gradient.
+    fn backward_direct<T: Real>(
+        &self,
+        d: &Dims,
+        direct: &Direct,
+        x: &[T],
+        w: &[T],
+        g: &[T],
+        input_grad: bool,
+    ) -> Vec<T> {
+        let plane = d.plane();
+        let (nw, nb) = (d.out * d.rows((3, 3)), d.out);
+        let back = direct.transposed();
+        let turned = input_grad.then(|| back.pack(&direct.turn(w)));
+        // Per task: partial weight and bias gradients; the padded image and the transposed
+        // output gradient; the padded output gradient and a pass's scratch.
+        let start = || {
+            let lens = if input_grad {
+                [back.padded_len(), back.scratch::<T>().len()]
+            } else {
+                [0, 0]
+            };
+            (
+                vec![T::default(); nw + nb],
+                [
+                    direct.padded_len(),
+                    direct.grad_scratch::<T>().len(),
+                    lens[0],
+                    lens[1],
+                ]
+                .map(|len| vec![T::default(); len]),
+            )
+        };
+        let image =
+            |(mut acc, mut bufs): (Vec<T>, [Vec<T>; 4]), n: usize, dx_n: Option<&mut [T]>| {
+                let x_n = &x[n * d.image()..(n + 1) * d.image()];
+                let g_n = &g[n * d.out * plane..(n + 1) * d.out * plane];
+                let [xp, gt, gp, pass] = &mut bufs;
+                let (dw, db) = acc.split_at_mut(nw);
+                direct.pad(x_n, xp);
+                direct.weight_grad(xp, g_n, dw, gt);
+                for (o, line) in g_n.chunks(plane).enumerate() {
+                    db[o] += line.iter().fold(T::default(), |s, &v| s + v);
+                }
+                if let (Some(dx_n), Some(turned)) = (dx_n, &turned) {
+                    back.pad(g_n, gp);
+                    back.forward(gp, turned, None, dx_n, pass);
+                }
+                (acc, bufs)
+            };
+        let flops = direct.flops() * if input_grad { 2 } else { 1 };
+        count_flops(d.b as u64 * flops);
+        over_images(d, input_grad, nw + nb, start, image)
+    }
+}
+
+/// Runs `image(state, n, dx_n)` over a batch's images in fixed runs (each run's `state`, from
+/// `start`, is allocated once), with `dx_n` image `n`'s slice of the input gradient when
+/// `input_grad`; returns the runs' partial sums (the state's first vector, `len` long) added
+/// in run order, then the input gradient. The runs do not depend on the pool's size: the
+/// gradient is the same however many threads run it, and however the pool schedules them.
+fn over_images<T: Real, B: Send>(
+    d: &Dims,
+    input_grad: bool,
+    len: usize,
+    start: impl Fn() -> (Vec<T>, B) + Sync,
+    image: impl Fn((Vec<T>, B), usize, Option<&mut [T]>) -> (Vec<T>, B) + Sync,
+) -> Vec<T> {
+    let per_task = d.b.div_ceil(GRAD_TASKS).max(1);
+    let mut dx = vec![T::default(); if input_grad { d.b * d.image() } else { 0 }];
+    let tasks: Vec<Vec<T>> = if input_grad {
+        dx.par_chunks_mut(d.image() * per_task)
+            .enumerate()
+            .map(|(t, dxs)| {
+                let first = t * per_task;
+                dxs.chunks_mut(d.image())
+                    .enumerate()
+                    .fold(start(), |state, (i, dx_n)| {
+                        image(state, first + i, Some(dx_n))
+                    })
+                    .0
+            })
+            .collect()
+    } else {
+        (0..d.b.div_ceil(per_task))
+            .into_par_iter()
+            .map(|t| {
+                (t * per_task..((t + 1) * per_task).min(d.b))
+                    .fold(start(), |state, n| image(state, n, None))
+                    .0
+            })
+            .collect()
+    };
+    let partials = tasks.into_iter().reduce(add_vectors);
+    let mut packed = partials.unwrap_or_else(|| vec![T::default(); len]);
+    packed.append(&mut dx);
+    packed
 }
 
 impl CustomOp3 for Conv2d {

@@ -80,9 +80,16 @@ pub fn cblas_sgemm_installed() -> bool {
 static FLOPS: AtomicU64 = AtomicU64::new(0);
 
 /// The floating-point operations of every product the kernels ran in this process so far
-/// (`2 m n k` each; candle's own `matmul` is not counted), for the benches' GFLOP/s.
+/// (`2 m n k` each, and the same arithmetic of the direct convolutions; candle's own `matmul`
+/// is not counted), for the benches' GFLOP/s.
 pub fn matmul_flops() -> u64 {
     FLOPS.load(Ordering::Relaxed)
+}
+
+/// Adds `flops` to [`matmul_flops`] for a kernel that does a product's arithmetic without
+/// [`matmul_into`] (the direct convolutions).
+pub(super) fn count_flops(flops: u64) {
+    FLOPS.fetch_add(flops, Ordering::Relaxed);
 }
 
 /// CBLAS's row-major layout and transpose flags.

@@ -24,6 +24,7 @@ pub mod registry;
 pub mod rng;
 pub mod strategy;
 pub mod testing;
+pub mod weights;
 
 pub use candle_core as candle;
 pub use candle_nn;

@@ -82,8 +82,7 @@ impl TeacherCache {
 
     /// Reads a cache written by [`TeacherCache::save`].
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        let mut map = distill_rt::candle::safetensors::load(path, device)
-            .map_err(|e| Error::data(path, e.to_string()))?;
+        let mut map = distill_rt::weights::load(path, device)?;
         let logits = map
             .remove(LOGITS)
             .ok_or_else(|| Error::data(path, "no `logits` tensor: not a teacher cache"))?;

@@ -490,8 +490,7 @@ fn load_teacher(
     }
     verify_file(&teacher_record, &t.dir, WEIGHTS_FILE)?;
     let path = t.dir.join(WEIGHTS_FILE);
-    let weights = distill_rt::candle::safetensors::load(&path, device)
-        .map_err(|e| Error::data(&path, e.to_string()))?;
+    let weights = distill_rt::weights::load(&path, device)?;
     let ctx = ModelContext {
         dataset: data.info(),
         seed: 0,

@@ -5,7 +5,6 @@
 //! only the head: DESIGN.md, "candle traps"). One module serves the pretrained
 //! all-MiniLM-L6-v2 teacher, a BERT trained here and the small-transformer student.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use distill_rt::candle::{Device, Tensor};
@@ -241,22 +240,21 @@ pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
 /// keeps them: nothing is copied over a constant.
 pub fn load_pretrained(dir: &Path, vb: &VarBuilder, expected: usize) -> Result<usize> {
     let path = dir.join("model.safetensors");
-    let weights: HashMap<String, Tensor> =
-        distill_rt::candle::safetensors::load(&path, &Device::Cpu)
-            .map_err(|e| Error::data(&path, format!("cannot read the weights: {e}")))?;
+    // One tensor at a time: the model's variables and one file tensor are all that is held.
     let mut copied = 0;
-    for (name, w) in &weights {
-        if !vb.contains_tensor(name) {
-            continue;
+    distill_rt::weights::each_tensor(&path, &Device::Cpu, |name, w| {
+        if !vb.contains_tensor(&name) {
+            return Ok(());
         }
         let var = vb
-            .get(w.shape(), name)
+            .get(w.shape(), &name)
             .map_err(|e| Error::data(&path, format!("`{name}` does not fit the encoder: {e}")))?;
         if var.is_variable() {
             var.slice_set(&w.to_dtype(var.dtype())?.to_device(var.device())?, 0, 0)?;
         }
         copied += 1;
-    }
+        Ok(())
+    })?;
     if copied != expected {
         return Err(Error::data(
             &path,

@@ -9,6 +9,10 @@
 //! word embeddings) runs as one product over the whole batch instead: each window is a
 //! contiguous run of the input, copied as one row of a `[windows, k * width]` matrix (per image,
 //! a product of 60 columns ran at a fraction of the speed of one of 4,000 rows).
+//!
+//! A stride-1 3x3 convolution with 16 to 64 channels runs the direct kernel of
+//! [`super::direct`] on CPUs with AVX-512 (no im2col matrix, no product): at those widths
+//! copying the im2col matrix and packing it for the product took half of a resnet20 step.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;

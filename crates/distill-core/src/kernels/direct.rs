@@ -12,7 +12,7 @@
 //! Multiply-adds are fused ([`Real::fma`]) and the loops compiled for AVX-512 ([`wide`]); on
 //! other CPUs ([`fits_cpu`]) the caller takes the im2col path. On one Zen 4 core, f32, 16
 //! channels at 32x32 (a microbenchmark of these loops): the forward pass 98-109 GFLOP/s (peak
-//! about 113), the weight gradient 54.
+//! about 113), the weight gradient 42-54.
 
 use super::{Real, wide};
 
@@ -100,7 +100,8 @@ impl Direct {
         (self.oh() * self.wp()).next_multiple_of(LANES)
     }
 
-    /// Multiply-adds of one image's forward pass (valid positions only).
+    /// Floating-point operations of one image's forward pass (two per multiply-add, valid
+    /// positions only), as a product's are counted.
     pub fn flops(&self) -> u64 {
         (2 * self.out * self.c * TAPS * self.oh() * self.ow()) as u64
     }
@@ -125,12 +126,12 @@ impl Direct {
     /// The weights `[out, c, 3, 3]` turned 180 degrees with their channels swapped: the
     /// weights of [`Self::transposed`], `[c, out, 3, 3]`.
     pub fn turn<T: Real>(&self, w: &[T]) -> Vec<T> {
-        let kk = TAPS;
         let mut turned = vec![T::default(); w.len()];
         for o in 0..self.out {
             for c in 0..self.c {
-                for t in 0..kk {
-                    turned[(c * self.out + o) * kk + kk - 1 - t] = w[(o * self.c + c) * kk + t];
+                for t in 0..TAPS {
+                    turned[(c * self.out + o) * TAPS + TAPS - 1 - t] =
+                        w[(o * self.c + c) * TAPS + t];
                 }
             }
         }
@@ -153,15 +154,14 @@ impl Direct {
     /// [`OB`] output channels, per input channel and tap, the block's `OB` weights (zeros past
     /// the last channel).
     pub fn pack<T: Real>(&self, w: &[T]) -> Vec<T> {
-        let kk = TAPS;
         let blocks = self.out.div_ceil(OB);
-        let mut packed = vec![T::default(); blocks * self.c * kk * OB];
+        let mut packed = vec![T::default(); blocks * self.c * TAPS * OB];
         for o in 0..self.out {
             let (block, lane) = (o / OB, o % OB);
             for c in 0..self.c {
-                for t in 0..kk {
-                    packed[((block * self.c + c) * kk + t) * OB + lane] =
-                        w[(o * self.c + c) * kk + t];
+                for t in 0..TAPS {
+                    packed[((block * self.c + c) * TAPS + t) * OB + lane] =
+                        w[(o * self.c + c) * TAPS + t];
                 }
             }
         }
@@ -207,13 +207,12 @@ impl Direct {
     #[inline(always)]
     fn forward_loops<T: Real>(&self, xp: &[T], packed: &[T], scratch: &mut [T]) {
         let (wp, plane, positions) = (self.wp(), self.plane(), self.positions());
-        let kk = TAPS;
         for (block, weights) in packed.chunks_exact(self.c * TAPS * OB).enumerate() {
             for q in (0..positions).step_by(LANES) {
                 let mut acc = [[T::default(); LANES]; OB];
                 for c in 0..self.c {
                     let xc = &xp[c * plane + q..];
-                    let wc = &weights[c * kk * OB..(c + 1) * kk * OB];
+                    let wc = &weights[c * TAPS * OB..(c + 1) * TAPS * OB];
                     for i in 0..K {
                         for j in 0..K {
                             let xs = *lanes(xc, i * wp + j);

@@ -11,7 +11,7 @@ mod cblas;
 mod worker;
 
 pub use cblas::{CBLAS_ENV, CblasError, OPENBLAS, Products, install_matrix_products, load_cblas};
-pub use worker::{apply_worker_settings, missing_settings};
+pub use worker::apply_worker_settings;
 
 use std::ffi::{CStr, c_char};
 use std::path::{Path, PathBuf};

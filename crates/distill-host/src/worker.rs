@@ -30,7 +30,7 @@ const MALLOC: &str = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_t
 /// The settings this process lacks: each variable with the value it should have. A user's own
 /// `CANDLE_NUM_THREADS` or `OPENBLAS_NUM_THREADS` is kept, and their `GLIBC_TUNABLES` follow ours
 /// (glibc applies the last setting of a name).
-pub fn missing_settings() -> Vec<(&'static str, OsString)> {
+fn missing_settings() -> Vec<(&'static str, OsString)> {
     let mut missing = Vec::new();
     for (name, value) in [
         ("CANDLE_NUM_THREADS", CANDLE_THREADS),

@@ -49,23 +49,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 distill_rt::candle::safetensors::load(&path, &distill_rt::candle::Device::Cpu)
                     .map_err(|e| format!("{}: {e}", path.display()))?;
             let tensors = tensors.into_iter().collect();
-            let mut step = build_with(host.registrar(), name, Some(&tensors))?;
-            let losses = (0..10)
-                .map(|_| step.run())
-                .collect::<distill_rt::Result<Vec<f32>>>()?;
-            println!("{}", serde_json::json!({"step": name, "losses": losses}));
-            return Ok(());
+            let step = build_with(host.registrar(), name, Some(&tensors))?;
+            return print_losses(name, step, 10);
         }
         Some("--losses") => {
             let n: usize = args.get(2).ok_or(usage)?.parse()?;
-            let mut step = build_with(host.registrar(), name, None)?;
-            let losses = distill_rt::kernels::on_pool(|| {
-                (0..n)
-                    .map(|_| step.run())
-                    .collect::<distill_rt::Result<Vec<f32>>>()
-            })?;
-            println!("{}", serde_json::json!({"step": name, "losses": losses}));
-            return Ok(());
+            let step = build_with(host.registrar(), name, None)?;
+            return print_losses(name, step, n);
         }
         Some("--write-batch") => {
             let file = std::path::Path::new(args.get(2).ok_or(usage)?);
@@ -110,5 +100,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "products": products.to_string(),
         })
     );
+    Ok(())
+}
+
+/// Trains `step` `n` times on the pool and prints the losses as one JSON line.
+fn print_losses(
+    name: &str,
+    mut step: distill_tests::steps::Step,
+    n: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let losses = distill_rt::kernels::on_pool(|| {
+        (0..n)
+            .map(|_| step.run())
+            .collect::<distill_rt::Result<Vec<f32>>>()
+    })?;
+    println!("{}", serde_json::json!({"step": name, "losses": losses}));
     Ok(())
 }

@@ -17,7 +17,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::direct::{Direct, fits_cpu};
+use super::direct::{Direct, fits_cpu, turned};
 use super::matmul::{Threads, count_flops, matmul_into};
 use super::{Real, add_vectors, contiguous, same_float};
 use crate::{Error, Result};
@@ -400,18 +400,7 @@ impl Conv2d {
             oh: d.h,
             ow: d.w,
         };
-        let mut turned = vec![T::default(); w.len()];
-        for o in 0..d.out {
-            for c in 0..d.c {
-                for i in 0..k {
-                    for j in 0..k {
-                        turned[((c * d.out + o) * k + (k - 1 - i)) * k + (k - 1 - j)] =
-                            w[((o * d.c + c) * k + i) * k + j];
-                    }
-                }
-            }
-        }
-        Some((op, dims, turned))
+        Some((op, dims, turned(w, d.out, d.c, k * k)))
     }
 
     /// `[dweight, dbias, dx]` packed, `dx` only when `input_grad`.

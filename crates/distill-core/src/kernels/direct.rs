@@ -43,6 +43,21 @@ pub(super) fn fits_cpu() -> bool {
     }
 }
 
+/// Convolution weights `[out, c, k, k]` (`taps = k * k`) turned 180 degrees with their input
+/// and output channels swapped, `[c, out, k, k]`: the weights of the transposed convolution,
+/// whose forward pass is the input gradient.
+pub(super) fn turned<T: Real>(w: &[T], out: usize, c: usize, taps: usize) -> Vec<T> {
+    let mut turned = vec![T::default(); w.len()];
+    for o in 0..out {
+        for ci in 0..c {
+            for t in 0..taps {
+                turned[(ci * out + o) * taps + taps - 1 - t] = w[(o * c + ci) * taps + t];
+            }
+        }
+    }
+    turned
+}
+
 /// The `LANES` values of `s` from `at`.
 #[inline(always)]
 fn lanes<T>(s: &[T], at: usize) -> &[T; LANES] {
@@ -126,16 +141,7 @@ impl Direct {
     /// The weights `[out, c, 3, 3]` turned 180 degrees with their channels swapped: the
     /// weights of [`Self::transposed`], `[c, out, 3, 3]`.
     pub fn turn<T: Real>(&self, w: &[T]) -> Vec<T> {
-        let mut turned = vec![T::default(); w.len()];
-        for o in 0..self.out {
-            for c in 0..self.c {
-                for t in 0..TAPS {
-                    turned[(c * self.out + o) * TAPS + TAPS - 1 - t] =
-                        w[(o * self.c + c) * TAPS + t];
-                }
-            }
-        }
-        turned
+        turned(w, self.out, self.c, TAPS)
     }
 
     /// Writes image `x` (`[c, h, w]`) into `xp` (of [`Self::padded_len`]) with zeros around it.

@@ -1186,6 +1186,7 @@ pub fn depthwise_conv(
 }
 
 mod attention;
+mod batch_norm;
 mod conv;
 mod direct;
 mod gelu;
@@ -1198,6 +1199,7 @@ mod pairwise;
 mod pool;
 mod softmax;
 pub use attention::attention;
+pub use batch_norm::{BatchStats, batch_norm};
 pub use conv::conv2d;
 pub use gelu::gelu_erf;
 pub use kl::{cross_entropy, kl_batchmean};

@@ -5,7 +5,7 @@
 use candle_core::{Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
-use crate::kernels::{channel_add, channel_mul, group_norm, group_norm_relu, relu};
+use crate::kernels::{batch_norm, channel_add, channel_mul, relu};
 use crate::rng::Rng;
 use crate::{Error, Result, ops};
 
@@ -219,39 +219,17 @@ impl BatchNorm {
             let y = channel_add(&channel_mul(x, &scale, 1)?, &shift, 1)?;
             return if with_relu { relu(&y) } else { Ok(y) };
         }
-        // Channels first, everything else one group each: group norm with a group per channel
-        // is batch norm, with its fused backward pass.
-        let per_channel = x
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((1, channels, ()))?;
-        let n = per_channel.dim(2)?;
-        if n < 2 {
-            return Err(Error::Invalid(format!(
-                "batch norm in training mode needs more than one value per channel, got input {dims:?}"
-            )));
-        }
-        let norm = if with_relu {
-            group_norm_relu
-        } else {
-            group_norm
-        };
-        let y = norm(&per_channel, &self.gamma, &self.beta, channels, self.eps)?;
-        let mut swapped = dims.clone();
-        swapped.swap(0, 1);
-        let y = y.reshape(swapped)?.transpose(0, 1)?.contiguous()?;
-        // The running statistics, from the detached batch.
-        let values = per_channel.detach().squeeze(0)?;
-        let mean = values.mean(1)?;
-        let var = values.broadcast_sub(&mean.unsqueeze(1)?)?.sqr()?.mean(1)?;
-        let unbiased = (var * (n as f64 / (n as f64 - 1.0)))?;
+        let (y, batch) = batch_norm(x, &self.gamma, &self.beta, self.eps, with_relu)?;
+        // The running statistics: the variance unbiased, as PyTorch's.
+        let n = batch.count as f64;
         let m = self.momentum;
-        let blend = |running: &Var, batch: Tensor| -> Result<()> {
+        let blend = |running: &Var, batch: Vec<f64>| -> Result<()> {
             let old = running.as_tensor();
-            let new = ((old * (1.0 - m))? + (batch.to_dtype(old.dtype())? * m)?)?;
-            Ok(running.set(&new)?)
+            let batch = Tensor::from_vec(batch, channels, old.device())?.to_dtype(old.dtype())?;
+            Ok(running.set(&((old * (1.0 - m))? + (batch * m)?)?)?)
         };
-        blend(&self.running_mean, mean)?;
+        blend(&self.running_mean, batch.mean)?;
+        let unbiased = batch.var.iter().map(|v| v * n / (n - 1.0)).collect();
         blend(&self.running_var, unbiased)?;
         Ok(y)
     }

@@ -45,12 +45,24 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
 
+/// `wide!(body)`: runs `body` through [`wide`] as a closure forced inline. The compiler may
+/// leave a plain closure out of line, and out of line it is compiled for the baseline (SSE2,
+/// scalar loops): the batch norm's backward pass ran so, a tenth of a CIFAR ResNet step.
+macro_rules! wide {
+    ($($body:tt)*) => {
+        $crate::kernels::wide(
+            #[inline(always)]
+            || { $($body)* },
+        )
+    };
+}
+
 /// Runs `f`, compiled for AVX-512 (with AVX2 and FMA) or for AVX2 and FMA, the widest the CPU
-/// has (checked once per call; the build's baseline is SSE2, 4 lanes). `f` is inlined into a
-/// function with those features, so the loops in its body vectorise 16 or 8 lanes wide; a loop
-/// `f` hands to rayon runs in rayon's own functions, so call it inside each parallel task,
-/// around the loops. Element-wise results do not depend on the width (no loop here reassociates
-/// a sum by lanes it chooses itself).
+/// has (checked once per call; the build's baseline is SSE2, 4 lanes). Called through `wide!`,
+/// `f` is inlined into a function with those features, so the loops in its body vectorise 16
+/// or 8 lanes wide; a loop `f` hands to rayon runs in rayon's own functions, so call it inside
+/// each parallel task, around the loops. Element-wise results do not depend on the width (no
+/// loop here reassociates a sum by lanes it chooses itself).
 #[inline(always)]
 fn wide<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
@@ -280,7 +292,7 @@ impl CustomOp1 for Relu {
             let mut out = x.to_vec();
             out.par_chunks_mut(CHUNK).for_each(|part| {
                 // A select, not a conditional store: it vectorises.
-                wide(|| {
+                wide!({
                     part.iter_mut()
                         .for_each(|v| *v = if *v < T::default() { T::default() } else { *v })
                 })
@@ -316,7 +328,7 @@ impl CustomOp2 for ReluGrad {
             out.par_chunks_mut(CHUNK)
                 .zip(y.par_chunks(CHUNK))
                 .for_each(|(part, ys)| {
-                    wide(|| {
+                    wide!({
                         part.iter_mut().zip(ys).for_each(|(d, &y)| {
                             *d = if y <= T::default() { T::default() } else { *d }
                         })
@@ -365,7 +377,7 @@ impl GroupNormOp {
             .enumerate()
             .with_min_len((CHUNK / per_group.max(1)).max(1))
             .for_each(|(g, (ys, xs))| {
-                wide(|| {
+                wide!({
                     let (mean, rstd) = mean_rstd(xs, eps);
                     let first_channel = (g % self.groups) * per_channel;
                     for (c, (xc, yc)) in xs.chunks(spatial).zip(ys.chunks_mut(spatial)).enumerate()
@@ -418,7 +430,7 @@ impl GroupNormOp {
                     .zip(xs.chunks(per_group).zip(dys.chunks(per_group)));
                 for (i, (dxs, (xs, dys))) in groups.enumerate() {
                     let g = t * per_task + i;
-                    wide(|| self.backward_group(g, (xs, dys, dxs), (gamma, beta), &mut acc));
+                    wide!(self.backward_group(g, (xs, dys, dxs), (gamma, beta), &mut acc));
                 }
                 acc
             })
@@ -691,7 +703,7 @@ impl Moments {
             .zip(v.par_chunks_mut(CHUNK))
             .zip(g.par_chunks(CHUNK))
             .for_each(|((m, v), g)| {
-                wide(|| {
+                wide!({
                     for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
                         *m = b1 * *m + c1 * g;
                         *v = b2 * *v + c2 * g * g;
@@ -715,7 +727,7 @@ impl Update {
         p.par_chunks_mut(CHUNK)
             .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
             .for_each(|(p, (m, v))| {
-                wide(|| {
+                wide!({
                     for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
                         *p = *p * decay - step_size * m / (v.sqrt() * inv_root_bc2 + eps);
                     }
@@ -1006,7 +1018,7 @@ impl Depthwise {
             .enumerate()
             .for_each(|(plane, (out, x))| {
                 let wk = &weight[(plane % d.channels) * k * k..][..k * k];
-                wide(|| {
+                wide!({
                     self.each_row(d, |oy, y, i, columns| {
                         let (o_row, x_row) = (&mut out[oy * d.ow..][..d.ow], &x[y * d.w..][..d.w]);
                         for (j, r) in columns {
@@ -1051,7 +1063,7 @@ impl Depthwise {
                 for (c, (dx, (x, dy))) in planes.enumerate() {
                     let wk = &weight[c * k * k..][..k * k];
                     let dwk = &mut acc[c * k * k..][..k * k];
-                    wide(|| {
+                    wide!({
                         self.each_row(d, |oy, y, i, columns| {
                             let dy_row = &dy[oy * d.ow..][..d.ow];
                             let (dx_row, x_row) = (&mut dx[y * d.w..][..d.w], &x[y * d.w..][..d.w]);

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use super::matmul::{Threads, matmul_into};
 use super::softmax::{SoftmaxGrad, softmax_row};
-use super::{Float, contiguous, same_float, wide};
+use super::{Float, contiguous, same_float};
 use crate::{Error, Result};
 
 /// What one [`HeadProduct`] computes per batch element and head `h` (`x_h`: the head's columns
@@ -197,7 +197,7 @@ fn masked_softmax<T: Float>(s: &[T], bias: &[T], keys: usize, per_batch: usize) 
     out.par_chunks_mut(per_batch)
         .zip(bias.par_chunks(keys))
         .for_each(|(scores, bias)| {
-            wide(|| {
+            wide!({
                 for row in scores.chunks_mut(keys) {
                     row.iter_mut().zip(bias).for_each(|(v, &b)| *v += b);
                     softmax_row(row);

@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::matmul::dot;
-use super::{CHUNK, Float, contiguous, lane_sum, norm_dims, same_float, wide};
+use super::{CHUNK, Float, contiguous, lane_sum, norm_dims, same_float};
 use crate::{Error, Result};
 
 /// The mean and biased variance per channel of the batch one forward pass normalised.
@@ -64,7 +64,7 @@ impl BatchNormOp {
         let n = T::from_f64(count as f64);
         let min_len = planes_per_task(spatial);
         let planes = || x.par_chunks(spatial).with_min_len(min_len);
-        let sums: Vec<T> = planes().map(|p| wide(|| lane_sum(p, |v| v))).collect();
+        let sums: Vec<T> = planes().map(|p| wide!(lane_sum(p, |v| v))).collect();
         let mean: Vec<T> = per_channel(&sums, channels)
             .into_iter()
             .map(|s| s / n)
@@ -73,7 +73,7 @@ impl BatchNormOp {
             .enumerate()
             .map(|(i, p)| {
                 let m = mean[i % channels];
-                wide(|| lane_sum(p, |v| (v - m) * (v - m)))
+                wide!(lane_sum(p, |v| (v - m) * (v - m)))
             })
             .collect();
         let var: Vec<T> = per_channel(&squares, channels)
@@ -85,6 +85,7 @@ impl BatchNormOp {
             var: var.iter().map(|v| v.to_f64()).collect(),
             count,
         };
+        let relu = self.relu;
         let mut out = vec![T::default(); x.len()];
         out.par_chunks_mut(spatial)
             .zip(x.par_chunks(spatial))
@@ -95,10 +96,10 @@ impl BatchNormOp {
                 let (mean, rstd) = channel_mean_rstd::<T>(&stats, c, self.eps);
                 let w = gamma[c] * rstd;
                 let shift = beta[c] - mean * w;
-                wide(|| {
+                wide!({
                     for (&xv, yv) in xs.iter().zip(ys.iter_mut()) {
                         let v = xv * w + shift;
-                        *yv = if self.relu && v < T::default() {
+                        *yv = if relu && v < T::default() {
                             T::default()
                         } else {
                             v
@@ -124,6 +125,7 @@ impl BatchNormOp {
         let min_len = planes_per_task(spatial);
         let mut out = vec![T::default(); x.len() + 2 * channels];
         let (dx, params) = out.split_at_mut(x.len());
+        let relu = self.relu;
         // dxhat = dy * gamma; dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
         // First each plane's upstream gradient, masked where the fused ReLU's input was <= 0,
         // goes into dx, with its sums: sum(d) and sum(d * x).
@@ -138,9 +140,9 @@ impl BatchNormOp {
                 // The forward pass's scale and shift, so the mask is the forward's exactly.
                 let w = gamma[c] * rstd;
                 let b = beta[c] - mean * w;
-                wide(|| {
+                wide!({
                     for ((o, &xv), &dv) in dxs.iter_mut().zip(xs).zip(dys) {
-                        let off = self.relu && xv * w + b <= T::default();
+                        let off = relu && xv * w + b <= T::default();
                         *o = if off { T::default() } else { dv };
                     }
                     (lane_sum(dxs, |v| v), dot(dxs, xs))
@@ -167,7 +169,7 @@ impl BatchNormOp {
                 let c = i % channels;
                 let (mean, rstd, m1, m2) = terms[c];
                 let w = gamma[c];
-                wide(|| {
+                wide!({
                     for (o, &xv) in dxs.iter_mut().zip(xs) {
                         *o = rstd * (*o * w - m1 - (xv - mean) * rstd * m2);
                     }

@@ -14,7 +14,7 @@
 //! channels at 32x32 (a microbenchmark of these loops): the forward pass 98-109 GFLOP/s (peak
 //! about 113), the weight gradient 75.
 
-use super::{Real, wide};
+use super::Real;
 
 /// The kernel's side.
 const K: usize = 3;
@@ -191,10 +191,7 @@ impl Direct {
     ) {
         // The loops are inlined into `wide`'s function compiled for the CPU's features
         // (compiled outside it, every multiply-add is a library call).
-        wide(
-            #[inline(always)]
-            || self.forward_loops(xp, packed, scratch),
-        );
+        wide!(self.forward_loops(xp, packed, scratch));
         let (wp, positions, oh, ow) = (self.wp(), self.positions(), self.oh(), self.ow());
         for (o, yo) in y.chunks_exact_mut(oh * ow).enumerate() {
             let b = bias.map_or(T::default(), |b| b[o]);
@@ -263,10 +260,7 @@ impl Direct {
             }
         }
         // Inlined into `wide` as in `forward`.
-        wide(
-            #[inline(always)]
-            || self.weight_grad_loops(xp, gt, dw),
-        )
+        wide!(self.weight_grad_loops(xp, gt, dw))
     }
 
     /// [`Self::weight_grad`]'s loops. The position loop zips iterators of known lengths and

@@ -5,7 +5,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{CHUNK, Float, contiguous, same_float, wide};
+use super::{CHUNK, Float, contiguous, same_float};
 use crate::Result;
 
 /// `x * Phi(x)`, `Phi` the standard normal distribution function.
@@ -19,7 +19,7 @@ fn forward<T: Float>(x: &[T]) -> Vec<T> {
     let (half, r) = (T::from_f64(0.5), T::from_f64(FRAC_1_SQRT_2));
     let mut out = x.to_vec();
     out.par_chunks_mut(CHUNK).for_each(|part| {
-        wide(|| {
+        wide!({
             part.iter_mut()
                 .for_each(|v| *v = half * *v * (T::ONE + (*v * r).erf()))
         })
@@ -38,7 +38,7 @@ fn backward<T: Float>(g: &[T], x: &[T]) -> Vec<T> {
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .for_each(|(part, xs)| {
-            wide(|| {
+            wide!({
                 part.iter_mut().zip(xs).for_each(|(d, &x)| {
                     let cdf = half * (T::ONE + (x * r).erf());
                     let pdf = c * (-(half * x * x)).exp();

@@ -6,7 +6,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::matmul::dot;
-use super::{CHUNK, Float, add_vectors, contiguous, mean_rstd, same_float, wide};
+use super::{CHUNK, Float, add_vectors, contiguous, mean_rstd, same_float};
 use crate::{Error, Result};
 
 /// `(x - mean) / sqrt(var + eps) * gamma + beta` per row of `x` (`[rows, features]`).
@@ -47,7 +47,7 @@ fn forward<T: Float>(x: &[T], gamma: &[T], beta: &[T], eps: f64) -> Vec<T> {
     out.par_chunks_mut(per_task)
         .zip(x.par_chunks(per_task))
         .for_each(|(ys, xs)| {
-            wide(|| {
+            wide!({
                 for (y, row) in ys.chunks_mut(n).zip(xs.chunks(n)) {
                     let (mean, rstd) = mean_rstd(row, eps);
                     for (((y, &v), &g), &b) in y.iter_mut().zip(row).zip(gamma).zip(beta) {
@@ -76,7 +76,7 @@ fn backward<T: Float>(x: &[T], gamma: &[T], dy: &[T], eps: f64) -> Vec<T> {
         .map(|(dxs, (xs, dys))| {
             let mut acc = start();
             let (dgamma, dbeta) = acc.split_at_mut(n);
-            wide(|| {
+            wide!({
                 for ((dx, row), d) in dxs.chunks_mut(n).zip(xs.chunks(n)).zip(dys.chunks(n)) {
                     let (mean, rstd) = mean_rstd(row, eps);
                     // dx holds xhat, then the result. Loops without a running sum, and the

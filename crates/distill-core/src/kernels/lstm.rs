@@ -14,7 +14,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::matmul::{Threads, matmul_into};
-use super::{Float, contiguous, same_float, wide};
+use super::{Float, contiguous, same_float};
 use crate::{Error, Result};
 
 fn sigmoid<T: Float>(x: T) -> T {
@@ -265,8 +265,8 @@ impl BiLstm {
         let [f, r] = directions(dims);
         let (w_f, w_r) = w.split_at(4 * h * h);
         let (a, z) = rayon::join(
-            || wide(|| f.forward(gates[0], w_f, mask)),
-            || wide(|| r.forward(gates[1], w_r, mask)),
+            || wide!(f.forward(gates[0], w_f, mask)),
+            || wide!(r.forward(gates[1], w_r, mask)),
         );
         let mut out = Vec::with_capacity(b * 2 * h);
         for (x, y) in f.final_state(&a.1).zip(r.final_state(&z.1)) {
@@ -375,7 +375,7 @@ impl BiLstmGrad {
         let [f, r] = directions(self.dims);
         rayon::join(
             || {
-                wide(|| {
+                wide!({
                     f.backward(
                         (w_f, mask),
                         (grad, 2 * h),
@@ -386,7 +386,7 @@ impl BiLstmGrad {
                 })
             },
             || {
-                wide(|| {
+                wide!({
                     r.backward(
                         (w_r, mask),
                         (&grad[h..], 2 * h),

@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{Real, contiguous, wide};
+use super::{Real, contiguous};
 use crate::{Error, Result};
 
 /// `k x k` max pooling with stride `k` of `[b, c, h, w]` (a partial last window is dropped).
@@ -63,7 +63,7 @@ impl MaxPool {
             .zip(x.par_chunks(h * w))
             .with_min_len(8)
             .for_each(|(o, plane)| {
-                wide(|| {
+                wide!({
                     for (oy, o_row) in o.chunks_mut(ow).enumerate() {
                         for i in 0..k {
                             let row = &plane[(oy * k + i) * w..][..ow * k];

@@ -7,7 +7,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor
 use rayon::prelude::*;
 
 use super::matmul::dot;
-use super::{CHUNK, Float, contiguous, lane_max, lane_sum, wide};
+use super::{CHUNK, Float, contiguous, lane_max, lane_sum};
 use crate::{Error, Result};
 
 /// `softmax` along the last dimension.
@@ -21,7 +21,7 @@ fn rows_per_task(n: usize) -> usize {
 fn forward<T: Float>(x: &[T], n: usize) -> Vec<T> {
     let mut out = x.to_vec();
     out.par_chunks_mut(n * rows_per_task(n))
-        .for_each(|rows| wide(|| rows.chunks_mut(n).for_each(softmax_row)));
+        .for_each(|rows| wide!(rows.chunks_mut(n).for_each(softmax_row)));
     out
 }
 
@@ -40,7 +40,7 @@ fn backward<T: Float>(g: &[T], y: &[T], n: usize) -> Vec<T> {
     out.par_chunks_mut(per_task)
         .zip(y.par_chunks(per_task))
         .for_each(|(rows, ys)| {
-            wide(|| {
+            wide!({
                 for (row, yr) in rows.chunks_mut(n).zip(ys.chunks(n)) {
                     let dot = dot(row, yr);
                     row.iter_mut()

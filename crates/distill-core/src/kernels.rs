@@ -548,16 +548,27 @@ impl CustomOp3 for GroupNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let params = Tensor::cat(&[gamma, beta], 0)?;
-        let packed = x.apply_op3_no_bwd(&params, &grad, &GroupNormGrad(*self))?;
-        let (n, channels) = (x.elem_count(), gamma.elem_count());
-        Ok((
-            Some(packed.narrow(0, 0, n)?.reshape(x.shape())?),
-            Some(packed.narrow(0, n, channels)?),
-            Some(packed.narrow(0, n + channels, channels)?),
-        ))
+        norm_grads(x, gamma, beta, grad, &GroupNormGrad(*self))
     }
+}
+
+/// `(dx, dgamma, dbeta)` of a per-channel normalisation, from its backward op `grad_op` on
+/// `(x, [gamma, beta], dy)`, which packs them into one vector.
+fn norm_grads(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    grad: &Tensor,
+    grad_op: &impl CustomOp3,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let params = Tensor::cat(&[gamma, beta], 0)?;
+    let packed = x.apply_op3_no_bwd(&params, &grad.contiguous()?, grad_op)?;
+    let (n, channels) = (x.elem_count(), gamma.elem_count());
+    Ok((
+        Some(packed.narrow(0, 0, n)?.reshape(x.shape())?),
+        Some(packed.narrow(0, n, channels)?),
+        Some(packed.narrow(0, n + channels, channels)?),
+    ))
 }
 
 /// The backward pass of [`GroupNormOp`] on `(x, [gamma, beta], dy)`: `dx`, `dgamma`, `dbeta`

@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::matmul::dot;
-use super::{CHUNK, Float, contiguous, lane_sum, norm_dims, same_float};
+use super::{CHUNK, Float, contiguous, lane_sum, norm_dims, norm_grads, same_float};
 use crate::{Error, Result};
 
 /// The mean and biased variance per channel of the batch one forward pass normalised.
@@ -207,15 +207,7 @@ impl CustomOp3 for BatchNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let params = Tensor::cat(&[gamma, beta], 0)?;
-        let packed = x.apply_op3_no_bwd(&params, &grad, &BatchNormGrad(self.clone()))?;
-        let (n, channels) = (x.elem_count(), gamma.elem_count());
-        Ok((
-            Some(packed.narrow(0, 0, n)?.reshape(x.shape())?),
-            Some(packed.narrow(0, n, channels)?),
-            Some(packed.narrow(0, n + channels, channels)?),
-        ))
+        norm_grads(x, gamma, beta, grad, &BatchNormGrad(self.clone()))
     }
 }
 

@@ -20,6 +20,11 @@ use crate::{Error, Result};
 /// Elements per parallel task of the element-wise kernels (small tensors stay on one thread).
 const CHUNK: usize = 1 << 15;
 
+/// Rows of `n` elements per parallel task: about [`CHUNK`] elements, at least one row.
+fn rows_per_task(n: usize) -> usize {
+    (CHUNK / n.max(1)).max(1)
+}
+
 /// An error unless every tensor is f32, or every one f64 (what the kernels compute in).
 fn same_float(op: &str, tensors: &[&Tensor]) -> Result<()> {
     let dtypes: Vec<DType> = tensors.iter().map(|t| t.dtype()).collect();
@@ -375,7 +380,7 @@ impl GroupNormOp {
         out.par_chunks_mut(per_group)
             .zip(x.par_chunks(per_group))
             .enumerate()
-            .with_min_len((CHUNK / per_group.max(1)).max(1))
+            .with_min_len(rows_per_task(per_group))
             .for_each(|(g, (ys, xs))| {
                 wide!({
                     let (mean, rstd) = mean_rstd(xs, eps);
@@ -417,7 +422,7 @@ impl GroupNormOp {
         let start = || vec![T::default(); 2 * channels];
         // Fixed tasks of `per_task` groups, their partial sums added in task order: the same
         // result however the pool schedules them.
-        let per_task = (CHUNK / per_group.max(1)).max(1);
+        let per_task = rows_per_task(per_group);
         let span = per_group * per_task;
         let partials: Vec<Vec<T>> = dx
             .par_chunks_mut(span)

@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::matmul::dot;
-use super::{CHUNK, Float, contiguous, lane_sum, norm_dims, norm_grads, same_float};
+use super::{Float, contiguous, lane_sum, norm_dims, norm_grads, rows_per_task, same_float};
 use crate::{Error, Result};
 
 /// The mean and biased variance per channel of the batch one forward pass normalised.
@@ -34,11 +34,6 @@ struct BatchNormOp {
     stats: Arc<OnceLock<BatchStats>>,
 }
 
-/// Planes (one sample's channel) per parallel task: about [`CHUNK`] elements.
-fn planes_per_task(spatial: usize) -> usize {
-    (CHUNK / spatial.max(1)).max(1)
-}
-
 /// `per_plane[n * channels + c]` summed over `n` for each channel, in sample order (the same
 /// sums however the pool ran the planes).
 fn per_channel<T: Float>(per_plane: &[T], channels: usize) -> Vec<T> {
@@ -51,10 +46,16 @@ fn per_channel<T: Float>(per_plane: &[T], channels: usize) -> Vec<T> {
     sums
 }
 
-/// The channel's mean and `1 / sqrt(var + eps)`.
-fn channel_mean_rstd<T: Float>(stats: &BatchStats, c: usize, eps: f64) -> (T, T) {
-    let rstd = T::ONE / (T::from_f64(stats.var[c]) + T::from_f64(eps)).sqrt();
-    (T::from_f64(stats.mean[c]), rstd)
+/// Each channel's mean and `1 / sqrt(var + eps)`, in the data's precision; the forward and
+/// backward passes take them from here, so both use the same bits.
+fn mean_rstd<T: Float>(stats: &BatchStats, eps: f64) -> Vec<(T, T)> {
+    let eps = T::from_f64(eps);
+    stats
+        .mean
+        .iter()
+        .zip(&stats.var)
+        .map(|(&m, &v)| (T::from_f64(m), T::ONE / (T::from_f64(v) + eps).sqrt()))
+        .collect()
 }
 
 impl BatchNormOp {
@@ -62,7 +63,7 @@ impl BatchNormOp {
         let (_, channels, spatial) = norm_dims(shape);
         let count = x.len() / channels.max(1);
         let n = T::from_f64(count as f64);
-        let min_len = planes_per_task(spatial);
+        let min_len = rows_per_task(spatial);
         let planes = || x.par_chunks(spatial).with_min_len(min_len);
         let sums: Vec<T> = planes().map(|p| wide!(lane_sum(p, |v| v))).collect();
         let mean: Vec<T> = per_channel(&sums, channels)
@@ -85,6 +86,7 @@ impl BatchNormOp {
             var: var.iter().map(|v| v.to_f64()).collect(),
             count,
         };
+        let norm = mean_rstd::<T>(&stats, self.eps);
         let relu = self.relu;
         let mut out = vec![T::default(); x.len()];
         out.par_chunks_mut(spatial)
@@ -93,7 +95,7 @@ impl BatchNormOp {
             .with_min_len(min_len)
             .for_each(|(i, (ys, xs))| {
                 let c = i % channels;
-                let (mean, rstd) = channel_mean_rstd::<T>(&stats, c, self.eps);
+                let (mean, rstd) = norm[c];
                 let w = gamma[c] * rstd;
                 let shift = beta[c] - mean * w;
                 wide!({
@@ -122,9 +124,10 @@ impl BatchNormOp {
         shape: &Shape,
     ) -> Vec<T> {
         let (_, channels, spatial) = norm_dims(shape);
-        let min_len = planes_per_task(spatial);
+        let min_len = rows_per_task(spatial);
         let mut out = vec![T::default(); x.len() + 2 * channels];
         let (dx, params) = out.split_at_mut(x.len());
+        let norm = mean_rstd::<T>(stats, self.eps);
         let relu = self.relu;
         // dxhat = dy * gamma; dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
         // First each plane's upstream gradient, masked where the fused ReLU's input was <= 0,
@@ -136,7 +139,7 @@ impl BatchNormOp {
             .with_min_len(min_len)
             .map(|(i, (dxs, (xs, dys)))| {
                 let c = i % channels;
-                let (mean, rstd) = channel_mean_rstd::<T>(stats, c, self.eps);
+                let (mean, rstd) = norm[c];
                 // The forward pass's scale and shift, so the mask is the forward's exactly.
                 let w = gamma[c] * rstd;
                 let b = beta[c] - mean * w;
@@ -155,7 +158,7 @@ impl BatchNormOp {
         // Per channel: dgamma = sum(d * xhat), dbeta = sum(d), and the two means of dx.
         let mut terms = Vec::with_capacity(channels);
         for c in 0..channels {
-            let (mean, rstd) = channel_mean_rstd::<T>(stats, c, self.eps);
+            let (mean, rstd) = norm[c];
             let d_xhat = rstd * (sdx[c] - mean * sd[c]);
             params[c] = d_xhat;
             params[channels + c] = sd[c];

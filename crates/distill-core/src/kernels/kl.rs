@@ -7,7 +7,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{CHUNK, Float, contiguous, same_float};
+use super::{Float, contiguous, rows_per_task, same_float};
 use crate::{Error, Result};
 
 /// `(student [b, classes], teacher [b, classes])` -> the batch-mean KL, a scalar.
@@ -34,7 +34,7 @@ fn log_softmax_row<T: Float>(x: &[T], inv_t: T, out: &mut [T]) {
 impl KlBatchMean {
     fn forward<T: Float>(&self, s: &[T], t: &[T], classes: usize) -> T {
         let inv_t = T::from_f64(1.0 / self.temperature);
-        let rows = (CHUNK / classes.max(1)).max(1);
+        let rows = rows_per_task(classes);
         let total: f64 = s
             .par_chunks(classes * rows)
             .zip(t.par_chunks(classes * rows))
@@ -63,7 +63,7 @@ impl KlBatchMean {
         let batch = (s.len() / classes.max(1)).max(1);
         let scale = T::from_f64(g / (self.temperature * batch as f64));
         let mut ds = vec![T::default(); s.len()];
-        let rows = (CHUNK / classes.max(1)).max(1);
+        let rows = rows_per_task(classes);
         ds.par_chunks_mut(classes * rows)
             .zip(
                 s.par_chunks(classes * rows)

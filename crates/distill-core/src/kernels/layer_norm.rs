@@ -6,7 +6,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::matmul::dot;
-use super::{CHUNK, Float, add_vectors, contiguous, mean_rstd, same_float};
+use super::{Float, add_vectors, contiguous, mean_rstd, rows_per_task, same_float};
 use crate::{Error, Result};
 
 /// `(x - mean) / sqrt(var + eps) * gamma + beta` per row of `x` (`[rows, features]`).
@@ -32,11 +32,6 @@ fn dot3<T: Float>(a: &[T], b: &[T], c: &[T]) -> T {
         }
     }
     lanes.iter().fold(tail, |s, &l| s + l)
-}
-
-/// Rows per parallel task: about [`CHUNK`] elements.
-fn rows_per_task(n: usize) -> usize {
-    (CHUNK / n.max(1)).max(1)
 }
 
 fn forward<T: Float>(x: &[T], gamma: &[T], beta: &[T], eps: f64) -> Vec<T> {

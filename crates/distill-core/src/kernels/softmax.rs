@@ -7,16 +7,11 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor
 use rayon::prelude::*;
 
 use super::matmul::dot;
-use super::{CHUNK, Float, contiguous, lane_max, lane_sum};
+use super::{Float, contiguous, lane_max, lane_sum, rows_per_task};
 use crate::{Error, Result};
 
 /// `softmax` along the last dimension.
 struct Softmax;
-
-/// Rows per parallel task: about [`CHUNK`] elements.
-fn rows_per_task(n: usize) -> usize {
-    (CHUNK / n.max(1)).max(1)
-}
 
 fn forward<T: Float>(x: &[T], n: usize) -> Vec<T> {
     let mut out = x.to_vec();
